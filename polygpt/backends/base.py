@@ -1,0 +1,116 @@
+"""The Backend protocol and the registry of framework backends.
+
+Like einops' `_backends.py`, a framework is imported only when its backend is asked for, so a
+missing or broken torch never breaks MLX (and `polygpt --help` works with neither installed).
+`available_backends()` asks `importlib.util.find_spec` and imports nothing. Both backends can
+live in one process: the parity tests need that.
+
+A backend supplies primitives only: build/load/save a model, forward, loss, one optimizer step,
+KV-cache prefill/decode, log-probabilities. Workflows (training loop, LR schedule, sampling
+rules, metrics) are written once, above this layer, and hand tokens in as NumPy int arrays and
+get losses, logits or log-probs back; weights never travel through NumPy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from polygpt.errors import PolygptError
+from polygpt.spec import ModelSpec
+
+# name -> (module implementing it, framework module it needs, pip extra that installs it)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "torch": ("polygpt.backends.torch_backend", "torch", "torch"),
+    "mlx": ("polygpt.backends.mlx_backend", "mlx", "mlx"),
+}
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+
+
+class Backend(Protocol):
+    """What every backend implements. Model, optimizer and cache objects are opaque to callers."""
+
+    name: str
+    device: str  # resolved: "cpu", "cuda", "mps" (torch) or "cpu", "gpu" (mlx)
+
+    def describe(self) -> dict[str, str]:
+        """Framework version, device name, BLAS and threads, for logs and benchmarks."""
+
+    # -- models ------------------------------------------------------------------------------
+    def init_model(self, spec: ModelSpec, seed: int) -> Any:
+        """A freshly initialized fp32 model (normal(0, 0.02), scaled residual projections)."""
+
+    def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> Any:
+        """Load model.safetensors (validated against the spec), cast/quantize to `precision`."""
+
+    def save_model(self, model: Any, path: Path, metadata: dict[str, str]) -> None:
+        """Write canonical names (tied head stored once) to one safetensors file."""
+
+    def param_shapes(self, model: Any) -> dict[str, tuple[int, ...]]:
+        """The model's parameters by canonical name, in order; must equal spec.param_shapes()."""
+
+    # -- training ----------------------------------------------------------------------------
+    def make_optimizer(self, model: Any, train_cfg: Any) -> Any:
+        """AdamW, weight decay on >=2-D tensors only (spec.decayed_params())."""
+
+    def train_step(self, model: Any, opt: Any, batches: list[tuple[np.ndarray, np.ndarray]],
+                   lr: float, grad_clip: float) -> Any:
+        """Forward+backward over the micro-batches, clip, one AdamW step at `lr`. Returns the
+        mean loss as a lazy scalar: `float()` it only when logging (avoids a host sync)."""
+
+    def eval_loss(self, model: Any, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy without dropout or gradients."""
+
+    def save_optimizer(self, opt: Any, path: Path, metadata: dict[str, str]) -> None:
+        """AdamW moments as `exp_avg/<name>` and `exp_avg_sq/<name>`, step in metadata."""
+
+    def load_optimizer(self, opt: Any, path: Path) -> int:
+        """Restore the moments saved by either backend; returns the optimizer step."""
+
+    # -- inference ---------------------------------------------------------------------------
+    def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Full-sequence logits (B, T, V) as float32, for tests and parity checks."""
+
+    def target_logprobs(self, model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """log p(y[b, t] | x[b, :t+1]) as float64 (B, T); only these leave the framework."""
+
+    def prefill(self, model: Any, tokens: np.ndarray, pad: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Run left-padded prompts (B, T) (row b starts after pad[b] pad tokens) through the
+        model, filling a fresh KV cache; returns (cache, last-position logits (B, V) float32)."""
+
+    def decode(self, model: Any, cache: Any, tokens: np.ndarray) -> np.ndarray:
+        """Append one token per row (B,) to the cache; returns next logits (B, V) float32."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest timings)."""
+
+
+def known_backends() -> list[str]:
+    return list(_REGISTRY)
+
+
+def available_backends() -> list[str]:
+    """Backends whose framework is installed (imports nothing)."""
+    return [name for name, (_, fw, _) in _REGISTRY.items() if importlib.util.find_spec(fw)]
+
+
+def get_backend(name: str, device: str = "auto") -> Backend:
+    """Import and construct a backend; a one-line PolygptError if it can't be had."""
+    if name not in _REGISTRY:
+        raise PolygptError(f"unknown backend {name!r} (choose from {', '.join(_REGISTRY)})")
+    module_name, framework, extra = _REGISTRY[name]
+    if importlib.util.find_spec(framework) is None:
+        raise PolygptError(
+            f"the {name} backend needs {framework}, which is not installed: "
+            f"pip install 'polygpt[{extra}]'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PolygptError(f"the {name} backend failed to import: {e}") from None
+    return module.Backend(device=device)

@@ -1,0 +1,210 @@
+"""PyTorch implementation of the Backend protocol (see polygpt/backends/base.py)."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from polygpt import weights
+from polygpt.backends.torch_backend.model import GPT, KVCache
+from polygpt.errors import PolygptError
+from polygpt.spec import ModelSpec
+
+@dataclass
+class Optimizer:
+    opt: torch.optim.AdamW
+    names: dict  # parameter -> canonical name, for optimizer.safetensors
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "gpu":  # MLX's name for "the accelerator"
+        device = "cuda" if torch.cuda.is_available() else "mps"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PolygptError("device 'cuda' is not available to torch on this machine")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PolygptError("device 'mps' is not available to torch on this machine")
+    if device not in ("cpu", "cuda", "mps"):
+        raise PolygptError(f"unknown torch device {device!r} (cpu, cuda, mps or auto)")
+    return device
+
+
+class Backend:
+    name = "torch"
+
+    def __init__(self, device: str = "auto"):
+        self.device = _resolve_device(device)
+        self._dev = torch.device(self.device)
+
+    def describe(self) -> dict[str, str]:
+        if self.device == "cuda":
+            dev_name = torch.cuda.get_device_name()
+        elif self.device == "mps":
+            dev_name = "Apple MPS"
+        else:
+            dev_name = platform.processor() or platform.machine()
+        return {
+            "backend": "torch",
+            "framework": f"torch {torch.__version__}",
+            "device": self.device,
+            "device_name": dev_name,
+            "threads": str(torch.get_num_threads()),
+            "blas": torch.backends.mkldnn.is_available() and "MKL/oneDNN" or "default",
+        }
+
+    # -- models ------------------------------------------------------------------------------
+    def init_model(self, spec: ModelSpec, seed: int) -> GPT:
+        model = GPT(spec)
+        model.init_weights(torch.Generator().manual_seed(seed))  # CPU generator: same on any device
+        return model.to(self._dev)
+
+    def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
+        weights.check_model_file(Path(path), spec)
+        model = GPT(spec)
+        state = load_file(str(path), device=str(self._dev) if self.device != "mps" else "cpu")
+        target = torch.float32 if precision not in DTYPES else DTYPES[precision]
+        state = {k: v.to(target) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model = model.to(self._dev).eval()
+        return self.set_precision(model, precision)
+
+    def set_precision(self, model: GPT, precision: str) -> GPT:
+        if precision in DTYPES:
+            if precision == "fp16" and self.device == "cpu":
+                pass  # slow on x86 but correct: allowed, benchmarks say so
+            return model.to(DTYPES[precision])
+        if precision == "int8":
+            if self.device != "cpu":
+                raise PolygptError("torch int8 (dynamic quantization) runs on the CPU only")
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+        raise PolygptError(f"precision {precision!r} is not supported by the torch backend")
+
+    def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path), metadata=metadata)
+
+    def param_shapes(self, model: GPT) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    # -- training ----------------------------------------------------------------------------
+    def make_optimizer(self, model: GPT, cfg) -> torch.optim.Optimizer:
+        decayed = set(model.spec.decayed_params())
+        named = list(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if n in decayed], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},
+        ]
+        # fused AdamW: one kernel for all tensors (CPU and CUDA); same math as the for-loop one
+        fused = self.device in ("cpu", "cuda")
+        opt = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
+        )
+        return Optimizer(opt, {p: n for n, p in named})
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self._dev)
+
+    def train_step(self, model, opt, batches, lr, grad_clip, autocast: str = "fp32"):
+        model.train()
+        n = len(batches)
+        total = None
+        for x, y in batches:
+            with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+                loss = model.loss(self._tensor(x), self._tensor(y))
+            (loss / n).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+        for g in opt.opt.param_groups:
+            g["lr"] = lr
+        opt.opt.step()
+        opt.opt.zero_grad(set_to_none=True)
+        return total / n
+
+    @torch.no_grad()
+    def eval_loss(self, model, x, y) -> float:
+        model.eval()
+        return float(model.loss(self._tensor(x), self._tensor(y)))
+
+    def save_optimizer(self, opt, path: Path, metadata: dict[str, str]) -> None:
+        tensors, step = {}, 0
+        for p, name in opt.names.items():
+            st = opt.opt.state.get(p)
+            if not st:
+                continue
+            tensors[f"exp_avg/{name}"] = st["exp_avg"].detach().float().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().float().contiguous()
+            step = int(st["step"])
+        save_file(tensors, str(path), metadata={**metadata, "step": str(step)})
+
+    def load_optimizer(self, opt, path: Path) -> int:
+        _, meta = weights.read_header(Path(path))
+        step = int(meta.get("step", 0))
+        state = load_file(str(path), device="cpu")
+        for p, name in opt.names.items():
+            try:
+                m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
+            except KeyError:
+                raise PolygptError(f"{path}: no optimizer state for {name}") from None
+            if m.shape != p.shape or v.shape != p.shape:
+                raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
+            opt.opt.state[p] = {
+                "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),
+                "exp_avg": m.to(p.device, p.dtype),
+                "exp_avg_sq": v.to(p.device, p.dtype),
+            }
+        return step
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, model, x) -> np.ndarray:
+        model.eval()
+        return model(self._tensor(x)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def target_logprobs(self, model, x, y) -> np.ndarray:
+        model.eval()
+        logits = model(self._tensor(x)).float()
+        lp = -F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), self._tensor(y).reshape(-1), reduction="none"
+        )
+        return lp.view(y.shape).double().cpu().numpy()
+
+    @torch.inference_mode()
+    def prefill(self, model, tokens, pad):
+        model.eval()
+        B, T = tokens.shape
+        dtype = next(model.parameters()).dtype if _is_float(model) else torch.float32
+        cache = KVCache(model.spec, B, model.spec.block_size, self._tensor(pad), dtype, self._dev)
+        logits = model(self._tensor(tokens), cache, last_only=True)
+        return cache, logits[:, -1].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(self, model, cache, tokens):
+        logits = model(self._tensor(tokens)[:, None], cache, last_only=True)
+        return logits[:, -1].float().cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        elif self.device == "mps":
+            torch.mps.synchronize()
+
+
+def _is_float(model) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.dtype in (torch.float32, torch.float16, torch.bfloat16)

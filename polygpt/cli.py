@@ -1,0 +1,179 @@
+"""The `polygpt` command line: parse, call a workflow, format. No model code here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from polygpt import __version__
+from polygpt.errors import PolygptError
+
+
+class _Group(click.Group):
+    """Turns PolygptError (anything a user can cause) into one line on stderr and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PolygptError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="polygpt")
+def main() -> None:
+    """polygpt: a GPT-2-style model, one spec, two frameworks (PyTorch and MLX), one
+    safetensors checkpoint format."""
+
+
+BACKEND = click.option("--backend", "-b", default=None, help="torch or mlx.")
+DEVICE = click.option("--device", "-d", default="auto", show_default=True,
+                      help="auto, cpu, cuda, mps (torch) or gpu (mlx).")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("dataset", type=click.Choice(["shakespeare-char", "shakespeare"]))
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
+              help="Use this local text file instead of downloading the corpus.")
+@click.option("--out", default=None, help="Output directory [data/shakespeare_char].")
+def prepare(dataset: str, input_path: str | None, out: str | None) -> None:
+    """Tokenize a corpus into train.bin / val.bin (uint16) and tokenizer.json.
+
+    shakespeare-char: character level (vocab 65); shakespeare: GPT-2 BPE via tiktoken."""
+    from polygpt import data
+
+    level = "char" if dataset == "shakespeare-char" else "bpe"
+    out = out or ("data/shakespeare_char" if level == "char" else "data/shakespeare")
+    res = data.prepare_shakespeare(out, input_path, level)
+    click.echo(
+        f"wrote {res.dir}: {res.train_tokens:,} train / {res.val_tokens:,} val tokens, "
+        f"vocab {res.vocab_size}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@BACKEND
+@click.option("--device", "-d", default=None, help="auto, cpu, cuda, mps (torch) or gpu (mlx).")
+@click.option("--out", "-o", default=None, help="Checkpoint directory (train.out).")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out (any backend).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train(config_file, overrides, backend, device, out, resume, overwrite, quiet) -> None:
+    """Train (or --resume) a model. CONFIG_FILE is TOML; OVERRIDES are key=value pairs.
+
+    \b
+    polygpt train configs/shakespeare_char.toml max_iters=500
+    polygpt train --resume --out weights/shakespeare_char --backend mlx max_iters=3000
+    """
+    from polygpt import config as config_mod
+    from polygpt import train as train_mod
+
+    if config_file and "=" in config_file and not Path(config_file).exists():
+        overrides, config_file = (config_file, *overrides), None
+    if resume:
+        target = out or (config_mod.load(config_file).train.out if config_file else None)
+        if target is None:
+            raise PolygptError("--resume needs --out DIR (or a config whose train.out is set)")
+        cfg = train_mod.config_for_resume(target, list(overrides))
+    else:
+        cfg = config_mod.load(config_file, list(overrides))
+    if backend:
+        cfg.train.backend = backend
+    if device:
+        cfg.train.device = device
+    if out:
+        cfg.train.out = out
+    res = train_mod.train(cfg, resume=resume, overwrite=overwrite, progress=not quiet,
+                          log=click.echo)
+    vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
+    click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@click.option("--precision", "-p", default="fp32", show_default=True,
+              help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx).")
+@click.option("--prompt", default=None, help="Prompt text [a newline].")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the prompt from a file.")
+@click.option("--max-new-tokens", "-n", default=500, show_default=True, type=int)
+@click.option("--temperature", "-t", default=0.8, show_default=True, type=float,
+              help="0 is greedy decoding.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 disables.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="1 disables.")
+@click.option("--seed", default=1337, show_default=True, type=int)
+@click.option("--num-samples", default=1, show_default=True, type=int,
+              help="Samples drawn as one batch.")
+@click.option("--stop", multiple=True, help="Stop a sample at this string (repeatable).")
+@click.option("--no-stream", is_flag=True, help="Print each sample when it is complete.")
+def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_tokens,
+           temperature, top_k, top_p, seed, num_samples, stop, no_stream) -> None:
+    """Generate text from a checkpoint (KV cache, streaming)."""
+    from polygpt import inference
+    from polygpt.generate import GenerationConfig
+
+    if prompt is not None and prompt_file is not None:
+        raise PolygptError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolygptError(f"cannot read prompt file {prompt_file}: {e}") from None
+    if prompt is None:
+        prompt = "\n"
+    if num_samples < 1 or max_new_tokens < 0:
+        raise PolygptError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise PolygptError("--temperature must be >= 0 and --top-p in (0, 1]")
+    lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
+    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop=list(stop))
+    stream = not no_stream and num_samples == 1
+    on_token = None
+    if stream:
+        click.echo(prompt, nl=False)
+
+        def on_token(row: int, token: int) -> None:
+            sys.stdout.write(lm.tokenizer.decode([token]))
+            sys.stdout.flush()
+
+    texts = lm.generate([prompt] * num_samples, gcfg, on_token=on_token)
+    if stream:
+        click.echo()
+    else:
+        for i, text in enumerate(texts):
+            if num_samples > 1:
+                click.echo(f"--- sample {i + 1}/{num_samples} ---")
+            click.echo(prompt + text)
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path())
+def info(checkpoint) -> None:
+    """Show a checkpoint (spec, parameters, step, losses, files) and the frameworks here."""
+    from polygpt import inference
+
+    if checkpoint:
+        for line in inference.checkpoint_info_lines(checkpoint):
+            click.echo(line)
+        click.echo("")
+    for line in inference.environment_lines():
+        click.echo(line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

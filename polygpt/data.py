@@ -98,9 +98,7 @@ def load_split(data_dir: str | Path, split: str) -> np.ndarray:
     """Memory-map one split's uint16 token file."""
     p = Path(data_dir) / f"{split}.bin"
     if not p.exists():
-        raise PolygptError(
-            f"no prepared data at {p}: run `polygpt prepare shakespeare-char` first"
-        )
+        raise PolygptError(f"no prepared data at {p}: run `polygpt prepare shakespeare-char` first")
     return np.memmap(p, dtype=np.uint16, mode="r")
 
 

@@ -46,8 +46,15 @@ class TrainResult:
     backend: dict
 
 
-def estimate_loss(backend, model, splits: dict[str, np.ndarray], block_size: int,
-                  batch_size: int, iters: int, seed: int) -> dict[str, float]:
+def estimate_loss(
+    backend,
+    model,
+    splits: dict[str, np.ndarray],
+    block_size: int,
+    batch_size: int,
+    iters: int,
+    seed: int,
+) -> dict[str, float]:
     """Mean loss over `iters` batches per split; the batches depend only on (seed, split)."""
     out = {}
     for i, (name, arr) in enumerate(splits.items()):
@@ -77,7 +84,7 @@ def train(
         raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
     backend = get_backend(tc.backend, tc.device)
     tokenizer = data.load_tokenizer(cfg.data.dir)
-    splits = {"train": data.load_split(cfg.data.dir, "train"), "val": data.load_split(cfg.data.dir, "val")}
+    splits = {name: data.load_split(cfg.data.dir, name) for name in ("train", "val")}
 
     if resume:
         ckpt = weights.read_checkpoint(out)
@@ -153,9 +160,15 @@ def train(
         losses = estimate_loss(
             backend, model, splits, spec.block_size, tc.batch_size, tc.eval_iters, tc.seed
         )
-        rec = {"event": "eval", "step": step, "train_loss": losses["train"],
-               "val_loss": losses["val"], "val_ppl": math.exp(losses["val"]),
-               "lr": get_lr(step, tc), "time": time.time()}
+        rec = {
+            "event": "eval",
+            "step": step,
+            "train_loss": losses["train"],
+            "val_loss": losses["val"],
+            "val_ppl": math.exp(losses["val"]),
+            "lr": get_lr(step, tc),
+            "time": time.time(),
+        }
         weights.append_metrics(out, rec)
         return rec
 
@@ -172,24 +185,28 @@ def train(
     t0 = time.perf_counter()
     loss = None
     while True:
-        if it % tc.eval_interval == 0 or it == tc.max_iters:
-            if it > start or not resume:
-                if loss is not None:
-                    float(loss)  # finish queued work before the clock stops
-                train_time += time.perf_counter() - t0
-                rec = evaluate(it)
-                last = {k: rec[k] for k in ("train_loss", "val_loss", "val_ppl")}
-                msg = (f"step {it}: train loss {rec['train_loss']:.4f}, val loss "
-                       f"{rec['val_loss']:.4f}, val ppl {rec['val_ppl']:.3f}")
-                (bar.write if bar else log)(msg)
-                if it > 0:
-                    save(it, last)
-                t0 = time.perf_counter()
+        at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
+        if at_eval and (it > start or not resume):  # a resumed run was evaluated when saved
+            if loss is not None:
+                float(loss)  # finish queued work before the clock stops
+            train_time += time.perf_counter() - t0
+            rec = evaluate(it)
+            last = {k: rec[k] for k in ("train_loss", "val_loss", "val_ppl")}
+            msg = (
+                f"step {it}: train loss {rec['train_loss']:.4f}, val loss "
+                f"{rec['val_loss']:.4f}, val ppl {rec['val_ppl']:.3f}"
+            )
+            (bar.write if bar else log)(msg)
+            if it > 0:
+                save(it, last)
+            t0 = time.perf_counter()
         if it >= tc.max_iters:
             break
         lr = get_lr(it, tc)
-        batches = [data.get_batch(splits["train"], spec.block_size, tc.batch_size, rng)
-                   for _ in range(tc.grad_accum)]
+        batches = [
+            data.get_batch(splits["train"], spec.block_size, tc.batch_size, rng)
+            for _ in range(tc.grad_accum)
+        ]
         loss = backend.train_step(model, opt, batches, lr, tc.grad_clip, tc.dtype)
         it += 1
         timed_iters += 1
@@ -206,11 +223,19 @@ def train(
     ms = 1000 * train_time / max(1, timed_iters)
     tps = tokens_per_iter / (ms / 1000) if ms > 0 else 0.0
     if timed_iters:
-        log(f"trained {timed_iters} iterations: {ms:.1f} ms/iter, {tps:,.0f} tokens/s "
-            f"(evaluation excluded), {wall:.1f}s wall")
+        log(
+            f"trained {timed_iters} iterations: {ms:.1f} ms/iter, {tps:,.0f} tokens/s "
+            f"(evaluation excluded), {wall:.1f}s wall"
+        )
     return TrainResult(
-        out=out, step=it, train_loss=last.get("train_loss"), val_loss=last.get("val_loss"),
-        ms_per_iter=ms, tokens_per_s=tps, wall_s=wall, backend=desc,
+        out=out,
+        step=it,
+        train_loss=last.get("train_loss"),
+        val_loss=last.get("val_loss"),
+        ms_per_iter=ms,
+        tokens_per_s=tps,
+        wall_s=wall,
+        backend=desc,
     )
 
 

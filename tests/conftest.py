@@ -18,8 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 # A model small enough that a training step takes milliseconds.
-TINY = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8",
-        "eval_iters=5", "log_interval=5", "warmup_iters=5"]
+TINY = [
+    "n_layer=2",
+    "n_head=2",
+    "n_embd=32",
+    "block_size=32",
+    "batch_size=8",
+    "eval_iters=5",
+    "log_interval=5",
+    "warmup_iters=5",
+]
 
 
 def backends_under_test() -> list:
@@ -54,8 +62,14 @@ def char_data(tmp_path_factory, shakespeare_text) -> Path:
 def tiny_config(data_dir: Path, out: Path, *extra: str, backend: str = "torch"):
     return config.load(
         ROOT / "configs" / "shakespeare_char.toml",
-        [*TINY, f"data.dir={str(data_dir)!r}", f"train.out={str(out)!r}",
-         f"train.backend={backend!r}", "device=cpu", *extra],
+        [
+            *TINY,
+            f"data.dir={str(data_dir)!r}",
+            f"train.out={str(out)!r}",
+            f"train.backend={backend!r}",
+            "device=cpu",
+            *extra,
+        ],
     )
 
 

@@ -11,7 +11,10 @@ REF = ROOT / "configs" / "shakespeare_char.toml"
 def test_reference_config_defaults():
     cfg = config.load(REF)
     assert (cfg.model.block_size, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (
-        64, 4, 4, 128,
+        64,
+        4,
+        4,
+        128,
     )
     assert cfg.train.batch_size == 12 and cfg.train.max_iters == 2000
     assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 1e-4 and cfg.train.beta2 == 0.99

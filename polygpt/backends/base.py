@@ -58,8 +58,14 @@ class Backend(Protocol):
     def make_optimizer(self, model: Any, train_cfg: Any) -> Any:
         """AdamW, weight decay on >=2-D tensors only (spec.decayed_params())."""
 
-    def train_step(self, model: Any, opt: Any, batches: list[tuple[np.ndarray, np.ndarray]],
-                   lr: float, grad_clip: float) -> Any:
+    def train_step(
+        self,
+        model: Any,
+        opt: Any,
+        batches: list[tuple[np.ndarray, np.ndarray]],
+        lr: float,
+        grad_clip: float,
+    ) -> Any:
         """Forward+backward over the micro-batches, clip, one AdamW step at `lr`. Returns the
         mean loss as a lazy scalar: `float()` it only when logging (avoids a host sync)."""
 

@@ -103,18 +103,13 @@ _SECTION_TYPES = {
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif typ is str:
-        if isinstance(value, str):
-            return value
+    is_bool = isinstance(value, bool)  # bool is an int subclass: keep true/false out of numbers
+    if typ is bool and is_bool or typ is str and isinstance(value, str):
+        return value
+    if typ is int and isinstance(value, int) and not is_bool:
+        return value
+    if typ is float and isinstance(value, (int, float)) and not is_bool:
+        return float(value)
     tname = getattr(typ, "__name__", str(typ))
     raise PolygptError(f"config key {key!r} expects {tname}, got {value!r}")
 

@@ -123,7 +123,7 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
            temperature, top_k, top_p, seed, num_samples, stop, no_stream) -> None:
     """Generate text from a checkpoint (KV cache, streaming)."""
     from polygpt import inference
-    from polygpt.generate import GenerationConfig
+    from polygpt.generate import GenerationConfig, check_prompts
 
     if prompt is not None and prompt_file is not None:
         raise PolygptError("give --prompt or --prompt-file, not both")
@@ -141,6 +141,7 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
     lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
     gcfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop=list(stop))
+    check_prompts([lm.encode(prompt)], lm.spec.block_size)  # fail before printing anything
     stream = not no_stream and num_samples == 1
     on_token = None
     if stream:
@@ -161,6 +162,48 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
 
 
 # ---------------------------------------------------------------------------------------------
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@click.option("--precision", "-p", default="fp32", show_default=True,
+              help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx).")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]))
+@click.option("--data", "data_dir", default=None,
+              help="Prepared data directory [the checkpoint's data.dir].")
+@click.option("--method", default="sliding", show_default=True,
+              type=click.Choice(["sliding", "last-token"]),
+              help="last-token: one window per token (the reference method, slow).")
+@click.option("--stride", default=None, type=int,
+              help="Sliding-window stride, 1..block_size [block_size/2].")
+@click.option("--max-tokens", default=None, type=int, help="Only the first N tokens of the split.")
+@click.option("--batch-size", default=None, type=int,
+              help="Windows per forward [about 8k positions].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bar).")
+@click.option("--save", is_flag=True, help="Record the result in the checkpoint's config.json.")
+def eval_(checkpoint, backend, device, precision, split, data_dir, method, stride, max_tokens,
+          batch_size, as_json, save) -> None:
+    """Perplexity of a checkpoint over a whole split: every token scored once, with as much
+    left context as the block allows (sliding windows, batched)."""
+    import json
+
+    from polygpt import evaluate
+
+    res = evaluate.evaluate_checkpoint(
+        checkpoint, backend=backend, device=device, precision=precision, split=split,
+        data_dir=data_dir, max_tokens=max_tokens, method=method, stride=stride,
+        batch_size=batch_size, progress=not as_json,
+    )
+    if save:
+        evaluate.save_result(checkpoint, res)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        for line in evaluate.format_result(res):
+            click.echo(line)
+
+
+# ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path())
 def info(checkpoint) -> None:
@@ -173,6 +216,39 @@ def info(checkpoint) -> None:
         click.echo("")
     for line in inference.environment_lines():
         click.echo(line)
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--only", multiple=True, help="Run only this run (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def sweep(sweep_file, only, quiet) -> None:
+    """Train, evaluate and sample every run of a sweep file; finished runs are skipped.
+
+    \b
+    polygpt sweep experiments/shakespeare.toml
+    polygpt sweep experiments/shakespeare.toml --only 0.8M-500
+    """
+    from polygpt import sweep as sweep_mod
+
+    sw = sweep_mod.load_sweep(sweep_file)
+    results = sweep_mod.run_sweep(sw, only=list(only) or None, progress=not quiet, log=click.echo)
+    click.echo(sweep_mod.results_table(results))
+    click.echo(f"results: {sw.results}/results.json, {sw.results}/results.md")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file.")
+@click.option("--kind", type=click.Choice(["loss", "ppl-iters", "ppl-params"]), default="loss",
+              show_default=True, help="Loss curves, or perplexity vs iterations / vs size.")
+@click.option("--title", default=None)
+def plot(runs, out, kind, title) -> None:
+    """Plot one or more runs (checkpoint directories) to a PNG."""
+    from polygpt import plot as plot_mod
+
+    click.echo(f"wrote {plot_mod.plot(list(runs), out, kind, title)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,6 +67,9 @@ def checkpoint_info_lines(path: str | Path) -> list[str]:
     if m:
         parts = [f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, (int, float))]
         lines.append(f"metrics     {', '.join(parts)}")
+    from polygpt.evaluate import recorded_lines  # full-split perplexity from `eval --save`
+
+    lines.extend(recorded_lines(cfg))
     files = weights.dir_size(ckpt.path)
     lines.append("files       " + ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in files.items()))
     return lines

@@ -74,7 +74,10 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    extra_config: dict | None = None,
 ) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; `extra_config` entries are stored in
+    every checkpoint's config.json (e.g. a sweep's fingerprint)."""
     tc = cfg.train
     out = Path(tc.out)
     weights.recover(out)
@@ -146,6 +149,7 @@ def train(
             "metrics": metrics,
             "train_state": {"rng": rng.bit_generator.state},
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(extra_config or {}),
         }
         meta = weights.model_metadata(spec, step=str(step))
         weights.write_checkpoint(

@@ -1,0 +1,258 @@
+"""Sweeps: train a list of runs, evaluate each on the full val split, sample, tabulate.
+
+A sweep file (TOML) has a [sweep] table and [[run]] entries (name, config, optional backend and
+key=value overrides). Each run trains into `<out>/<name>`; its result lands in `sweep.json` there
+together with a fingerprint of the run's config, so re-running the sweep skips finished runs,
+resumes an interrupted one from its last checkpoint, and retrains a run whose config changed.
+The table of all results is written to `<results>/results.json` and `results.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from polygpt import __version__, config, weights
+from polygpt.errors import PolygptError
+
+RESULT_FILE = "sweep.json"
+
+
+@dataclass
+class RunSpec:
+    name: str
+    config: str
+    backend: str = "torch"
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    name: str
+    out: str
+    results: str
+    runs: list[RunSpec]
+    sample_tokens: int = 300
+    sample_temperature: float = 0.8
+    seed: int = 1337
+    eval_stride: int = 0  # 0: evaluate.py's default (block_size // 2)
+    eval_max_tokens: int = 0  # 0: the whole val split
+    device: str = "auto"
+    base: Path = Path(".")  # paths in the sweep file are relative to the working directory
+
+
+_SWEEP_KEYS = {
+    "name",
+    "out",
+    "results",
+    "sample_tokens",
+    "sample_temperature",
+    "seed",
+    "eval_stride",
+    "eval_max_tokens",
+    "device",
+}
+_RUN_KEYS = {"name", "config", "backend", "overrides"}
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise PolygptError(f"cannot read sweep file {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PolygptError(f"sweep file {p} is not valid TOML: {e}") from None
+    head = d.get("sweep", {})
+    unknown = sorted(set(head) - _SWEEP_KEYS) + sorted(set(d) - {"sweep", "run"})
+    if unknown:
+        raise PolygptError(f"{p}: unknown sweep key {unknown[0]!r}")
+    runs = []
+    for i, r in enumerate(d.get("run", [])):
+        bad = sorted(set(r) - _RUN_KEYS)
+        if bad:
+            raise PolygptError(f"{p}: run {i + 1} has unknown key {bad[0]!r}")
+        if "name" not in r or "config" not in r:
+            raise PolygptError(f"{p}: run {i + 1} needs a name and a config")
+        runs.append(RunSpec(**r))
+    if not runs:
+        raise PolygptError(f"{p}: no [[run]] entries")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise PolygptError(f"{p}: run names must be unique")
+    return Sweep(
+        name=head.get("name", p.stem),
+        out=head.get("out", f"weights/{p.stem}"),
+        results=head.get("results", f"weights/{p.stem}/results"),
+        runs=runs,
+        **{k: head[k] for k in _SWEEP_KEYS - {"name", "out", "results"} if k in head},
+    )
+
+
+def run_config(sweep: Sweep, run: RunSpec) -> config.RunConfig:
+    cfg = config.load(run.config, run.overrides)
+    cfg.train.out = str(Path(sweep.out) / run.name)
+    cfg.train.backend = run.backend
+    cfg.train.device = sweep.device
+    return cfg
+
+
+def fingerprint(cfg: config.RunConfig) -> str:
+    """Hash of everything that changes a run's numbers (not where it is written or logged)."""
+    d = cfg.to_dict()
+    for k in ("out", "log_interval", "save_checkpoints", "device"):
+        d["train"].pop(k, None)
+    d.pop("sample", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(run_dir: Path, fp: str, max_iters: int) -> dict | None:
+    p = run_dir / RESULT_FILE
+    if not p.exists():
+        return None
+    try:
+        res = json.loads(p.read_text())
+        ck = weights.read_checkpoint(run_dir)
+    except (json.JSONDecodeError, OSError, PolygptError):
+        return None
+    if res.get("fingerprint") == fp and ck.step == max_iters:
+        return res
+    return None
+
+
+def _resumable(run_dir: Path, fp: str) -> bool:
+    try:
+        ck = weights.read_checkpoint(run_dir)
+    except PolygptError:
+        return False
+    return ck.config.get("sweep_fingerprint") == fp and ck.optimizer_file.exists()
+
+
+def run_one(sweep: Sweep, run: RunSpec, *, progress: bool, log: Callable[[str], None]) -> dict:
+    from polygpt import evaluate, inference
+    from polygpt.generate import GenerationConfig
+    from polygpt.train import train
+
+    cfg = run_config(sweep, run)
+    run_dir = Path(cfg.train.out)
+    fp = fingerprint(cfg)
+    done = _finished(run_dir, fp, cfg.train.max_iters)
+    if done is not None:
+        log(f"[{run.name}] finished earlier: skipped")
+        return done
+    weights.recover(run_dir)
+    resume = _resumable(run_dir, fp)
+    log(f"[{run.name}] {'resuming' if resume else 'training'} ({run.backend}) -> {run_dir}")
+    t0 = time.perf_counter()
+    # the fingerprint travels in every checkpoint, so an interrupted run is recognised
+    res = train(
+        cfg,
+        resume=resume,
+        overwrite=not resume,
+        progress=progress,
+        log=log,
+        extra_config={"sweep_fingerprint": fp},
+    )
+    train_wall = time.perf_counter() - t0
+    ev = evaluate.evaluate_checkpoint(
+        run_dir,
+        backend=run.backend,
+        device=sweep.device,
+        stride=sweep.eval_stride or None,
+        max_tokens=sweep.eval_max_tokens or None,
+    )
+    evaluate.save_result(run_dir, ev)
+    lm = inference.load(run_dir, backend=run.backend, device=sweep.device)
+    gen = GenerationConfig(
+        max_new_tokens=sweep.sample_tokens, temperature=sweep.sample_temperature, seed=sweep.seed
+    )
+    sample = lm.generate([cfg.sample.prompt], gen)[0]
+    spec = lm.spec
+    result = {
+        "name": run.name,
+        "backend": run.backend,
+        "device": res.backend.get("device"),
+        "blas": res.backend.get("blas"),
+        "config": run.config,
+        "overrides": run.overrides,
+        "params_non_embedding": spec.num_params(),
+        "params_total": spec.num_params(non_embedding=False),
+        "n_layer": spec.n_layer,
+        "n_embd": spec.n_embd,
+        "max_iters": cfg.train.max_iters,
+        "train_loss": res.train_loss,
+        "val_loss": res.val_loss,
+        "val_ppl": ev.perplexity,
+        "val_ppl_low": ev.ppl_low,
+        "val_ppl_high": ev.ppl_high,
+        "val_bpc": ev.bits_per_char,
+        "eval_stride": ev.stride,
+        "eval_tokens": ev.tokens,
+        "train_wall_s": train_wall,
+        "ms_per_iter": res.ms_per_iter,
+        "train_tokens_per_s": res.tokens_per_s,
+        "resumed": resume,
+        "sample": sample,
+        "fingerprint": fp,
+        "polygpt_version": __version__,
+    }
+    tmp = run_dir / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, run_dir / RESULT_FILE)
+    return result
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    only: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    runs = sweep.runs
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            raise PolygptError(f"no run named {unknown[0]!r} in the sweep")
+        runs = [r for r in runs if r.name in only]
+    results = [run_one(sweep, r, progress=progress, log=log) for r in runs]
+    write_results(sweep, results)
+    return results
+
+
+def results_table(results: list[dict]) -> str:
+    head = (
+        "| run | backend | params (non-emb) | iters | train loss | val loss | val ppl "
+        "(full split) | val bpc | train time | ms/iter |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for r in results:
+        rows.append(
+            f"| {r['name']} | {r['backend']} | {r['params_non_embedding'] / 1e6:.2f}M "
+            f"| {r['max_iters']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} "
+            f"| {r['val_ppl']:.3f} | {r['val_bpc']:.3f} | {r['train_wall_s'] / 60:.1f} min "
+            f"| {r['ms_per_iter']:.1f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def write_results(sweep: Sweep, results: list[dict]) -> Path:
+    out = Path(sweep.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# {sweep.name}: results\n", results_table(results), "\n## Samples\n"]
+    for r in results:
+        lines.append(f"\n### {r['name']}\n\n```\n{r['sample'].strip()}\n```\n")
+    (out / "results.md").write_text("".join(lines))
+    return out

@@ -1,0 +1,105 @@
+"""The sweep runner and plots on a tiny config: outputs exist and parse, finished runs skip."""
+
+import json
+import math
+
+import pytest
+
+from polygpt import sweep, weights
+from polygpt.errors import PolygptError
+
+from .conftest import ROOT, TINY
+
+
+def _sweep_file(tmp_path, char_data, iters=(8, 12)):
+    runs = "".join(
+        f"""
+[[run]]
+name = "r{n}"
+config = "{ROOT / "configs/shakespeare_char.toml"}"
+overrides = {json.dumps([*TINY, f"max_iters={n}", "eval_interval=4", f"data.dir={char_data}"])}
+"""
+        for n in iters
+    )
+    p = tmp_path / "sweep.toml"
+    p.write_text(
+        f'[sweep]\nname = "tiny"\nout = "{tmp_path / "runs"}"\nresults = "{tmp_path / "res"}"\n'
+        f'sample_tokens = 20\ndevice = "cpu"\neval_max_tokens = 3001\n{runs}'
+    )
+    return p
+
+
+def test_sweep_trains_evaluates_skips_and_plots(tmp_path, char_data):
+    sw = sweep.load_sweep(_sweep_file(tmp_path, char_data))
+    logs = []
+    results = sweep.run_sweep(sw, progress=False, log=logs.append)
+    assert [r["name"] for r in results] == ["r8", "r12"]
+    for r in results:
+        assert r["val_ppl"] > 1 and r["eval_tokens"] == 3000  # N tokens, N - 1 targets
+        assert r["val_bpc"] == pytest.approx(math.log2(r["val_ppl"]))
+        assert len(r["sample"]) == 20
+    table = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert table == results
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "| r8 | torch |" in md and "### r12" in md
+    ck = weights.read_checkpoint(tmp_path / "runs" / "r12")
+    assert ck.step == 12 and ck.config["metrics"]["eval_val"]["perplexity"] == results[1]["val_ppl"]
+
+    # run again: everything is skipped, nothing rewritten
+    before = (tmp_path / "runs" / "r8" / "model.safetensors").stat().st_mtime_ns
+    logs.clear()
+    again = sweep.run_sweep(sw, progress=False, log=logs.append)
+    assert again == results and sum("skipped" in m for m in logs) == 2
+    assert (tmp_path / "runs" / "r8" / "model.safetensors").stat().st_mtime_ns == before
+
+    from polygpt import plot
+
+    runs = [tmp_path / "runs" / "r8", tmp_path / "runs" / "r12"]
+    for kind in plot.KINDS:
+        png = plot.plot(runs, tmp_path / f"{kind}.png", kind)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_run_resumes_and_changed_run_retrains(tmp_path, char_data):
+    from polygpt.train import train
+
+    sw = sweep.load_sweep(_sweep_file(tmp_path, char_data, iters=(12,)))
+    run = sw.runs[0]
+    cfg = sweep.run_config(sw, run)
+    fp = sweep.fingerprint(cfg)
+    cfg.train.max_iters = 4  # as if stopped after the first checkpoint
+    train(cfg, progress=False, log=lambda s: None, extra_config={"sweep_fingerprint": fp})
+    logs = []
+    (res,) = sweep.run_sweep(sw, progress=False, log=logs.append)
+    assert res["resumed"] and any("resuming" in m for m in logs)
+    assert weights.read_checkpoint(tmp_path / "runs" / "r12").step == 12
+    # a changed config no longer matches the fingerprint: retrained from scratch
+    run.overrides.append("lr=5e-4")
+    logs.clear()
+    (res2,) = sweep.run_sweep(sw, progress=False, log=logs.append)
+    assert not res2["resumed"] and res2["fingerprint"] != res["fingerprint"]
+
+
+def test_sweep_file_errors(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text('[sweep]\nnmae = "x"\n[[run]]\nname = "a"\nconfig = "c.toml"\n')
+    with pytest.raises(PolygptError, match="unknown sweep key 'nmae'"):
+        sweep.load_sweep(p)
+    p.write_text('[[run]]\nname = "a"\n')
+    with pytest.raises(PolygptError, match="needs a name and a config"):
+        sweep.load_sweep(p)
+    p.write_text("[sweep]\n")
+    with pytest.raises(PolygptError, match="no \\[\\[run\\]\\]"):
+        sweep.load_sweep(p)
+    with pytest.raises(PolygptError, match="cannot read sweep file"):
+        sweep.load_sweep(tmp_path / "missing.toml")
+
+
+def test_plot_errors(tmp_path):
+    from polygpt import plot
+
+    with pytest.raises(PolygptError, match="does not exist"):
+        plot.plot([tmp_path / "nope"], tmp_path / "x.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PolygptError, match="metrics.jsonl"):
+        plot.plot([tmp_path / "empty"], tmp_path / "x.png")

@@ -13,7 +13,7 @@ else
 TORCH_REQ := torch
 endif
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test experiments format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The reference blog's experiments (about an hour on 2 CPU cores): runs, perplexity, samples,
+# results table and the charts in docs/experiments/.
+experiments: install data/shakespeare_char/train.bin
+	$(BIN)/polygpt sweep experiments/shakespeare.toml
+	$(BIN)/polygpt plot weights/sweep/0.8M-500 weights/sweep/0.8M-1000 weights/sweep/0.8M-2000 \
+		weights/sweep/0.8M-4000 --kind loss --out docs/experiments/loss_0.8M.png
+	$(BIN)/polygpt plot weights/sweep/0.8M-2000 weights/sweep/3.2M-2000 weights/sweep/6.3M-2000 \
+		weights/sweep/6.3M-4000 --kind loss --out docs/experiments/loss_sizes.png
+	$(BIN)/polygpt plot weights/sweep/0.8M-500 weights/sweep/0.8M-1000 weights/sweep/0.8M-2000 \
+		weights/sweep/0.8M-4000 --kind ppl-iters --out docs/experiments/ppl_iters.png
+	$(BIN)/polygpt plot weights/sweep/0.8M-2000 weights/sweep/3.2M-2000 weights/sweep/6.3M-2000 \
+		--kind ppl-params --out docs/experiments/ppl_params.png
 
 format: install
 	$(BIN)/ruff format .

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,23 +144,33 @@ def write_checkpoint(
     save_model: Callable[[Path], None],
     save_optimizer: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically.
-
-    Everything goes to a temporary sibling first; then the old directory is moved aside and the
-    new one renamed into place, so a crash at any point leaves a complete checkpoint (the old
-    one, or the new one) and never a half-written file. Run files (metrics.jsonl) are carried.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Write a checkpoint directory atomically (see `atomic_directory`); run files
+    (metrics.jsonl) are carried over from the directory being replaced."""
+    with atomic_directory(out, carry=_CARRIED) as tmp:
         save_model(tmp / MODEL_FILE)
         if save_optimizer is not None:
             save_optimizer(tmp / OPTIMIZER_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False))
-        for name in _CARRIED:
-            if (out / name).exists():
+    return Path(out)
+
+
+@contextmanager
+def atomic_directory(out: str | Path, carry: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; on success it replaces `out`.
+
+    The old directory is moved aside and the new one renamed into place, so a crash at any
+    point leaves a complete directory (the old one, or the new one; `recover` puts the old one
+    back if the crash fell between the two renames) and never a half-written file. On an
+    exception the temporary is removed and `out` is untouched.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        for name in carry:
+            if (out / name).exists() and not (tmp / name).exists():
                 shutil.copy2(out / name, tmp / name)
         _fsync_dir(tmp)
         if out.exists():
@@ -174,7 +185,6 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _fsync_dir(d: Path) -> None:

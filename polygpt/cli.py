@@ -251,5 +251,48 @@ def plot(runs, out, kind, title) -> None:
     click.echo(f"wrote {plot_mod.plot(list(runs), out, kind, title)}")
 
 
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--from", "src_format", type=click.Choice(["auto", "nanogpt", "hf", "polygpt"]),
+              default="auto", show_default=True,
+              help="nanogpt: a ckpt.pt; hf: a Hugging Face GPT-2 directory; polygpt: ours.")
+@click.option("--to", "dst_format", type=click.Choice(["polygpt", "hf"]), default=None,
+              help="Default: polygpt, or hf when SOURCE is a polygpt checkpoint.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), default=None,
+              help="Prepared data directory whose tokenizer.json a char-level import uses.")
+def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
+    """Convert between nanoGPT ckpt.pt, Hugging Face GPT-2 and polygpt checkpoints.
+
+    \b
+    polygpt convert out-shakespeare-char/ckpt.pt weights/from_nanogpt --tokenizer data/shakespeare_char
+    polygpt convert weights/shakespeare_char exported_hf --to hf
+    polygpt convert path/to/hf-gpt2 weights/gpt2
+    """
+    from polygpt import convert as conv
+
+    src = Path(source)
+    if src_format == "auto":
+        if src.is_file() and src.suffix in (".pt", ".pth"):
+            src_format = "nanogpt"
+        elif (src / "tokenizer.json").exists() and (src / "model.safetensors").exists():
+            src_format = "polygpt"
+        elif (src / "config.json").exists():
+            src_format = "hf"
+        else:
+            raise PolygptError(f"cannot tell what {src} is: pass --from nanogpt|hf|polygpt")
+    dst_format = dst_format or ("hf" if src_format == "polygpt" else "polygpt")
+    if src_format == "polygpt" and dst_format == "hf":
+        done = conv.to_hf(src, out)
+    elif src_format == "nanogpt" and dst_format == "polygpt":
+        done = conv.from_nanogpt(src, out, tokenizer_dir)
+    elif src_format == "hf" and dst_format == "polygpt":
+        done = conv.from_hf(src, out, tokenizer_dir)
+    else:
+        raise PolygptError(f"no conversion from {src_format} to {dst_format}")
+    click.echo(f"wrote {done} ({dst_format})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

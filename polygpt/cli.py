@@ -266,7 +266,7 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     """Convert between nanoGPT ckpt.pt, Hugging Face GPT-2 and polygpt checkpoints.
 
     \b
-    polygpt convert out-shakespeare-char/ckpt.pt weights/from_nanogpt --tokenizer data/shakespeare_char
+    polygpt convert ckpt.pt weights/from_nanogpt --tokenizer data/shakespeare_char
     polygpt convert weights/shakespeare_char exported_hf --to hf
     polygpt convert path/to/hf-gpt2 weights/gpt2
     """

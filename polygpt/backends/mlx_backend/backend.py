@@ -1,0 +1,287 @@
+"""MLX implementation of the Backend protocol (see polygpt/backends/base.py).
+
+The twin of backends/torch_backend/backend.py, method for method. Three things differ inside:
+
+- AdamW is written out here (a dozen lines) instead of `mlx.optimizers.AdamW`: torch applies
+  weight decay per parameter group (spec.decayed_params() only), and its bias-correction
+  scalars are computed in float64 on the host. Passing those scalars in from Python gives the
+  same update as torch's fused AdamW to float32 rounding, and keeps the moments in a plain
+  name -> array dict that maps 1:1 onto optimizer.safetensors (`exp_avg/<name>`, ...).
+- The whole train step (forward, backward, clipping, AdamW) is one `mx.compile`d function over
+  the model, the optimizer moments and MLX's RNG state; MLX is lazy, so the step returns an
+  unevaluated loss and queues the work with `mx.async_eval` (no host sync until logging).
+- On Linux CPU, `polygpt.blas.preload_openblas()` runs before MLX is imported (see blas.py).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polygpt import blas
+
+blas.preload_openblas()  # must precede the first `import mlx.core` in the process
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+
+from polygpt import weights  # noqa: E402
+from polygpt.backends.mlx_backend.model import GPT, KVCache  # noqa: E402
+from polygpt.errors import PolygptError  # noqa: E402
+from polygpt.spec import ModelSpec  # noqa: E402
+
+DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+_TORCH_DEVICE_NAMES = {"cuda": "gpu", "mps": "gpu"}  # so a torch run's device resumes here
+
+
+def _gpu_available() -> bool:
+    metal = getattr(mx, "metal", None)
+    cuda = getattr(mx, "cuda", None)
+    return bool((metal and metal.is_available()) or (cuda and cuda.is_available()))
+
+
+def _resolve_device(device: str) -> str:
+    device = _TORCH_DEVICE_NAMES.get(device, device)
+    if device == "auto":
+        return "gpu" if _gpu_available() else "cpu"
+    if device == "gpu" and not _gpu_available():
+        raise PolygptError("device 'gpu' is not available to MLX on this machine (use cpu)")
+    if device not in ("cpu", "gpu"):
+        raise PolygptError(f"unknown mlx device {device!r} (cpu, gpu or auto)")
+    return device
+
+
+@dataclass
+class Optimizer:
+    """AdamW state under canonical names, plus the hyper-parameters torch keeps in groups."""
+
+    names: list[str]
+    decayed: set[str]
+    beta1: float
+    beta2: float
+    weight_decay: float
+    eps: float = 1e-8
+    compile: bool = True  # mx.compile the train step (same numbers, fewer kernel launches)
+    step: int = 0
+    # {"exp_avg": {name: m}, "exp_avg_sq": {name: v}}: a mutable tree mx.compile updates
+    state: dict = field(default_factory=dict)
+    compiled: dict = field(default_factory=dict)  # (n_micro, autocast, clip) -> step fn
+
+
+class Backend:
+    name = "mlx"
+
+    def __init__(self, device: str = "auto"):
+        self.device = _resolve_device(device)
+        # MLX has one default device per process; every array below is created on it.
+        mx.set_default_device(mx.gpu if self.device == "gpu" else mx.cpu)
+
+    def describe(self) -> dict[str, str]:
+        if self.device == "gpu":
+            try:
+                dev_name = str(mx.device_info().get("device_name", "GPU"))
+            except (AttributeError, RuntimeError):
+                dev_name = "GPU"
+        else:
+            dev_name = platform.processor() or platform.machine()
+        if sys.platform == "darwin":
+            blas_name = "Accelerate"
+        elif sys.platform == "linux":
+            blas_name = blas.blas_in_use()
+        else:
+            blas_name = "bundled"
+        threads = blas.openblas_threads()
+        return {
+            "backend": "mlx",
+            "framework": f"mlx {mx.__version__}",
+            "device": self.device,
+            "device_name": dev_name,
+            "threads": str(threads) if threads else "auto",
+            "blas": blas_name,
+        }
+
+    # -- models ------------------------------------------------------------------------------
+    def init_model(self, spec: ModelSpec, seed: int) -> GPT:
+        model = GPT(spec)
+        model.init_weights(mx.random.key(seed))
+        mx.eval(model.parameters())
+        return model
+
+    def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
+        weights.check_model_file(Path(path), spec)
+        model = GPT(spec)
+        arrays = mx.load(str(path))  # straight from safetensors: keeps bf16, no NumPy
+        target = DTYPES.get(precision, mx.float32)
+        model.load_weights([(k, v.astype(target)) for k, v in arrays.items()], strict=True)
+        mx.eval(model.parameters())
+        model.eval()
+        return self.set_precision(model, precision)
+
+    def set_precision(self, model: GPT, precision: str) -> GPT:
+        if precision in DTYPES:
+            model.set_dtype(DTYPES[precision])
+            mx.eval(model.parameters())
+            return model
+        # int8 / int4: the place for `nn.quantize(model, group_size, bits)` (inference work).
+        raise PolygptError(f"precision {precision!r} is not supported by the mlx backend")
+
+    def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
+        mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())), metadata=metadata)
+
+    def param_shapes(self, model: GPT) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+    # -- training ----------------------------------------------------------------------------
+    def make_optimizer(self, model: GPT, cfg) -> Optimizer:
+        params = dict(tree_flatten(model.trainable_parameters()))
+        opt = Optimizer(
+            names=list(params),
+            decayed=set(model.spec.decayed_params()),
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            weight_decay=cfg.weight_decay,
+        )
+        opt.state["exp_avg"] = {n: mx.zeros_like(p) for n, p in params.items()}
+        opt.state["exp_avg_sq"] = {n: mx.zeros_like(p) for n, p in params.items()}
+        return opt
+
+    def _tokens(self, a: np.ndarray) -> mx.array:
+        return mx.array(np.ascontiguousarray(a, dtype=np.int32))
+
+    def _compiled_step(self, model: GPT, opt: Optimizer, n_micro: int, autocast: str, clip: bool):
+        key = (n_micro, autocast, clip)
+        if key in opt.compiled:
+            return opt.compiled[key]
+        state = [model.state, opt.state, mx.random.state]
+        decay = {n: (n in opt.decayed) for n in opt.names}
+        b1, b2, eps, wd = opt.beta1, opt.beta2, opt.eps, opt.weight_decay
+
+        def loss_fn(params, x, y):
+            if autocast == "bf16":  # compute in bf16; the fp32 master weights get the grads
+                params = tree_map(lambda p: p.astype(mx.bfloat16), params)
+            model.update(params)
+            return model.loss(x, y)
+
+        grad_fn = mx.value_and_grad(loss_fn)
+
+        def step(xs, ys, lr, step_size, bc2_sqrt, max_norm):
+            params = model.trainable_parameters()
+            total, grads = None, None
+            for i in range(n_micro):  # gradient accumulation, as torch's (loss / n).backward()
+                loss, g = grad_fn(params, xs[i], ys[i])
+                total = loss if total is None else total + loss
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+            flat = dict(tree_flatten(grads))
+            if n_micro > 1:
+                flat = {k: g / n_micro for k, g in flat.items()}
+            if clip:  # torch.nn.utils.clip_grad_norm_
+                norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in flat.values()))
+                coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+                flat = {k: g * coef for k, g in flat.items()}
+            p_flat = dict(tree_flatten(params))
+            m_all, v_all = opt.state["exp_avg"], opt.state["exp_avg_sq"]
+            new = []
+            for name, g in flat.items():  # torch's AdamW (decoupled decay, bias correction)
+                p = p_flat[name]
+                if decay[name] and wd:
+                    p = p * (1 - lr * wd)
+                m = m_all[name] + (1 - b1) * (g - m_all[name])  # torch: lerp(m, g, 1 - b1)
+                v = b2 * v_all[name] + (1 - b2) * mx.square(g)
+                m_all[name], v_all[name] = m, v
+                new.append((name, p - step_size * m / (mx.sqrt(v) / bc2_sqrt + eps)))
+            model.update(tree_unflatten(new))
+            return total / n_micro
+
+        if opt.compile:
+            step = mx.compile(step, inputs=state, outputs=state)
+        opt.compiled[key] = step
+        return step
+
+    def train_step(
+        self,
+        model: GPT,
+        opt: Optimizer,
+        batches,
+        lr: float,
+        grad_clip: float,
+        autocast: str = "fp32",
+    ):
+        if autocast not in ("fp32", "bf16"):
+            raise PolygptError(f"mlx training dtype must be fp32 or bf16, got {autocast!r}")
+        model.train()
+        opt.step += 1
+        # torch computes these in float64 on the host; so do we, then pass float32 scalars
+        step_size = lr / (1 - opt.beta1**opt.step)
+        bc2_sqrt = math.sqrt(1 - opt.beta2**opt.step)
+        xs = mx.stack([self._tokens(x) for x, _ in batches])  # (n_micro, B, T)
+        ys = mx.stack([self._tokens(y) for _, y in batches])
+        step = self._compiled_step(model, opt, len(batches), autocast, grad_clip > 0)
+        f32 = lambda v: mx.array(v, dtype=mx.float32)
+        loss = step(xs, ys, f32(lr), f32(step_size), f32(bc2_sqrt), f32(grad_clip))
+        # queue the step without waiting: the caller float()s the loss only when logging
+        mx.async_eval(loss, model.parameters(), opt.state)
+        return loss
+
+    def eval_loss(self, model: GPT, x: np.ndarray, y: np.ndarray) -> float:
+        model.eval()
+        return float(model.loss(self._tokens(x), self._tokens(y)))
+
+    def save_optimizer(self, opt: Optimizer, path: Path, metadata: dict[str, str]) -> None:
+        tensors = {}
+        for name in opt.names:
+            tensors[f"exp_avg/{name}"] = opt.state["exp_avg"][name].astype(mx.float32)
+            tensors[f"exp_avg_sq/{name}"] = opt.state["exp_avg_sq"][name].astype(mx.float32)
+        mx.save_safetensors(str(path), tensors, metadata={**metadata, "step": str(opt.step)})
+
+    def load_optimizer(self, opt: Optimizer, path: Path) -> int:
+        _, meta = weights.read_header(Path(path))
+        step = int(meta.get("step", 0))
+        state = mx.load(str(path))
+        for name in opt.names:
+            try:
+                m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
+            except KeyError:
+                raise PolygptError(f"{path}: no optimizer state for {name}") from None
+            ref = opt.state["exp_avg"][name]
+            if m.shape != ref.shape or v.shape != ref.shape:
+                raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
+            # assign into the same dicts: the compiled step captured these containers
+            opt.state["exp_avg"][name] = m.astype(ref.dtype)
+            opt.state["exp_avg_sq"][name] = v.astype(ref.dtype)
+        opt.step = step
+        mx.eval(opt.state)
+        return step
+
+    # -- inference ---------------------------------------------------------------------------
+    def logits(self, model: GPT, x: np.ndarray) -> np.ndarray:
+        model.eval()
+        return np.array(model(self._tokens(x)).astype(mx.float32))
+
+    def target_logprobs(self, model: GPT, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        model.eval()
+        logits = model(self._tokens(x)).astype(mx.float32)
+        picked = mx.take_along_axis(logits, self._tokens(y)[..., None], axis=-1)[..., 0]
+        lp = picked - mx.logsumexp(logits, axis=-1)  # (B, T)
+        return np.array(lp).astype(np.float64)
+
+    def prefill(self, model: GPT, tokens: np.ndarray, pad: np.ndarray) -> tuple[Any, np.ndarray]:
+        model.eval()
+        B, _ = tokens.shape
+        # LayerNorm weights are never quantized, so they carry the compute dtype
+        dtype = model.transformer.ln_f.weight.dtype
+        cache = KVCache(model.spec, B, model.spec.block_size, self._tokens(pad), dtype)
+        logits = model(self._tokens(tokens), cache, last_only=True)
+        return cache, np.array(logits[:, -1].astype(mx.float32))
+
+    def decode(self, model: GPT, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
+        logits = model(self._tokens(tokens)[:, None], cache, last_only=True)
+        return np.array(logits[:, -1].astype(mx.float32))
+
+    def synchronize(self) -> None:
+        mx.synchronize()

@@ -1,0 +1,208 @@
+"""GPT-2 in MLX, built from a ModelSpec: the twin of backends/torch_backend/model.py.
+
+Same classes in the same order with the same attribute names, so the flattened MLX parameter
+keys (`transformer.h.0.attn.c_attn.weight`, ...) equal torch's state_dict keys and
+`spec.param_shapes()` with no renaming table. MLX's Linear stores weights (out, in) as torch
+does; the LM head is `wte.as_linear(x)` (mlx-lm's gpt2), so no `lm_head` parameter exists.
+
+KV cache: one preallocated (B, nh, max_len, hs) array pair per layer, written with slice
+assignment. Rows may be left-padded exactly as in torch: `KVCache.pad[b]` leading positions of
+row b are padding, masked out of every attention and excluded from position ids (positions are
+`arange - pad`, clamped at 0); a padding query sees only itself, so no softmax row is empty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from polygpt.spec import INIT_STD, LAYER_NORM_EPS, ModelSpec
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (same parameters as the torch twin)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = mx.ones((ndim,))
+        if bias:
+            self.bias = mx.zeros((ndim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(x, self.weight, self.get("bias"), LAYER_NORM_EPS)
+
+
+class KVCache:
+    """Per-layer preallocated keys/values; `offset` positions are filled (pads included)."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, pad: mx.array, dtype):
+        shape = (batch, spec.n_head, max_len, spec.head_dim)
+        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
+        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
+        self.max_len = max_len
+        self.offset = 0
+        self.pad = pad  # (B,) int32
+        self.any_pad = bool(mx.any(pad > 0).item())
+
+    def key_mask(self, t: int) -> mx.array | None:
+        """(B, t, offset+t) boolean attention mask (True = attend) for t new queries."""
+        L = self.offset + t
+        if not self.any_pad and (t == 1 or self.offset == 0):
+            return None  # one new query sees the whole cache; a fresh prompt is plain causal
+        keys = mx.arange(L)
+        queries = mx.arange(self.offset, L)
+        mask = keys[None, :] <= queries[:, None]  # causal (t, L)
+        valid = keys[None, :] >= self.pad[:, None]  # (B, L): not padding
+        # A padding query may see only itself, so no softmax row is empty (NaN-free).
+        self_ = keys[None, :] == queries[:, None]
+        return (mask[None] & valid[:, None, :]) | self_[None]  # (B, t, L)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        C = spec.n_embd
+        self.c_attn = nn.Linear(C, 3 * C, bias=spec.bias)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(C, C, bias=spec.bias)
+        self.resid_dropout = nn.Dropout(spec.dropout)
+        self.n_head = spec.n_head
+        self.dropout = spec.dropout
+        self.attn_dropout = nn.Dropout(spec.dropout)
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: mx.array | None = None,
+    ) -> mx.array:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        scale = 1.0 / math.sqrt(hs)
+        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, T, hs)
+        if cache is None:
+            if self.training and self.dropout > 0:
+                y = self._attention_with_dropout(q, k, v, scale)
+            else:
+                y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        else:
+            start, end = cache.offset, cache.offset + T
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]  # (B, nh, L, hs)
+            if mask is None and T > 1 and start == 0:
+                y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+            else:
+                y = mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=scale, mask=None if mask is None else mask[:, None]
+                )
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attention_with_dropout(self, q, k, v, scale):
+        """Explicit attention for training with dropout (the fused kernel has no dropout)."""
+        T = q.shape[2]
+        att = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+        causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+        att = mx.where(causal, att, mx.array(-math.inf, dtype=att.dtype))
+        att = mx.softmax(att.astype(mx.float32), axis=-1).astype(q.dtype)
+        return self.attn_dropout(att) @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias)
+        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.act = nn.gelu_approx if spec.activation == "gelu_tanh" else nn.gelu
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.ln_1 = LayerNorm(spec.n_embd, spec.bias)
+        self.attn = CausalSelfAttention(spec)
+        self.ln_2 = LayerNorm(spec.n_embd, spec.bias)
+        self.mlp = MLP(spec)
+
+    def __call__(self, x, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        # A bare Module as torch's ModuleDict: keys become `transformer.wte.weight`, ...
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
+        self.transformer.wpe = nn.Embedding(spec.block_size, spec.n_embd)
+        self.transformer.drop = nn.Dropout(spec.dropout)
+        self.transformer.h = [Block(spec) for _ in range(spec.n_layer)]
+        self.transformer.ln_f = LayerNorm(spec.n_embd, spec.bias)
+
+    def init_weights(self, key: mx.array) -> None:
+        """normal(0, 0.02), residual projections 0.02/sqrt(2·n_layer), biases 0, LN weight 1.
+
+        Drawn from MLX's RNG (`key`), so the values differ from torch's init; to start both
+        backends from the same weights, initialize once and load the saved safetensors."""
+        resid = set(self.spec.residual_projections())
+        params = self.named_parameters()
+        keys = mx.random.split(key, len(params))
+        new = []
+        for k, (name, p) in zip(keys, params.items()):
+            if p.ndim >= 2:
+                std = INIT_STD / math.sqrt(2 * self.spec.n_layer) if name in resid else INIT_STD
+                new.append((name, mx.random.normal(p.shape, key=k) * std))
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                new.append((name, mx.ones(p.shape)))
+            else:
+                new.append((name, mx.zeros(p.shape)))
+        self.load_weights(new)
+
+    def named_parameters(self) -> dict[str, mx.array]:
+        """Canonical name -> array, in spec.param_shapes() order (torch's state_dict order)."""
+        from mlx.utils import tree_flatten
+
+        flat = dict(tree_flatten(self.parameters()))
+        return {name: flat[name] for name in self.spec.param_shapes()}
+
+    def __call__(
+        self, idx: mx.array, cache: KVCache | None = None, last_only: bool = False
+    ) -> mx.array:
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
+        B, T = idx.shape
+        tr = self.transformer
+        mask = None
+        if cache is None:
+            pos = mx.arange(T)
+        else:
+            pos = mx.arange(cache.offset, cache.offset + T)
+            if cache.any_pad:
+                pos = mx.maximum(pos[None, :] - cache.pad[:, None], 0)  # (B, T)
+            mask = cache.key_mask(T)
+        x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(tr.h):
+            x = block(x, cache, i, mask)
+        if cache is not None:
+            cache.offset += T
+        if last_only:
+            x = x[:, -1:]
+        x = tr.ln_f(x)
+        return tr.wte.as_linear(x)  # tied head
+
+    def loss(self, idx: mx.array, targets: mx.array) -> mx.array:
+        logits = self(idx)
+        return nn.losses.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).astype(mx.float32),
+            targets.reshape(-1),
+            reduction="mean",
+        )

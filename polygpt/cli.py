@@ -143,15 +143,15 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
                             top_p=top_p, seed=seed, stop=list(stop))
     check_prompts([lm.encode(prompt)], lm.spec.block_size)  # fail before printing anything
     stream = not no_stream and num_samples == 1
-    on_token = None
+    on_text = None
     if stream:
         click.echo(prompt, nl=False)
 
-        def on_token(row: int, token: int) -> None:
-            sys.stdout.write(lm.tokenizer.decode([token]))
+        def on_text(row: int, text: str) -> None:
+            sys.stdout.write(text)
             sys.stdout.flush()
 
-    texts = lm.generate([prompt] * num_samples, gcfg, on_token=on_token)
+    texts = lm.generate([prompt] * num_samples, gcfg, on_text=on_text)
     if stream:
         click.echo()
     else:

@@ -1,13 +1,24 @@
 """Text generation with a KV cache: prefill once, then one decode step per token.
 
-Backend-neutral: a backend supplies `prefill` and `decode` (logits for the last position), this
-module does batching (left padding), sampling, stop strings, streaming and the context window.
+Backend-neutral: a backend supplies `prefill` (left-padded prompts -> cache + last logits) and
+`decode` (one token per row -> next logits); this module does batching, sampling
+(polygpt.sampling), stop strings, streaming and the context window.
 
-Context window: positions are learned embeddings up to block_size, so when a row's cache is full
-the window slides by re-prefilling the last `keep` tokens (3/4 of the block by default) and
-decoding on from there; every token still sees at least `keep` tokens of context, and the cost
-of the re-prefill is spread over block_size - keep tokens. `uncached_generate` is nanoGPT's
-method (a full forward over the last block_size tokens per new token), kept as the baseline.
+Context window. Positions are learned embeddings up to block_size, so a row whose cache holds
+block_size tokens slides: its window restarts from its last `keep` tokens, re-prefilled in one
+forward pass, and decoding goes on from there. Every token sees at least `keep` tokens of
+context; the re-prefill (keep tokens of forward pass) is paid once per block_size - keep new
+tokens. The default keep is half the block, llama.cpp's "context shift" rule: 3/4 of the block
+costs 3 tokens of forward pass per generated token instead of 1, which at batch 64 on a CPU
+made the re-prefills 4x the cost of the decode steps themselves; keep = block_size - 1 gives
+nanoGPT's full context at one re-prefill per token. The rule is per row (it depends only on
+the row's own length), so a row generates the same tokens alone or in any batch: rows of
+different lengths slide at different steps, and a step where any row slides re-prefills the
+batch with every row's current window (rows that do not slide get their unchanged window back;
+finished rows leave the batch there).
+
+`uncached_generate` is nanoGPT's method, kept as the speed baseline: crop the sequence to the
+last block_size tokens and run a full forward pass for every new token.
 """
 
 from __future__ import annotations
@@ -18,28 +29,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from polygpt.errors import PolygptError
-from polygpt.sampling import make_sampler
+from polygpt.sampling import RowStreams, make_sampler
 
 
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 1337
-    stop: list[str] = field(default_factory=list)
-    keep: int = 0  # tokens kept when the window slides; 0: 3/4 of block_size
-
-
-def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(p) for p in prompts)
-    tokens = np.zeros((len(prompts), T), dtype=np.int64)
-    pad = np.zeros(len(prompts), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        pad[b] = T - len(p)
-        tokens[b, pad[b] :] = p
-    return tokens, pad
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 1337  # row b draws from a generator seeded (seed, b)
+    stop: list[str] = field(default_factory=list)  # end a row before the first of these
+    keep: int = 0  # tokens kept when a row's window slides; 0: block_size // 2
 
 
 def check_prompts(prompts: list[list[int]], block_size: int) -> None:
@@ -55,6 +56,151 @@ def check_prompts(prompts: list[list[int]], block_size: int) -> None:
             )
 
 
+class ContextWindows:
+    """The KV-cached context windows of a batch of rows, advanced one token per step.
+
+    Tokens live in one buffer with the prompts right-aligned at column t0 (left padding): row b's
+    window (what the cache holds for it) is `buf[b, start[b]:end]` and its new tokens
+    `buf[b, t0:end]`; all rows share `end`. The cache holds the batch rows listed in `rows`
+    (finished rows drop out at the next re-prefill) and `logits[i]` are the next-token logits
+    of batch row `rows[i]`.
+    """
+
+    def __init__(
+        self,
+        backend,
+        model,
+        block_size: int,
+        prompts: list[list[int]],
+        keep: int = 0,
+        max_new_tokens: int = 0,
+    ):
+        check_prompts(prompts, block_size)
+        keep = keep or max(1, block_size // 2)
+        if not 1 <= keep <= block_size:
+            raise PolygptError(f"keep must be in 1..block_size ({block_size}), got {keep}")
+        self.backend, self.model, self.block_size, self.keep = backend, model, block_size, keep
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        self.buf = np.zeros((B, T0 + max(max_new_tokens, 1)), dtype=np.int64)
+        self.start = np.array([T0 - len(p) for p in prompts], dtype=np.int64)
+        for b, p in enumerate(prompts):
+            self.buf[b, self.start[b] : T0] = p
+        self.end = self.t0 = T0  # every row's first new token goes to column T0
+        self.rows = np.arange(B)
+        self.finished = np.zeros(B, dtype=bool)
+        self.cache = None
+        self._prefill()
+
+    def window(self, b: int) -> np.ndarray:
+        """The tokens batch row b's next logits are conditioned on."""
+        return self.buf[b, self.start[b] : self.end]
+
+    def generated(self, b: int) -> list[int]:
+        """The tokens appended to batch row b so far."""
+        return self.buf[b, self.t0 : self.end].tolist()
+
+    def _prefill(self) -> None:
+        rows = self.rows
+        width = self.end - self.start[rows]  # window length per cache row
+        T = int(width.max())
+        tokens = self.buf[rows, self.end - T : self.end].copy()
+        pad = T - width
+        tokens[np.arange(T)[None, :] < pad[:, None]] = 0  # padding (masked out anyway)
+        reuse = self.cache if self.cache is not None and len(rows) == self._cache_rows else None
+        self.cache, self.logits = self.backend.prefill(self.model, tokens, pad, cache=reuse)
+        self._cache_rows = len(rows)
+        self._first_full = int(self.start[rows].min()) + self.block_size
+
+    def step(self, tokens: np.ndarray) -> None:
+        """Append one token to every cache row (tokens[i] to batch row rows[i])."""
+        if self.end == self.buf.shape[1]:  # more steps than max_new_tokens: grow the buffer
+            self.buf = np.concatenate([self.buf, np.zeros_like(self.buf)], axis=1)
+        rows = self.rows
+        self.buf[rows, self.end] = tokens
+        self.end += 1
+        if self.end > self._first_full:  # some row's window would exceed block_size: slide it
+            full = self.end - self.start[rows] > self.block_size
+            self.start[rows[full]] = self.end - self.keep
+            self.rows = rows[~self.finished[rows]]
+            if len(self.rows):
+                self._prefill()
+        else:
+            self.logits = self.backend.decode(self.model, self.cache, tokens)
+
+
+class _TextStream:
+    """Incremental text of one row: finds stop strings and streams only text that is final.
+
+    Text that could still become the start of a stop string, and a trailing incomplete UTF-8
+    character (byte-level BPE), is held back until the next tokens decide it.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        stops: list[str],
+        emit: Callable[[str], None] | None,
+    ):
+        self.decode, self.stops, self.emit = decode, [s for s in stops if s], emit
+        self.ids: list[int] = []
+        self.anchor = 0  # ids[anchor:] decode to text of which `skip` chars are already out
+        self.skip = 0
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.kept: int | None = None  # number of ids kept once a stop string was hit
+
+    def push(self, token: int) -> bool:
+        """Add a token; True when the row hit a stop string (and is finished)."""
+        self.ids.append(token)
+        pending = self.decode(self.ids[self.anchor :])
+        new = pending[self.skip :]
+        hits = [i for i in (new.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._out(new[: min(hits)])
+            self.kept = self._tokens_before_stop()
+            return True
+        safe = len(new) - self._held(new)
+        if safe > 0:
+            self._out(new[:safe])
+            self.skip += safe
+        if self.skip == len(pending):  # everything decoded so far is out: restart the window
+            self.anchor, self.skip = len(self.ids), 0
+        elif len(self.ids) - self.anchor > 2 * self.hold + 8:
+            self._advance(pending)
+        return False
+
+    def _held(self, new: str) -> int:
+        n = 0
+        if new.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its bytes
+            n = len(new) - len(new.rstrip("\ufffd"))
+            new = new[:-n]
+        for k in range(min(self.hold, len(new)), 0, -1):
+            if any(s.startswith(new[-k:]) for s in self.stops):
+                return n + k
+        return n
+
+    def _advance(self, pending: str) -> None:
+        """Drop leading tokens that are fully streamed out of the decode window."""
+        while self.anchor < len(self.ids) - 1:
+            rest = self.decode(self.ids[self.anchor + 1 :])
+            cut = len(pending) - len(rest)
+            if cut > self.skip or pending[cut:] != rest:
+                return
+            self.anchor, self.skip, pending = self.anchor + 1, self.skip - cut, rest
+
+    def _out(self, text: str) -> None:
+        if text and self.emit is not None:
+            self.emit(text)
+
+    def _tokens_before_stop(self) -> int:
+        """How many tokens precede the first stop string entirely (a BPE token may straddle)."""
+        text = self.decode(self.ids)
+        cut = min(text.find(s) for s in self.stops if s in text)
+        n = len(self.ids)
+        while n and len(self.decode(self.ids[:n])) > cut:
+            n -= 1
+        return n
+
+
 def generate(
     backend,
     model,
@@ -62,73 +208,78 @@ def generate(
     prompts: list[list[int]],
     cfg: GenerationConfig,
     decode_text: Callable[[list[int]], str] | None = None,
-    on_token: Callable[[int, int], None] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    streams: list[int] | None = None,
 ) -> list[list[int]]:
-    """Generate up to cfg.max_new_tokens for each prompt; returns the new tokens per row.
+    """Generate up to cfg.max_new_tokens for each prompt; returns the new token ids per row.
 
-    `on_token(row, token)` streams tokens as they are chosen; stop strings need `decode_text`.
-    A row that hits a stop string is cut before it and stops streaming.
+    `on_text(row, text)` streams each row's text as it becomes final; stop strings and streaming
+    need `decode_text` (ids -> str). A row that hits a stop string ends before it.
+    `streams[b]`: which random stream (seeded (cfg.seed, streams[b])) row b samples from;
+    default 0..B-1. Generating prompt b alone with streams=[b] gives the batch's row b.
     """
     check_prompts(prompts, block_size)
-    sampler = make_sampler(cfg.temperature, cfg.top_k, cfg.top_p)
-    rng = np.random.default_rng(cfg.seed)
-    keep = cfg.keep or max(1, block_size * 3 // 4)
+    if (cfg.stop or on_text is not None) and decode_text is None:
+        raise ValueError("stop strings and streaming need decode_text")
     B = len(prompts)
-    history = [list(p) for p in prompts]
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, dtype=bool)
-    tokens, pad = _left_pad(prompts)
-    cache, logits = backend.prefill(model, tokens, pad)
-    length = tokens.shape[1]  # filled cache positions, pads included
-    for _ in range(cfg.max_new_tokens):
-        nxt = sampler(logits, rng)
-        for b in range(B):
-            if done[b]:
-                continue
-            t = int(nxt[b])
-            history[b].append(t)
-            out[b].append(t)
-            if cfg.stop and decode_text is not None:
-                text = decode_text(out[b])
-                hit = [text.index(s) for s in cfg.stop if s in text]
-                if hit:
-                    done[b] = True
-                    continue
-            if on_token is not None:
-                on_token(b, t)
-        if done.all():
+    if cfg.max_new_tokens <= 0:
+        return [[] for _ in range(B)]
+    sampler = make_sampler(cfg.temperature, cfg.top_k, cfg.top_p)
+    if streams is not None and len(streams) != B:
+        raise ValueError("streams needs one entry per prompt")
+    rng = RowStreams(cfg.seed, streams or B) if cfg.temperature > 0 else None
+    ctx = ContextWindows(backend, model, block_size, prompts, cfg.keep, cfg.max_new_tokens)
+    texts = None
+    if cfg.stop or on_text is not None:
+        texts = [
+            _TextStream(
+                decode_text, cfg.stop, None if on_text is None else (lambda s, b=b: on_text(b, s))
+            )
+            for b in range(B)
+        ]
+    for n in range(cfg.max_new_tokens):
+        rows = ctx.rows
+        u = None if rng is None else rng.next()
+        nxt = sampler(ctx.logits, None if u is None else u[rows])
+        if texts is not None:
+            for i, b in enumerate(rows.tolist()):
+                if not ctx.finished[b] and texts[b].push(int(nxt[i])):
+                    ctx.finished[b] = True
+            if ctx.finished.all():
+                ctx.buf[rows, ctx.end] = nxt
+                ctx.end += 1
+                break
+        if n == cfg.max_new_tokens - 1:  # the last token needs no forward pass
+            ctx.buf[rows, ctx.end] = nxt
+            ctx.end += 1
             break
-        if length == block_size:  # window full: slide by re-prefilling the last `keep` tokens
-            tokens, pad = _left_pad([h[-keep:] for h in history])
-            cache, logits = backend.prefill(model, tokens, pad)
-            length = tokens.shape[1]
-        else:
-            logits = backend.decode(model, cache, nxt)
-            length += 1
-    if cfg.stop and decode_text is not None:
-        out = [_cut_at_stop(o, decode_text, cfg.stop) for o in out]
+        ctx.step(nxt)
+    out = []
+    for b in range(B):
+        ids = ctx.generated(b)
+        if texts is not None and texts[b].kept is not None:
+            ids = ids[: texts[b].kept]
+        out.append(ids)
     return out
 
 
-def _cut_at_stop(ids: list[int], decode_text, stops: list[str]) -> list[int]:
-    text = decode_text(ids)
-    cut = min((text.index(s) for s in stops if s in text), default=None)
-    if cut is None:
-        return ids
-    # drop tokens from the end until the text no longer reaches the stop string
-    while ids and len(decode_text(ids)) > cut:
-        ids = ids[:-1]
-    return ids
+def uncached_generate(
+    backend, model, block_size: int, prompts: list[list[int]], cfg: GenerationConfig
+) -> list[list[int]]:
+    """nanoGPT's `generate`: recompute the whole (cropped) context for every token.
 
-
-def uncached_generate(backend, model, block_size: int, prompt: list[int], cfg: GenerationConfig):
-    """nanoGPT's `generate`: recompute the whole (cropped) context for every token."""
-    check_prompts([prompt], block_size)
+    Prompts must have equal lengths (nanoGPT's idx is one (B, T) tensor). Draws use the same
+    per-row random streams as `generate`, so both pick the same tokens as long as no window
+    has slid (after that nanoGPT crops every step while `generate` slides by `keep`)."""
+    check_prompts(prompts, block_size)
+    if len({len(p) for p in prompts}) != 1:
+        raise PolygptError("uncached_generate needs prompts of equal length")
     sampler = make_sampler(cfg.temperature, cfg.top_k, cfg.top_p)
-    rng = np.random.default_rng(cfg.seed)
-    ids = list(prompt)
+    streams = RowStreams(cfg.seed, len(prompts)) if cfg.temperature > 0 else None
+    ids = np.array(prompts, dtype=np.int64)
+    T0 = ids.shape[1]
     for _ in range(cfg.max_new_tokens):
-        ctx = np.array([ids[-block_size:]], dtype=np.int64)
-        logits = backend.logits(model, ctx)[:, -1]
-        ids.append(int(sampler(logits, rng)[0]))
-    return ids[len(prompt) :]
+        logits = backend.logits(model, ids[:, -block_size:])[:, -1]
+        nxt = sampler(logits, None if streams is None else streams.next())
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+    return ids[:, T0:].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,16 @@ class LanguageModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def generate(self, prompts: list[str], cfg: GenerationConfig, on_token=None) -> list[str]:
+    def generate(self, prompts: list[str], cfg: GenerationConfig,
+                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+        """New text per prompt; `on_text(row, text)` streams it as it becomes final."""
         ids = [self.encode(p) for p in prompts]
         out = generate(self.backend, self.model, self.spec.block_size, ids, cfg,
-                       decode_text=self.tokenizer.decode, on_token=on_token)
-        return [self.tokenizer.decode(o) for o in out]
+                       decode_text=self.tokenizer.decode, on_text=on_text)
+        texts = [self.tokenizer.decode(o) for o in out]
+        if cfg.stop:  # a BPE token may straddle the stop string: cut the text exactly
+            texts = [t[: min([t.find(s) for s in cfg.stop if s in t] or [len(t)])] for t in texts]
+        return texts
 
 
 def default_backend(ckpt: weights.Checkpoint | None = None) -> str:

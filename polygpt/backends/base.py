@@ -85,9 +85,12 @@ class Backend(Protocol):
     def target_logprobs(self, model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """log p(y[b, t] | x[b, :t+1]) as float64 (B, T); only these leave the framework."""
 
-    def prefill(self, model: Any, tokens: np.ndarray, pad: np.ndarray) -> tuple[Any, np.ndarray]:
+    def prefill(self, model: Any, tokens: np.ndarray, pad: np.ndarray,
+                cache: Any = None) -> tuple[Any, np.ndarray]:
         """Run left-padded prompts (B, T) (row b starts after pad[b] pad tokens) through the
-        model, filling a fresh KV cache; returns (cache, last-position logits (B, V) float32)."""
+        model, filling an empty KV cache; returns (cache, last-position logits (B, V) float32).
+        `cache`: a cache this model returned before, which may be reused (emptied) when it has
+        the same batch size, to save reallocating it every time a window slides."""
 
     def decode(self, model: Any, cache: Any, tokens: np.ndarray) -> np.ndarray:
         """Append one token per row (B,) to the cache; returns next logits (B, V) float32."""

@@ -270,7 +270,9 @@ class Backend:
         lp = picked - mx.logsumexp(logits, axis=-1)  # (B, T)
         return np.array(lp).astype(np.float64)
 
-    def prefill(self, model: GPT, tokens: np.ndarray, pad: np.ndarray) -> tuple[Any, np.ndarray]:
+    def prefill(
+        self, model: GPT, tokens: np.ndarray, pad: np.ndarray, cache: Any = None
+    ) -> tuple[Any, np.ndarray]:
         model.eval()
         B, _ = tokens.shape
         # LayerNorm weights are never quantized, so they carry the compute dtype

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from polygpt import weights
-from polygpt.backends.torch_backend.model import GPT, KVCache
+from polygpt.backends.torch_backend.decode import Decoder
+from polygpt.backends.torch_backend.model import GPT
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
@@ -185,18 +186,32 @@ class Backend:
         return lp.view(y.shape).double().cpu().numpy()
 
     @torch.inference_mode()
-    def prefill(self, model, tokens, pad):
+    def prefill(self, model, tokens, pad, cache=None):
         model.eval()
-        B, T = tokens.shape
-        dtype = next(model.parameters()).dtype if _is_float(model) else torch.float32
-        cache = KVCache(model.spec, B, model.spec.block_size, self._tensor(pad), dtype, self._dev)
-        logits = model(self._tensor(tokens), cache, last_only=True)
-        return cache, logits[:, -1].float().cpu().numpy()
+        B = tokens.shape[0]
+        # the cache buffers (and the views the decode step keeps into them) are reused when
+        # the caller hands back its previous cache for the same model and batch size
+        dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
+        dec = dec or Decoder(model, B)
+        logits = dec.prefill(self._tensor(tokens), self._tensor(pad), bool(np.any(pad)))
+        return dec, self._logits_numpy(logits)
 
     @torch.inference_mode()
     def decode(self, model, cache, tokens):
-        logits = model(self._tensor(tokens)[:, None], cache, last_only=True)
-        return logits[:, -1].float().cpu().numpy()
+        t = torch.from_numpy(tokens)
+        if t.dtype != torch.int64:
+            t = t.long()
+        if self.device != "cpu":
+            t = t.to(self._dev, non_blocking=True)
+        return self._logits_numpy(cache.step(t))
+
+    @staticmethod
+    def _logits_numpy(logits: torch.Tensor) -> np.ndarray:
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        if logits.device.type != "cpu":
+            logits = logits.cpu()
+        return logits.numpy()
 
     def synchronize(self) -> None:
         if self.device == "cuda":
@@ -204,7 +219,3 @@ class Backend:
         elif self.device == "mps":
             torch.mps.synchronize()
 
-
-def _is_float(model) -> bool:
-    p = next(model.parameters(), None)
-    return p is not None and p.dtype in (torch.float32, torch.float16, torch.bfloat16)

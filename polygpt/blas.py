@@ -43,6 +43,7 @@ _CANDIDATES = (
 )
 
 _loaded: str | None = None  # path of the OpenBLAS we made global, if any
+_after_mlx = False  # True when mlx.core was imported before we loaded it (see blas_in_use)
 
 
 def find_openblas() -> str | None:
@@ -62,7 +63,7 @@ def find_openblas() -> str | None:
 def preload_openblas() -> str | None:
     """Make a system OpenBLAS global before MLX loads; returns its path, or None when it is
     absent, not on Linux, or opted out with POLYGPT_NO_BLAS_FIX=1. Idempotent."""
-    global _loaded
+    global _loaded, _after_mlx
     if _loaded is not None:
         return _loaded
     if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
@@ -75,6 +76,7 @@ def preload_openblas() -> str | None:
     except OSError:
         return None  # a broken install must not break MLX: it just stays slow
     _loaded = path
+    _after_mlx = "mlx.core" in sys.modules
     return path
 
 
@@ -120,6 +122,8 @@ def blas_in_use() -> str:
     if lib is not None:
         name = Path(lib).name
         if "openblas" in name.lower():
+            if _after_mlx:  # MLX binds BLAS lazily, at its first matmul: it may predate us
+                return f"OpenBLAS ({lib}; loaded after mlx.core, used if no matmul ran before)"
             return f"OpenBLAS ({lib})"
         return f"{name} ({lib})"
     if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):

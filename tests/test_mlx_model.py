@@ -230,3 +230,35 @@ def test_describe_reports_the_blas(be):
         assert d["blas"].startswith("OpenBLAS"), d["blas"]
     elif blas.sys.platform == "linux":
         assert "bundled" in d["blas"] or "(" in d["blas"], d["blas"]
+
+
+@pytest.mark.skipif(blas.find_openblas() is None, reason="no system OpenBLAS on this machine")
+def test_openblas_is_loaded_unless_opted_out():
+    """In a fresh process (the BLAS is chosen when MLX loads): OpenBLAS by default, the bundled
+    reference BLAS with POLYGPT_NO_BLAS_FIX=1, and the same logits either way."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from polygpt.backends import get_backend; "
+        "from polygpt.spec import ModelSpec; be = get_backend('mlx', 'cpu'); "
+        "m = be.init_model(ModelSpec(vocab_size=65, block_size=32, n_layer=2, n_head=2, "
+        "n_embd=32), 0); x = np.arange(64).reshape(2, 32) % 65; "
+        "print(be.describe()['blas']); print(float(be.logits(m, x).sum(dtype=np.float64)))"
+    )
+    out = {}
+    for opt_out in ("", "1"):
+        env = {**os.environ, blas.OPT_OUT_ENV: opt_out}
+        res = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        out[opt_out] = res.stdout.splitlines()
+    assert out[""][0].startswith("OpenBLAS"), out[""]
+    assert out["1"][0].startswith("bundled reference BLAS"), out["1"]
+    assert float(out[""][1]) == pytest.approx(float(out["1"][1]), abs=1e-3)

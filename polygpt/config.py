@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "fp32"  # fp32, or bf16 (autocast / bf16 compute where the backend supports it)
     compile: bool = False  # torch.compile / mx.compile of the train step
+    threads: int = 0  # torch CPU threads; 0: pick 1 or all by timing steps (float-level changes)
     seed: int = 1337
     batch_size: int = 12
     grad_accum: int = 1

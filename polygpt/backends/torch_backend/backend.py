@@ -1,8 +1,29 @@
-"""PyTorch implementation of the Backend protocol (see polygpt/backends/base.py)."""
+"""PyTorch implementation of the Backend protocol (see polygpt/backends/base.py).
+
+The training step is fast without changing its numbers beyond float rounding (measured with
+scripts/bench_train.py; see docs/BENCHMARKS.md):
+
+- fused AdamW (one kernel for every tensor on CPU and CUDA) and foreach gradient clipping; the
+  step returns the loss as a tensor, so nothing waits for the device until the loop logs.
+- `train.compile`: `torch.compile` (inductor) of the forward + loss, which fuses LayerNorms,
+  residual adds and the GELU into a few generated kernels. On CPU it needs a C++ compiler; when
+  compiling fails the step says so once (a warning) and runs eager, and so do later steps.
+- CPU threads (`train.threads = 0`): OpenMP threads that meet at a barrier after every op are
+  a win on an idle machine and a disaster on a busy one: when another process holds a core,
+  each of a step's ~1000 barriers waits for a scheduler slice (on this 2-core box under load a
+  2-thread step took 0.3-4 s against 0.1 s at 1 thread). So `ThreadTuner` times real steps
+  at 1 thread and at torch's default, keeps the faster, and checks again every RETUNE_EVERY
+  steps. Thread count changes reduction order only (float rounding); set `train.threads` to a
+  number (or OMP_NUM_THREADS) for bit-for-bit repeatable runs.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +38,94 @@ from polygpt.backends.torch_backend.model import GPT
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RETUNE_EVERY = 500  # steps between thread-count checks
+PROBE_STEPS = 3  # timed steps per candidate thread count in a check (fewer if decisive)
+WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
+
+
+class ThreadTuner:
+    """Chooses torch's intra-op thread count for CPU training by timing real steps.
+
+    Starts at 1 thread (never the disaster). A check runs the candidate counts in turn and
+    keeps the one with the lower median step time, PROBE_STEPS steps each, or after one step
+    each when one is over twice as slow as the other (so a busy machine costs one slow step).
+    It switches only for a gain of 10% or more, so an idle machine settles on one choice.
+    Every timed step is a real training step; checks repeat every RETUNE_EVERY steps.
+    """
+
+    def __init__(self, candidates: list[int]):
+        self.candidates = candidates
+        self.chosen = candidates[0]
+        self.step = 0
+        self.next_check = WARMUP_STEPS
+        self.samples: dict[int, list[float]] = {c: [] for c in candidates}
+        self.history: list[tuple[int, int]] = []  # (step, chosen threads) after each check
+        self._probe: int | None = None
+        self._warm: set[int] = set()
+        self._t0 = 0.0
+        torch.set_num_threads(self.chosen)  # evaluations before the first step use it too
+
+    def before(self) -> None:
+        self._probe = None
+        if self.step >= self.next_check:
+            self._probe = min(self.candidates, key=lambda c: len(self.samples[c]))
+        want = self._probe or self.chosen
+        if want != torch.get_num_threads():  # (someone else may have changed it meanwhile)
+            torch.set_num_threads(want)
+        self._t0 = time.perf_counter()
+
+    def after(self) -> None:
+        # CPU ops are synchronous, so the step's work is done when it returns
+        dt = time.perf_counter() - self._t0
+        self.step += 1
+        if self._probe is None:
+            return
+        if self._probe not in self._warm:
+            # a count's first step pays for its warm-up (and, compiled, its own compilation:
+            # inductor specializes on the thread count), so it is not a sample
+            self._warm.add(self._probe)
+            return
+        self.samples[self._probe].append(dt)
+        if min(len(s) for s in self.samples.values()) == 0:
+            return
+        med = {c: float(np.median(s)) for c, s in self.samples.items()}
+        best = min(med, key=med.get)
+        decisive = max(med.values()) > 2 * med[best]
+        if decisive or min(len(s) for s in self.samples.values()) >= PROBE_STEPS:
+            if med[best] < 0.9 * med[self.chosen]:
+                self.chosen = best
+            self.history.append((self.step, self.chosen))
+            self.samples = {c: [] for c in self.candidates}
+            self.next_check = self.step + RETUNE_EVERY
+
+
+def make_thread_tuner(device: str, threads: int) -> ThreadTuner | None:
+    """A tuner for CPU training when the thread count is left to us, else None (and `threads`
+    > 0 is applied as given)."""
+    if device != "cpu":
+        return None
+    if threads > 0:
+        torch.set_num_threads(threads)
+        return None
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None  # the user chose
+    n = _DEFAULT_THREADS
+    return ThreadTuner([1, n]) if n > 1 else None
+
+
 @dataclass
 class Optimizer:
+    """Everything a run's train step keeps between steps (opaque to the training loop)."""
+
     opt: torch.optim.AdamW
     names: dict  # parameter -> canonical name, for optimizer.safetensors
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    loss_fn: Callable | None = None  # model.loss, or its torch.compile'd twin
+    compiled: bool = False
+    compile_ok: bool = False  # the compiled loss has run a whole step
+    compile_error: str | None = None
+    threads: ThreadTuner | None = None
 
 
 def _resolve_device(device: str) -> str:
@@ -102,7 +204,9 @@ class Backend:
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     # -- training ----------------------------------------------------------------------------
-    def make_optimizer(self, model: GPT, cfg) -> torch.optim.Optimizer:
+    def make_optimizer(self, model: GPT, cfg) -> Optimizer:
+        """Fused AdamW, plus the run's loss function (compiled with train.compile) and, on
+        CPU, the thread tuner (train.threads = 0)."""
         decayed = set(model.spec.decayed_params())
         named = list(model.named_parameters())
         groups = [
@@ -114,27 +218,56 @@ class Backend:
         opt = torch.optim.AdamW(
             groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
         )
-        return Optimizer(opt, {p: n for n, p in named})
+        state = Optimizer(opt, {p: n for n, p in named}, loss_fn=model.loss)
+        if getattr(cfg, "compile", False):
+            # shapes are fixed for a run (batch_size x block_size): no dynamic-shape guards
+            state.loss_fn = torch.compile(model.loss, dynamic=False)
+            state.compiled = True
+        state.threads = make_thread_tuner(self.device, int(getattr(cfg, "threads", 0) or 0))
+        return state
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self._dev)
 
-    def train_step(self, model, opt, batches, lr, grad_clip, autocast: str = "fp32"):
-        model.train()
+    def _forward_backward(self, model, opt: Optimizer, batches, autocast: str) -> torch.Tensor:
         n = len(batches)
         total = None
         for x, y in batches:
             with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                loss = model.loss(self._tensor(x), self._tensor(y))
+                loss = opt.loss_fn(self._tensor(x), self._tensor(y))
             (loss / n).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        return total / n
+
+    def train_step(self, model, opt, batches, lr, grad_clip, autocast: str = "fp32"):
+        model.train()
+        if opt.threads is not None:
+            opt.threads.before()
+        try:
+            loss = self._forward_backward(model, opt, batches, autocast)
+        except Exception as e:  # noqa: BLE001 - only until the compiled loss has worked once
+            if not opt.compiled or opt.compile_ok:
+                raise
+            # inductor failed (no C++ compiler, an unsupported op...): say so once, go eager
+            opt.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            warnings.warn(
+                f"torch.compile failed, training eagerly: {opt.compile_error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            opt.loss_fn, opt.compiled = model.loss, False
+            opt.opt.zero_grad(set_to_none=True)
+            loss = self._forward_backward(model, opt, batches, autocast)
+        opt.compile_ok = opt.compiled
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
         for g in opt.opt.param_groups:
             g["lr"] = lr
         opt.opt.step()
         opt.opt.zero_grad(set_to_none=True)
-        return total / n
+        if opt.threads is not None:
+            opt.threads.after()
+        return loss
 
     @torch.no_grad()
     def eval_loss(self, model, x, y) -> float:

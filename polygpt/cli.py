@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -104,8 +105,9 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
 @click.argument("checkpoint", type=click.Path())
 @BACKEND
 @DEVICE
-@click.option("--precision", "-p", default="fp32", show_default=True,
-              help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx).")
+@click.option("--precision", "-p", default=None,
+              help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx) [the checkpoint's; "
+                   "torch computes an int8/int4 checkpoint in fp32].")
 @click.option("--prompt", default=None, help="Prompt text [a newline].")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
               help="Read the prompt from a file.")
@@ -119,8 +121,10 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
               help="Samples drawn as one batch.")
 @click.option("--stop", multiple=True, help="Stop a sample at this string (repeatable).")
 @click.option("--no-stream", is_flag=True, help="Print each sample when it is complete.")
+@click.option("--stats", is_flag=True,
+              help="Report backend, precision, model size and tokens/s on stderr.")
 def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_tokens,
-           temperature, top_k, top_p, seed, num_samples, stop, no_stream) -> None:
+           temperature, top_k, top_p, seed, num_samples, stop, no_stream, stats) -> None:
     """Generate text from a checkpoint (KV cache, streaming)."""
     from polygpt import inference
     from polygpt.generate import GenerationConfig, check_prompts
@@ -151,7 +155,9 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    t0 = time.perf_counter()
     texts = lm.generate([prompt] * num_samples, gcfg, on_text=on_text)
+    seconds = time.perf_counter() - t0
     if stream:
         click.echo()
     else:
@@ -159,6 +165,48 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
             if num_samples > 1:
                 click.echo(f"--- sample {i + 1}/{num_samples} ---")
             click.echo(prompt + text)
+    if stats:
+        size = lm.sizes()
+        n = sum(len(lm.encode(t)) for t in texts)
+        click.echo(
+            f"{lm.backend.name} on {lm.backend.device}, {lm.precision}; model "
+            f"{size['file_bytes'] / 1e6:.2f} MB on disk, {size['memory_bytes'] / 1e6:.2f} MB "
+            f"in memory; {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):,.0f} tokens/s)",
+            err=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory.")
+@click.option("--precision", "-p", required=True,
+              type=click.Choice(["int8", "int4", "fp16", "bf16"]))
+@click.option("--group-size", default=None, type=click.Choice(["32", "64", "128"]),
+              help="Inputs per scale/bias (int8/int4) [64, or 32 if n_embd needs it].")
+@BACKEND
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None:
+    """Write CHECKPOINT at a lower precision, as safetensors every backend loads.
+
+    int8/int4 use one format for both frameworks (MLX's affine group quantization): MLX
+    computes in 8/4 bits, torch dequantizes on load. fp16/bf16 are plain float files.
+
+    \b
+    polygpt quantize weights/shakespeare_char --out weights/shakespeare_char_int4 -p int4
+    polygpt sample weights/shakespeare_char_int4 --backend mlx
+    """
+    from polygpt import quantize as quant
+
+    res = quant.quantize_checkpoint(checkpoint, out, precision, backend=backend,
+                                    group_size=int(group_size) if group_size else None,
+                                    overwrite=overwrite)
+    group = f", group size {res.group_size}" if res.group_size else ""
+    click.echo(
+        f"wrote {res.out} ({res.precision}{group}, with {res.backend}): model.safetensors "
+        f"{res.bytes_before / 1e6:.2f} MB -> {res.bytes_after / 1e6:.2f} MB "
+        f"({res.bytes_before / res.bytes_after:.1f}x smaller)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

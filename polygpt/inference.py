@@ -27,6 +27,14 @@ class LanguageModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def sizes(self) -> dict[str, int]:
+        """Honest model size: bytes of model.safetensors on disk, and of the loaded weights in
+        memory (packed quantized weights included)."""
+        return {
+            "file_bytes": self.checkpoint.model_file.stat().st_size,
+            "memory_bytes": self.backend.model_bytes(self.model),
+        }
+
     def generate(self, prompts: list[str], cfg: GenerationConfig,
                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
         """New text per prompt; `on_text(row, text)` streams it as it becomes final."""
@@ -48,9 +56,14 @@ def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
 
 
 def load(path: str | Path, backend: str | None = None, device: str = "auto",
-         precision: str = "fp32") -> LanguageModel:
+         precision: str | None = None) -> LanguageModel:
+    """Load a checkpoint for inference. precision None: the checkpoint's own where the backend
+    computes at it (see quantize.resolve_precision), else fp32/fp16/bf16/int8/int4."""
+    from polygpt.quantize import resolve_precision
+
     ckpt = weights.read_checkpoint(path)
     be = get_backend(backend or default_backend(ckpt), device)
+    precision = resolve_precision(precision, ckpt, be.name)
     model = be.load_model(ckpt.spec, ckpt.model_file, precision)
     return LanguageModel(be, model, ckpt.spec, tok.from_dict(ckpt.tokenizer), ckpt, precision)
 

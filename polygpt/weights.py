@@ -98,27 +98,144 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     return tensors, meta
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """Affine group quantization, MLX's format (`mx.quantize`, mode "affine"), which both
+    backends read: each group of `group_size` consecutive inputs of a weight row is stored as
+    q in [0, 2^bits) with one scale and one bias, w = scale * q + bias; q values are packed low
+    bits first into little-endian uint32 words. A quantized `<prefix>.weight` (out, in) becomes
+
+        <prefix>.weight  U32   (out, in * bits / 32)
+        <prefix>.scales  float (out, in / group_size)
+        <prefix>.biases  float (out, in / group_size)
+
+    and the file's metadata holds `quantization` = this object as JSON. Biases of Linear layers
+    and LayerNorm parameters stay float."""
+
+    bits: int
+    group_size: int
+    mode: str = "affine"
+
+    BITS = (4, 8)
+    GROUP_SIZES = (32, 64, 128)
+
+    def __post_init__(self) -> None:
+        if self.bits not in self.BITS or self.group_size not in self.GROUP_SIZES:
+            raise PolygptError(
+                f"unsupported quantization: {self.bits} bits, group size {self.group_size} "
+                f"(bits {self.BITS}, group sizes {self.GROUP_SIZES})"
+            )
+        if self.mode != "affine":
+            raise PolygptError(f"unsupported quantization mode {self.mode!r} (affine)")
+
+    @classmethod
+    def from_json(cls, text: str) -> Quantization:
+        try:
+            d = json.loads(text)
+            return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")))
+        except (ValueError, TypeError, KeyError) as e:
+            raise PolygptError(f"bad quantization metadata {text!r}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
+
+    def packed_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (shape[0], shape[1] * self.bits // 32)
+
+    def group_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (shape[0], shape[1] // self.group_size)
+
+
+def quantizable(spec: ModelSpec, group_size: int) -> list[str]:
+    """The weights a quantized checkpoint stores quantized: every 2-D one (Linear layers and
+    both embeddings, as `mlx.nn.quantize` does) whose input size is a multiple of group_size."""
+    return [n for n, s in spec.param_shapes().items() if len(s) == 2 and s[1] % group_size == 0]
+
+
+def default_group_size(spec: ModelSpec) -> int:
+    """MLX's default 64 where n_embd allows it, else 32 (every weight's input is C or 4C)."""
+    for g in (64, 32):
+        if spec.n_embd % g == 0:
+            return g
+    raise PolygptError(f"n_embd {spec.n_embd} is not a multiple of 32: cannot group-quantize")
+
+
+def model_quantization(path: Path) -> Quantization | None:
+    """The quantization a model file declares in its metadata, or None (a float file)."""
+    _, meta = read_header(path)
+    q = meta.get("quantization")
+    return Quantization.from_json(q) if q else None
+
+
 def check_model_file(path: Path, spec: ModelSpec) -> str:
-    """Names, shapes and dtypes of a float checkpoint against the spec; returns its dtype."""
-    tensors, _ = read_header(path)
+    """Names, shapes and dtypes of a checkpoint against the spec, float or quantized (see
+    Quantization); returns its precision: the float dtype ("F32", "F16", "BF16"), or "int8" /
+    "int4" for a quantized file."""
+    tensors, meta = read_header(path)
+    quant = Quantization.from_json(meta["quantization"]) if meta.get("quantization") else None
     expected = spec.param_shapes()
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise PolygptError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing)")
-    extra = [n for n in tensors if n not in expected]
-    if extra:
-        raise PolygptError(f"{path}: unexpected tensor {extra[0]!r} for this spec")
-    dtypes = set()
+    seen, dtypes, n_quantized = set(expected), set(), 0
     for name, shape in expected.items():
         dtype, got = tensors[name]
-        if got != shape:
-            raise PolygptError(f"{path}: {name} has shape {list(got)}, the spec says {list(shape)}")
+        if quant is not None and dtype == "U32":
+            _check_quantized(path, tensors, name, shape, quant, dtypes)
+            seen.update({name[: -len("weight")] + "scales", name[: -len("weight")] + "biases"})
+            n_quantized += 1
+            continue
         if dtype not in FLOAT_DTYPES:
             raise PolygptError(f"{path}: {name} has dtype {dtype}, expected one of {FLOAT_DTYPES}")
+        if got != shape:
+            raise PolygptError(f"{path}: {name} has shape {list(got)}, the spec says {list(shape)}")
         dtypes.add(dtype)
+    extra = [n for n in tensors if n not in seen]
+    if extra:
+        raise PolygptError(f"{path}: unexpected tensor {extra[0]!r} for this spec")
     if len(dtypes) > 1:
         raise PolygptError(f"{path}: mixed dtypes {sorted(dtypes)}")
+    if quant is not None:
+        if not n_quantized:
+            raise PolygptError(f"{path}: declares {quant.precision} but holds no quantized tensor")
+        return quant.precision
     return dtypes.pop()
+
+
+def _check_quantized(path, tensors, name, shape, quant: Quantization, dtypes: set) -> None:
+    if not name.endswith(".weight") or len(shape) != 2:
+        raise PolygptError(f"{path}: {name} is quantized, but only 2-D weights can be")
+    if shape[1] % quant.group_size:
+        raise PolygptError(
+            f"{path}: {name} is quantized, but its {shape[1]} inputs are not a multiple of "
+            f"group size {quant.group_size}"
+        )
+    got = tensors[name][1]
+    if got != quant.packed_shape(shape):
+        raise PolygptError(
+            f"{path}: {name} has packed shape {list(got)}, expected "
+            f"{list(quant.packed_shape(shape))} for {quant.bits}-bit weights of {list(shape)}"
+        )
+    prefix = name[: -len("weight")]
+    for part in ("scales", "biases"):
+        key = prefix + part
+        if key not in tensors:
+            raise PolygptError(f"{path}: quantized {name} has no {key!r}")
+        dtype, s = tensors[key]
+        if dtype not in FLOAT_DTYPES:
+            raise PolygptError(f"{path}: {key} has dtype {dtype}, expected one of {FLOAT_DTYPES}")
+        if s != quant.group_shape(shape):
+            raise PolygptError(
+                f"{path}: {key} has shape {list(s)}, expected {list(quant.group_shape(shape))}"
+            )
+        dtypes.add(dtype)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

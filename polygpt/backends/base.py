@@ -46,13 +46,22 @@ class Backend(Protocol):
         """A freshly initialized fp32 model (normal(0, 0.02), scaled residual projections)."""
 
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> Any:
-        """Load model.safetensors (validated against the spec), cast/quantize to `precision`."""
+        """Load model.safetensors, float or quantized (validated against the spec), at the
+        compute precision `precision` (one of PRECISIONS); a one-line PolygptError for a
+        precision this backend/device cannot compute at."""
 
     def save_model(self, model: Any, path: Path, metadata: dict[str, str]) -> None:
         """Write canonical names (tied head stored once) to one safetensors file."""
 
     def param_shapes(self, model: Any) -> dict[str, tuple[int, ...]]:
         """The model's parameters by canonical name, in order; must equal spec.param_shapes()."""
+
+    def save_quantized(self, model: Any, path: Path, metadata: dict[str, str], bits: int,
+                       group_size: int) -> None:
+        """Write a float model in the shared quantized format (weights.Quantization)."""
+
+    def model_bytes(self, model: Any) -> int:
+        """Bytes the loaded weights occupy in memory, packed quantized weights included."""
 
     # -- training ----------------------------------------------------------------------------
     def make_optimizer(self, model: Any, train_cfg: Any) -> Any:

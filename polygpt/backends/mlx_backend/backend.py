@@ -32,11 +32,15 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from polygpt import weights  # noqa: E402
-from polygpt.backends.mlx_backend.model import GPT, KVCache  # noqa: E402
+from polygpt.backends.base import PRECISIONS  # noqa: E402
+from polygpt.backends.mlx_backend import quantize  # noqa: E402
+from polygpt.backends.mlx_backend.decode import Decoder  # noqa: E402
+from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402
 from polygpt.spec import ModelSpec  # noqa: E402
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+QUANT_BITS = {"int8": 8, "int4": 4}
 _TORCH_DEVICE_NAMES = {"cuda": "gpu", "mps": "gpu"}  # so a torch run's device resumes here
 
 
@@ -114,9 +118,34 @@ class Backend:
         return model
 
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
-        weights.check_model_file(Path(path), spec)
-        model = GPT(spec)
+        """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16 (a quantized
+        file is dequantized), or int8/int4 (a float file is quantized with nn.quantize; a file
+        already quantized at those bits loads as it is)."""
+        if precision not in PRECISIONS:
+            raise PolygptError(
+                f"precision {precision!r} is not supported by the mlx backend "
+                f"({', '.join(PRECISIONS)})"
+            )
+        path = Path(path)
+        weights.check_model_file(path, spec)
+        quant = weights.model_quantization(path)
         arrays = mx.load(str(path))  # straight from safetensors: keeps bf16, no NumPy
+        model = GPT(spec)
+        if quant is not None and precision == quant.precision:
+            layers = {n for n in arrays if n.endswith(".weight") and arrays[n].dtype == mx.uint32}
+            quantize.quantize_layers(model, quant.bits, quant.group_size, layers)
+            model.load_weights(list(arrays.items()), strict=True)
+            mx.eval(model.parameters())
+            model.eval()
+            return model
+        if quant is not None:
+            if precision not in DTYPES:
+                raise PolygptError(
+                    f"{path} is {quant.precision}-quantized: load it as {quant.precision}, or "
+                    f"dequantized as fp32/fp16/bf16 (re-quantizing to {precision} would round "
+                    "twice)"
+                )
+            arrays = _dequantize_arrays(arrays, quant)
         target = DTYPES.get(precision, mx.float32)
         model.load_weights([(k, v.astype(target)) for k, v in arrays.items()], strict=True)
         mx.eval(model.parameters())
@@ -128,11 +157,29 @@ class Backend:
             model.set_dtype(DTYPES[precision])
             mx.eval(model.parameters())
             return model
-        # int8 / int4: the place for `nn.quantize(model, group_size, bits)` (inference work).
+        if precision in QUANT_BITS:  # nn.quantize with the checkpoint format's layers
+            group = weights.default_group_size(model.spec)
+            layers = set(weights.quantizable(model.spec, group))
+            quantize.quantize_layers(model, QUANT_BITS[precision], group, layers)
+            mx.eval(model.parameters())
+            return model
         raise PolygptError(f"precision {precision!r} is not supported by the mlx backend")
 
     def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
         mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())), metadata=metadata)
+
+    def save_quantized(
+        self, model: GPT, path: Path, metadata: dict[str, str], bits: int, group_size: int
+    ) -> None:
+        """Write a float model in polygpt's quantized format (weights.Quantization): quantize
+        its layers in place with nn.quantize and save the flattened parameters."""
+        layers = set(weights.quantizable(model.spec, group_size))
+        quantize.quantize_layers(model, bits, group_size, layers)
+        self.save_model(model, path, metadata)
+
+    def model_bytes(self, model: GPT) -> int:
+        """Bytes of the weights in memory (packed weights, scales and biases when quantized)."""
+        return quantize.model_bytes(model)
 
     def param_shapes(self, model: GPT) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
@@ -274,16 +321,36 @@ class Backend:
         self, model: GPT, tokens: np.ndarray, pad: np.ndarray, cache: Any = None
     ) -> tuple[Any, np.ndarray]:
         model.eval()
-        B, _ = tokens.shape
-        # LayerNorm weights are never quantized, so they carry the compute dtype
-        dtype = model.transformer.ln_f.weight.dtype
-        cache = KVCache(model.spec, B, model.spec.block_size, self._tokens(pad), dtype)
-        logits = model(self._tokens(tokens), cache, last_only=True)
-        return cache, np.array(logits[:, -1].astype(mx.float32))
+        B = tokens.shape[0]
+        # reuse the cache (and its compiled step) when the caller hands it back for this model
+        # and batch size, as torch does
+        dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
+        dec = dec or Decoder(model, B)
+        logits = dec.prefill(self._tokens(tokens), self._tokens(pad), bool(np.any(pad)))
+        return dec, np.array(logits.astype(mx.float32))
 
-    def decode(self, model: GPT, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
-        logits = model(self._tokens(tokens)[:, None], cache, last_only=True)
-        return np.array(logits[:, -1].astype(mx.float32))
+    def decode(self, model: GPT, cache: Decoder, tokens: np.ndarray) -> np.ndarray:
+        logits = cache.step(mx.array(tokens.astype(np.int32, copy=False)))
+        return np.array(logits.astype(mx.float32))
 
     def synchronize(self) -> None:
         mx.synchronize()
+
+
+def _dequantize_arrays(arrays: dict, quant: weights.Quantization) -> dict:
+    """Replace each quantized weight (packed + scales + biases) by its float weights."""
+    out = {}
+    for name, a in arrays.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        if a.dtype == mx.uint32:
+            prefix = name[: -len("weight")]
+            a = quantize.affine_dequantize(
+                a,
+                arrays[prefix + "scales"],
+                arrays[prefix + "biases"],
+                quant.bits,
+                quant.group_size,
+            )
+        out[name] = a
+    return out

@@ -5,10 +5,11 @@ keys (`transformer.h.0.attn.c_attn.weight`, ...) equal torch's state_dict keys a
 `spec.param_shapes()` with no renaming table. MLX's Linear stores weights (out, in) as torch
 does; the LM head is `wte.as_linear(x)` (mlx-lm's gpt2), so no `lm_head` parameter exists.
 
-KV cache: one preallocated (B, nh, max_len, hs) array pair per layer, written with slice
-assignment. Rows may be left-padded exactly as in torch: `KVCache.pad[b]` leading positions of
-row b are padding, masked out of every attention and excluded from position ids (positions are
-`arange - pad`, clamped at 0); a padding query sees only itself, so no softmax row is empty.
+KV cache: one preallocated (B, 2, nh, max_len, hs) array per layer (keys at [:, 0], values at
+[:, 1], as torch's), written with slice assignment. Rows may be left-padded exactly as in torch:
+`KVCache.pad[b]` leading positions of row b are padding, masked out of every attention and
+excluded from position ids (positions are `arange - pad`, clamped at 0); a padding query sees
+only itself, so no softmax row is empty. The compiled one-token decode step lives in decode.py.
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ class LayerNorm(nn.Module):
 class KVCache:
     """Per-layer preallocated keys/values; `offset` positions are filled (pads included)."""
 
-    def __init__(self, spec: ModelSpec, batch: int, max_len: int, pad: mx.array, dtype):
-        shape = (batch, spec.n_head, max_len, spec.head_dim)
-        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
-        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype):
+        shape = (batch, 2, spec.n_head, max_len, spec.head_dim)
+        self.kv = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
         self.max_len = max_len
+        self.reset(mx.zeros((batch,), dtype=mx.int32), any_pad=False)
+
+    def reset(self, pad: mx.array, any_pad: bool) -> None:
+        """Empty the cache for new rows with `pad` (B,) leading pads (`any_pad`: pad.any(),
+        passed in because the caller knows it without evaluating anything)."""
         self.offset = 0
         self.pad = pad  # (B,) int32
-        self.any_pad = bool(mx.any(pad > 0).item())
+        self.any_pad = any_pad
 
     def key_mask(self, t: int) -> mx.array | None:
         """(B, t, offset+t) boolean attention mask (True = attend) for t new queries."""
@@ -90,9 +95,10 @@ class CausalSelfAttention(nn.Module):
                 y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
         else:
             start, end = cache.offset, cache.offset + T
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]  # (B, nh, L, hs)
+            kv = cache.kv[layer]  # (B, 2, nh, max_len, hs)
+            kv[:, 0, :, start:end] = k
+            kv[:, 1, :, start:end] = v
+            k, v = kv[:, 0, :, :end], kv[:, 1, :, :end]  # (B, nh, L, hs)
             if mask is None and T > 1 and start == 0:
                 y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
             else:

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from polygpt import weights
-from polygpt.backends.torch_backend.decode import Decoder
+from polygpt.backends.base import PRECISIONS
+from polygpt.backends.torch_backend import quantize
+from polygpt.backends.torch_backend.decode import Decoder, cpu_threads
 from polygpt.backends.torch_backend.model import GPT
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
@@ -148,6 +150,7 @@ def _resolve_device(device: str) -> str:
 
 class Backend:
     name = "torch"
+    decode_threads = 1  # CPU threads of prefill/decode (generation): see decode.cpu_threads
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
@@ -176,29 +179,67 @@ class Backend:
         return model.to(self._dev)
 
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
-        weights.check_model_file(Path(path), spec)
-        model = GPT(spec)
+        """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16, or int8
+        (dynamic quantization, CPU). A quantized file is dequantized first (torch has no 4-bit
+        compute; its rounded weights are kept exactly)."""
+        if precision not in PRECISIONS:
+            raise PolygptError(
+                f"precision {precision!r} is not supported by the torch backend "
+                f"({', '.join(PRECISIONS)}; int4 is MLX's)"
+            )
+        path = Path(path)
+        weights.check_model_file(path, spec)
+        quant = weights.model_quantization(path)
         state = load_file(str(path), device=str(self._dev) if self.device != "mps" else "cpu")
-        target = torch.float32 if precision not in DTYPES else DTYPES[precision]
+        if quant is not None:
+            state = _dequantize_state(state, quant)
+        target = DTYPES.get(precision, torch.float32)
         state = {k: v.to(target) for k, v in state.items()}
+        model = GPT(spec)
         model.load_state_dict(state, strict=True, assign=True)
         model = model.to(self._dev).eval()
         return self.set_precision(model, precision)
 
     def set_precision(self, model: GPT, precision: str) -> GPT:
         if precision in DTYPES:
-            if precision == "fp16" and self.device == "cpu":
-                pass  # slow on x86 but correct: allowed, benchmarks say so
+            # fp16 on an x86 CPU is correct but slow (no native fp16 matmul): allowed, and
+            # the benchmarks say so
             return model.to(DTYPES[precision])
         if precision == "int8":
             if self.device != "cpu":
-                raise PolygptError("torch int8 (dynamic quantization) runs on the CPU only")
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+                raise PolygptError(
+                    f"torch int8 is dynamic quantization, which runs on the CPU only "
+                    f"(not {self.device}): use --device cpu, or fp16/bf16 here"
+                )
+            return quantize.dynamic_int8(model.float())
+        if precision == "int4":
+            raise PolygptError(
+                "torch cannot compute in 4 bits: sample an int4 checkpoint with --precision "
+                "fp32 (its 4-bit weights, dequantized) or with --backend mlx"
+            )
         raise PolygptError(f"precision {precision!r} is not supported by the torch backend")
 
     def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path), metadata=metadata)
+
+    def save_quantized(self, model: GPT, path: Path, metadata: dict[str, str], bits: int,
+                       group_size: int) -> None:
+        """Write a float model in polygpt's quantized format (weights.Quantization), the
+        same bytes `mlx.nn.quantize` + `mx.save_safetensors` would write."""
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if any(not v.is_floating_point() for v in state.values()):
+            raise PolygptError("save_quantized needs a float model (load it as fp32)")
+        for name in weights.quantizable(model.spec, group_size):
+            packed, scales, biases = quantize.affine_quantize(state[name].cpu(), bits, group_size)
+            prefix = name[: -len("weight")]
+            state[name], state[prefix + "scales"], state[prefix + "biases"] = packed, scales, biases
+        save_file(state, str(path), metadata=metadata)
+
+    def model_bytes(self, model: GPT) -> int:
+        """Bytes of the weights in memory (int8 dynamic quantization: the packed int8 weights
+        plus what stays float, not just model.parameters())."""
+        return quantize.model_bytes(model)
 
     def param_shapes(self, model: GPT) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -326,7 +367,8 @@ class Backend:
         # the caller hands back its previous cache for the same model and batch size
         dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
         dec = dec or Decoder(model, B)
-        logits = dec.prefill(self._tensor(tokens), self._tensor(pad), bool(np.any(pad)))
+        with cpu_threads(self.decode_threads, self.device):
+            logits = dec.prefill(self._tensor(tokens), self._tensor(pad), bool(np.any(pad)))
         return dec, self._logits_numpy(logits)
 
     @torch.inference_mode()
@@ -336,7 +378,8 @@ class Backend:
             t = t.long()
         if self.device != "cpu":
             t = t.to(self._dev, non_blocking=True)
-        return self._logits_numpy(cache.step(t))
+        with cpu_threads(self.decode_threads, self.device):
+            return self._logits_numpy(cache.step(t))
 
     @staticmethod
     def _logits_numpy(logits: torch.Tensor) -> np.ndarray:
@@ -352,3 +395,17 @@ class Backend:
         elif self.device == "mps":
             torch.mps.synchronize()
 
+
+def _dequantize_state(state: dict, quant: weights.Quantization) -> dict:
+    """Replace each quantized weight (packed + scales + biases) by its float weights."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        if t.dtype == torch.uint32:
+            prefix = name[: -len("weight")]
+            t = quantize.affine_dequantize(
+                t, state[prefix + "scales"], state[prefix + "biases"], quant.bits, quant.group_size
+            )
+        out[name] = t
+    return out

@@ -121,6 +121,7 @@ def token_nll(
             leave=False,
             dynamic_ncols=True,
             desc="eval",
+            delay=1.0,  # only runs longer than a second get a bar
         )
     filled = 0
     for i in range(0, plan.n_windows, batch_size):

@@ -10,9 +10,11 @@ same sampler), so the two differ only in the engine. For each backend this measu
     cached bN      generate, N streams as one batch (aggregate tokens/s)
 
 with a warm-up run first and the median of --repeats runs, the methods interleaved within each
-repeat so machine load drifts hit them alike. Speed-ups are against `nanogpt b1`.
+repeat so machine load drifts hit them alike. Speed-ups are against `nanogpt b1`. Besides wall
+time it reports CPU time of the process: on a shared machine that is what a run would take with
+a core to itself (torch here runs one thread; MLX's CPU threads are counted too).
 
-    .venv/bin/python scripts/bench_generate.py weights/ref_torch --threads 1
+    .venv/bin/python scripts/bench_generate.py weights/ref_torch
     .venv/bin/python scripts/bench_generate.py weights/ref_torch --backends torch --precision int8
 """
 
@@ -30,10 +32,12 @@ from polygpt.backends import available_backends
 from polygpt.generate import GenerationConfig, generate, uncached_generate
 
 
-def _time(fn) -> float:
-    t = time.perf_counter()
+def _time(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process). On a machine shared with other work
+    the CPU time is what the run would take alone (if it stays on one core)."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def bench_backend(ckpt: str, backend: str, args) -> dict:
@@ -52,27 +56,28 @@ def bench_backend(ckpt: str, backend: str, args) -> dict:
     warm = GenerationConfig(max_new_tokens=min(args.tokens, 2 * block), temperature=0.8)
     for _, fn in runs.values():  # warm-up: allocators, kernels, compiled graphs
         fn(warm)
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for name, (_, fn) in runs.items():
-            times[name].append(_time(lambda fn=fn: fn(cfg)))
-            be.synchronize()
+            times[name].append(_time(lambda fn=fn: (fn(cfg), be.synchronize())))
     out = {
         "backend": backend,
         "describe": be.describe(),
         "precision": args.precision,
         "results": {},
     }
-    base = args.tokens / statistics.median(times["nanogpt b1"])
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     for name, (rows, _) in runs.items():
-        med = statistics.median(times[name])
-        tps = rows * args.tokens / med
+        tps, cpu_tps = rows * args.tokens / wall[name], rows * args.tokens / cpu[name]
         out["results"][name] = {
             "tokens_per_s": tps,
-            "speedup_vs_nanogpt_b1": tps / base,
-            "median_s": med,
-            "min_s": min(times[name]),
-            "max_s": max(times[name]),
+            "speedup_vs_nanogpt_b1": tps / (args.tokens / wall["nanogpt b1"]),
+            "cpu_tokens_per_s": cpu_tps,
+            "cpu_speedup_vs_nanogpt_b1": cpu_tps / (args.tokens / cpu["nanogpt b1"]),
+            "median_s": wall[name],
+            "min_s": min(w for w, _ in times[name]),
+            "max_s": max(w for w, _ in times[name]),
         }
     return out
 
@@ -87,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="streams in the batched run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for nanoGPT's method (0: torch's default); polygpt's "
+        "generation runs 1 thread on CPU (decode.cpu_threads), so 1 compares like for like",
     )
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=1337)
@@ -116,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n{name} ({d['framework']}, {d['device']}, threads {d['threads']}, BLAS {d['blas']})"
         )
-        print(f"  {'method':<14}{'tokens/s':>10}{'vs nanogpt b1':>15}{'spread (s)':>20}")
+        print(
+            f"  {'method':<14}{'tokens/s':>10}{'vs nanogpt b1':>15}{'spread (s)':>16}"
+            f"{'CPU tokens/s':>14}{'vs nanogpt':>12}"
+        )
         for method, v in r["results"].items():
             spread = f"{v['min_s']:.3f}-{v['max_s']:.3f}"
             print(
                 f"  {method:<14}{v['tokens_per_s']:>10,.0f}{v['speedup_vs_nanogpt_b1']:>14.1f}x"
-                f"{spread:>20}"
+                f"{spread:>16}{v['cpu_tokens_per_s']:>14,.0f}"
+                f"{v['cpu_speedup_vs_nanogpt_b1']:>11.1f}x"
             )
     load = os.getloadavg()
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -55,6 +55,22 @@ def _plain(m: nn.Module) -> bool:
     return type(m) is nn.Linear
 
 
+class _Prefixes(list):
+    """Views (k, v) of a layer's cache up to each position, created on first use and kept:
+    a Decoder lives across the window's re-prefills, so each is made once per generation."""
+
+    def __init__(self, kv: torch.Tensor):
+        super().__init__([None] * kv.shape[3])
+        self.kv = kv
+
+    def __getitem__(self, p: int):
+        views = list.__getitem__(self, p)
+        if views is None:
+            views = self.kv.narrow(3, 0, p + 1).unbind(1)
+            self[p] = views
+        return views
+
+
 def _t(w: torch.Tensor) -> torch.Tensor:
     """W^T (in, out) as its own contiguous copy: a one-row matmul against a row-major (in, out)
     matrix streams it in order and measured ~1.6x faster here than against the (out, in) view."""
@@ -80,13 +96,13 @@ class Decoder:
             for b in tr.h
             for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
         )
-        B, C, nh, hs, L = batch, self.C, self.nh, self.hs, spec.block_size
+        B, C, nh, hs = batch, self.C, self.nh, self.hs
         self.layers = []
         for block, kv in zip(tr.h, self.cache.kv):
             qkv = torch.empty(B, 3 * C, dtype=wte.dtype, device=wte.device)
             q5 = qkv.view(B, 3, nh, 1, hs)
-            dst = [kv[:, :, :, p : p + 1] for p in range(L)]  # (B, 2, nh, 1, hs) at position p
-            src = [kv[:, :, :, : p + 1].unbind(1) for p in range(L)]  # k, v (B, nh, p+1, hs)
+            dst = kv.unbind(3)  # (B, 2, nh, hs) at each position: all L views in one op
+            src = _Prefixes(kv)  # k, v (B, nh, p+1, hs) up to each position, made on first use
             if self.plain:
                 a, m = block.attn, block.mlp
                 lin = (
@@ -110,7 +126,7 @@ class Decoder:
                     lin,
                     qkv,
                     q5[:, 0],
-                    q5[:, 1:],
+                    qkv.view(B, 3, nh, hs)[:, 1:],
                     dst,
                     src,
                 )
@@ -180,7 +196,7 @@ class Decoder:
         B, C, nh, hs, eps = self.batch, (self.C,), self.nh, self.hs, LAYER_NORM_EPS
         for w1, b1, w2, b2, (c_attn, c_proj, c_fc, m_proj), _, _, _, dst, src in self.layers:
             qkv = c_attn(F.layer_norm(x, C, w1, b1, eps)).view(B, 3, nh, 1, hs)
-            dst[p].copy_(qkv[:, 1:])
+            dst[p].copy_(qkv[:, 1:, :, 0])
             k, v = src[p]
             y = F.scaled_dot_product_attention(qkv[:, 0], k, v, attn_mask=mask).view(B, -1)
             x = x + c_proj(y)

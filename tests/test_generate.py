@@ -287,3 +287,44 @@ def test_cli_prompt_errors(tiny_ckpt):
     assert empty.exit_code == 1 and "empty" in empty.output
     long = runner.invoke(main, ["sample", str(tiny_ckpt), "--prompt", "x" * 40])
     assert long.exit_code == 1 and "longer than the model's context" in long.output
+
+
+@pytest.fixture(scope="module")
+def biased_model_file(tmp_path_factory):
+    """A GPT-2-style spec (biases everywhere, exact GELU) with random nonzero biases."""
+    pytest.importorskip("torch")
+    import torch
+
+    from polygpt.backends import get_backend
+    from polygpt.spec import ModelSpec
+    from polygpt.weights import model_metadata
+
+    spec = ModelSpec(
+        vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True, activation="gelu"
+    )
+    be = get_backend("torch", "cpu")
+    model = be.init_model(spec, 3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    path = tmp_path_factory.mktemp("biased") / "model.safetensors"
+    be.save_model(model, path, model_metadata(spec))
+    return spec, path
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_cached_logits_with_biases_and_exact_gelu(biased_model_file, backend):
+    from polygpt.backends import get_backend
+
+    spec, path = biased_model_file
+    be = get_backend(backend, "cpu")
+    model = be.load_model(spec, path)
+    ctx = ContextWindows(be, model, spec.block_size, [[1, 2, 3], [4]], max_new_tokens=30)
+    worst = 0.0
+    for t in range(30):
+        for i, b in enumerate(ctx.rows):
+            full = be.logits(model, ctx.window(b)[None])[0, -1]
+            worst = max(worst, max_abs_diff(ctx.logits[i], full))
+        ctx.step(np.full(len(ctx.rows), (7 * t) % spec.vocab_size))
+    assert worst <= 1e-5, f"cached vs full forward: max |diff| {worst:.3g}"

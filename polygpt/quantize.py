@@ -66,8 +66,9 @@ def quantize_checkpoint(
     config = {k: v for k, v in ckpt.config.items() if k != "quantization"}
     config.update(precision=precision, quantized_from=str(src), quantized_with=be.name)
     if precision in QUANT_BITS:
-        q = weights.Quantization(QUANT_BITS[precision], group_size or
-                                 weights.default_group_size(ckpt.spec))
+        q = weights.Quantization(
+            QUANT_BITS[precision], group_size or weights.default_group_size(ckpt.spec)
+        )
         if not weights.quantizable(ckpt.spec, q.group_size):
             raise PolygptError(f"no weight of this model has a multiple of {q.group_size} inputs")
         model = be.load_model(ckpt.spec, ckpt.model_file, "fp32")

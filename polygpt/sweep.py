@@ -227,7 +227,14 @@ def run_sweep(
             raise PolygptError(f"no run named {unknown[0]!r} in the sweep")
         runs = [r for r in runs if r.name in only]
     results = [run_one(sweep, r, progress=progress, log=log) for r in runs]
-    write_results(sweep, results)
+    # the table covers every finished run of the sweep, not only the ones run this time
+    table = []
+    for r in sweep.runs:
+        cfg = run_config(sweep, r)
+        done = _finished(Path(cfg.train.out), fingerprint(cfg), cfg.train.max_iters)
+        if done is not None:
+            table.append(done)
+    write_results(sweep, table)
     return results
 
 

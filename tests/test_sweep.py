@@ -51,6 +51,9 @@ def test_sweep_trains_evaluates_skips_and_plots(tmp_path, char_data):
     again = sweep.run_sweep(sw, progress=False, log=logs.append)
     assert again == results and sum("skipped" in m for m in logs) == 2
     assert (tmp_path / "runs" / "r8" / "model.safetensors").stat().st_mtime_ns == before
+    # running one run alone still tabulates every finished run
+    sweep.run_sweep(sw, only=["r12"], progress=False, log=logs.append)
+    assert json.loads((tmp_path / "res" / "results.json").read_text()) == results
 
     from polygpt import plot
 

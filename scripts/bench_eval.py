@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         except (PolygptError, ImportError, AttributeError) as e:
             print(f"{name}: skipped ({e})")
             continue
-        run = lambda kw, toks: evaluate.perplexity(  # noqa: E731
+        run = lambda kw, toks, be=be, model=model: evaluate.perplexity(  # noqa: E731
             be,
             model,
             toks,

@@ -35,12 +35,23 @@ class LanguageModel:
             "memory_bytes": self.backend.model_bytes(self.model),
         }
 
-    def generate(self, prompts: list[str], cfg: GenerationConfig,
-                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        cfg: GenerationConfig,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
         """New text per prompt; `on_text(row, text)` streams it as it becomes final."""
         ids = [self.encode(p) for p in prompts]
-        out = generate(self.backend, self.model, self.spec.block_size, ids, cfg,
-                       decode_text=self.tokenizer.decode, on_text=on_text)
+        out = generate(
+            self.backend,
+            self.model,
+            self.spec.block_size,
+            ids,
+            cfg,
+            decode_text=self.tokenizer.decode,
+            on_text=on_text,
+        )
         texts = [self.tokenizer.decode(o) for o in out]
         if cfg.stop:  # a BPE token may straddle the stop string: cut the text exactly
             texts = [t[: min([t.find(s) for s in cfg.stop if s in t] or [len(t)])] for t in texts]
@@ -55,8 +66,9 @@ def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
     return trained if trained in avail else avail[0]
 
 
-def load(path: str | Path, backend: str | None = None, device: str = "auto",
-         precision: str | None = None) -> LanguageModel:
+def load(
+    path: str | Path, backend: str | None = None, device: str = "auto", precision: str | None = None
+) -> LanguageModel:
     """Load a checkpoint for inference. precision None: the checkpoint's own where the backend
     computes at it (see quantize.resolve_precision), else fp32/fp16/bf16/int8/int4."""
     from polygpt.quantize import resolve_precision

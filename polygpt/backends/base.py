@@ -56,8 +56,9 @@ class Backend(Protocol):
     def param_shapes(self, model: Any) -> dict[str, tuple[int, ...]]:
         """The model's parameters by canonical name, in order; must equal spec.param_shapes()."""
 
-    def save_quantized(self, model: Any, path: Path, metadata: dict[str, str], bits: int,
-                       group_size: int) -> None:
+    def save_quantized(
+        self, model: Any, path: Path, metadata: dict[str, str], bits: int, group_size: int
+    ) -> None:
         """Write a float model in the shared quantized format (weights.Quantization)."""
 
     def model_bytes(self, model: Any) -> int:
@@ -94,8 +95,9 @@ class Backend(Protocol):
     def target_logprobs(self, model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """log p(y[b, t] | x[b, :t+1]) as float64 (B, T); only these leave the framework."""
 
-    def prefill(self, model: Any, tokens: np.ndarray, pad: np.ndarray,
-                cache: Any = None) -> tuple[Any, np.ndarray]:
+    def prefill(
+        self, model: Any, tokens: np.ndarray, pad: np.ndarray, cache: Any = None
+    ) -> tuple[Any, np.ndarray]:
         """Run left-padded prompts (B, T) (row b starts after pad[b] pad tokens) through the
         model, filling an empty KV cache; returns (cache, last-position logits (B, V) float32).
         `cache`: a cache this model returned before, which may be reused (emptied) when it has

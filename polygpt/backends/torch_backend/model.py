@@ -74,8 +74,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = spec.n_head
         self.dropout = spec.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
@@ -159,15 +164,18 @@ class GPT(nn.Module):
                 if p.ndim >= 2:
                     std = INIT_STD / math.sqrt(2 * self.spec.n_layer) if name in resid else INIT_STD
                     p.normal_(0.0, std, generator=generator)
-                elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith(
-                    "ln_f.weight"
+                elif (
+                    name.endswith("ln_1.weight")
+                    or name.endswith("ln_2.weight")
+                    or name.endswith("ln_f.weight")
                 ):
                     p.fill_(1.0)
                 else:
                     p.zero_()
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
         B, T = idx.size()
         tr = self.transformer

@@ -71,13 +71,60 @@ def preload_openblas() -> str | None:
     path = find_openblas()
     if path is None:
         return None
+    # OpenBLAS picks its kernels at load time from CPUID; in VMs that hide the CPU model
+    # (e.g. "Intel(R) Xeon(R) Processor") it falls back to generic "Prescott" SSE3 kernels,
+    # 4-7x slower than the AVX2/AVX-512 ones the CPU has. Name the core from the CPU flags
+    # for the load only (a user's own OPENBLAS_CORETYPE wins), then restore the environment.
+    forced = None
+    if "OPENBLAS_CORETYPE" not in os.environ:
+        forced = coretype_from_cpu_flags()
+        if forced:
+            os.environ["OPENBLAS_CORETYPE"] = forced
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return None  # a broken install must not break MLX: it just stays slow
+    finally:
+        if forced:
+            del os.environ["OPENBLAS_CORETYPE"]
     _loaded = path
     _after_mlx = "mlx.core" in sys.modules
     return path
+
+
+def coretype_from_cpu_flags(cpuinfo: str | None = None) -> str | None:
+    """The OpenBLAS core name for this x86-64 CPU's vector extensions (None elsewhere)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") and cpuinfo is None:
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    if "avx" in flags:
+        return "Sandybridge"
+    return None
+
+
+def openblas_core() -> str | None:
+    """The kernel family the loaded OpenBLAS runs (e.g. "SkylakeX", "Haswell", "Prescott")."""
+    if _loaded is None:
+        return None
+    try:
+        fn = ctypes.CDLL(_loaded).openblas_get_corename
+        fn.restype = ctypes.c_char_p
+        return fn().decode()
+    except (AttributeError, OSError):
+        return None
 
 
 class _DlInfo(ctypes.Structure):
@@ -122,6 +169,9 @@ def blas_in_use() -> str:
     if lib is not None:
         name = Path(lib).name
         if "openblas" in name.lower():
+            core = openblas_core()
+            if core:
+                lib = f"{core} kernels, {lib}"
             if _after_mlx:  # MLX binds BLAS lazily, at its first matmul: it may predate us
                 return f"OpenBLAS ({lib}; loaded after mlx.core, used if no matmul ran before)"
             return f"OpenBLAS ({lib})"

@@ -262,3 +262,27 @@ def test_openblas_is_loaded_unless_opted_out():
     assert out[""][0].startswith("OpenBLAS"), out[""]
     assert out["1"][0].startswith("bundled reference BLAS"), out["1"]
     assert float(out[""][1]) == pytest.approx(float(out["1"][1]), abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gelu_tanh_matches_the_formula(dtype):
+    """The rational-tanh GELU and its hand-written derivative against NumPy's float64 tanh."""
+    import mlx.core as mx
+
+    from polygpt.backends.mlx_backend.model import gelu_tanh
+
+    x = np.linspace(-12, 12, 20001)
+    k = np.sqrt(2 / np.pi)
+    xm = mx.array(x.astype(np.float32)).astype(getattr(mx, dtype))
+    y = gelu_tanh(xm)
+    dy = mx.grad(lambda a: gelu_tanh(a).sum())(xm)
+    assert y.dtype == dy.dtype == xm.dtype
+    xq = np.array(xm.astype(mx.float32), dtype=np.float64)  # the inputs as rounded to dtype
+    tq = np.tanh(k * (xq + 0.044715 * xq**3))
+    ref = 0.5 * xq * (1 + tq)
+    dref = 0.5 * (1 + tq) + 0.5 * xq * (1 - tq * tq) * k * (1 + 3 * 0.044715 * xq**2)
+    tol = {"float32": 2e-6, "float16": 1e-2, "bfloat16": 8e-2}[dtype]  # output rounding
+    y64 = np.array(y.astype(mx.float32), dtype=np.float64)
+    dy64 = np.array(dy.astype(mx.float32), dtype=np.float64)
+    assert np.abs(y64 - ref).max() <= tol
+    assert np.abs(dy64 - dref).max() <= max(tol, 1e-5)

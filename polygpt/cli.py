@@ -252,6 +252,67 @@ def eval_(checkpoint, backend, device, precision, split, data_dir, method, strid
 
 
 # ---------------------------------------------------------------------------------------------
+def _csv(value: str, what: str, cast=str) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise PolygptError(f"--{what} takes a comma-separated list, got {value!r}") from None
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
+@click.option("--devices", default="auto", show_default=True,
+              help="auto (every device each backend knows), or e.g. cpu,cuda,mps,gpu.")
+@click.option("--precisions", default="all", show_default=True,
+              help="all, or e.g. fp32,fp16,bf16,int8,int4.")
+@click.option("--batch-sizes", default="1,8,64", show_default=True,
+              help="Decode/prefill batch sizes.")
+@click.option("--out", "-o", default="bench_out", show_default=True, help="Output directory.")
+@click.option("--full-ppl", is_flag=True, help="Also the perplexity of the whole val split.")
+@click.option("--ppl-tokens", default=50_000, show_default=True, type=int,
+              help="Validation tokens for perplexity (0: skip).")
+@click.option("--new-tokens", default=128, show_default=True, type=int,
+              help="Tokens generated per decode run.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs per rate.")
+@click.option("--threads", default="auto", show_default=True,
+              help="CPU threads per framework: N, 0 (the frameworks' defaults) or auto (the "
+                   "cores the machine's load leaves free; defaults when idle).")
+@click.option("--data", "data_dir", default=None,
+              help="Prepared data directory [the checkpoint's data.dir].")
+def bench(checkpoint, backends, devices, precisions, batch_sizes, out, full_ppl, ppl_tokens,
+          new_tokens, repeats, threads, data_dir) -> None:
+    """Speed, size, memory and perplexity of CHECKPOINT on every backend x device x precision
+    available here (each in its own process; what is missing is skipped, with the reason).
+
+    \b
+    polygpt bench weights/shakespeare_char
+    polygpt bench weights/shakespeare_char --backends torch --precisions fp32,int8 --threads 1
+    """
+    from polygpt import bench as bench_mod
+
+    try:
+        n_threads = -1 if threads == "auto" else int(threads)
+    except ValueError:
+        raise PolygptError(f"--threads takes a number or auto, got {threads!r}") from None
+    cfg = bench_mod.BenchConfig(
+        checkpoint=checkpoint,
+        backends=None if backends == "all" else _csv(backends, "backends"),
+        devices=None if devices == "auto" else _csv(devices, "devices"),
+        precisions=list(bench_mod.PRECISIONS) if precisions == "all"
+        else _csv(precisions, "precisions"),
+        batch_sizes=_csv(batch_sizes, "batch-sizes", int),
+        full_ppl=full_ppl, ppl_tokens=ppl_tokens, new_tokens=new_tokens, repeats=repeats,
+        threads=n_threads,
+        data_dir=data_dir,
+    )
+    result = bench_mod.run_bench(cfg, out, log=lambda s: click.echo(s, err=True))
+    click.echo(bench_mod.markdown(result))
+    click.echo(f"wrote {out}/results.json, results.csv, results.md, tokens_per_s.png, "
+               f"ppl_vs_size.png ({result['wall_s']:.0f}s)")
+
+
+# ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path())
 def info(checkpoint) -> None:

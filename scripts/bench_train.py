@@ -167,6 +167,13 @@ class NanoStep:
         self.opt.zero_grad(set_to_none=True)
         return loss
 
+    @torch.no_grad()
+    def eval_loss(self, x, y) -> float:
+        self.model.eval()  # nanoGPT's estimate_loss
+        _, loss = self.model(torch.from_numpy(x.astype(np.int64)),
+                             torch.from_numpy(y.astype(np.int64)))
+        return loss.item()
+
 
 class PolyStep:
     """polygpt's torch backend train_step, exactly as the training loop calls it."""
@@ -187,6 +194,9 @@ class PolyStep:
         x, y = _batch(arr, ix, block_size)
         return self.backend.train_step(self.model, self.opt, [(x, y)], lr, self.tc.grad_clip,
                                        self.tc.dtype)
+
+    def eval_loss(self, x, y) -> float:
+        return self.backend.eval_loss(self.model, x, y)
 
     def note(self) -> str:
         t = self.opt.threads
@@ -241,6 +251,8 @@ def main(argv=None) -> None:
                     help="comma list of nanogpt|polygpt, then +compile, +bf16 (polygpt), @N "
                          "threads (default: nanogpt torch's default, polygpt its auto choice); "
                          "the first is the baseline")
+    ap.add_argument("--eval", action="store_true",
+                    help="afterwards, each variant's val loss on the same eval_iters batches")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args(argv)
 
@@ -282,16 +294,24 @@ def main(argv=None) -> None:
                 cpu[n].append(time.process_time() - c0)
             losses[n] = lf
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    val_loss: dict[str, float] = {}
+    if args.eval:  # the training loop's estimate: eval_iters seeded batches of the val split
+        val = data.load_split(data_dir, "val")
+        erng = np.random.default_rng([tc.seed, 1])
+        batches = [data.get_batch(val, T, bs, erng) for _ in range(tc.eval_iters)]
+        for n in names:
+            val_loss[n] = float(np.mean([steps[n].eval_loss(x, y) for x, y in batches]))
     base = names[0]
     base_ms = 1000 * float(np.median(wall[base]))
     print(f"{'variant':<22}{'ms/iter':>9}{'p10':>8}{'p90':>8}{'cpu ms':>8}{'tokens/s':>10}"
-          f"{'vs ' + base:>14}{'loss@' + str(n_total):>11}")
+          f"{'vs ' + base:>14}{'loss@' + str(n_total):>11}" + ("  val loss" if val_loss else ""))
     for n in names:
         ms = 1000 * np.asarray(wall[n])
         med = float(np.median(ms))
         print(f"{n:<22}{med:9.2f}{np.percentile(ms, 10):8.2f}{np.percentile(ms, 90):8.2f}"
               f"{1000 * np.median(cpu[n]):8.2f}{bs * T / (med / 1000):10,.0f}"
-              f"{base_ms / med:13.2f}x{losses[n]:11.6f}")
+              f"{base_ms / med:13.2f}x{losses[n]:11.6f}"
+              + (f"{val_loss[n]:10.4f}" if val_loss else ""))
     for n in names:
         note = steps[n].note() if isinstance(steps[n], PolyStep) else ""
         if note:

@@ -69,7 +69,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
+            q,
+            k,
+            v,
+            attn_mask=None,
+            dropout_p=self.dropout if self.training else 0,
             is_causal=True,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -106,13 +110,15 @@ class NanoGPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=LayerNorm(cfg.n_embd, bias=cfg.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
 
@@ -145,8 +151,9 @@ class NanoStep:
         state = dict(init_state)
         state["lm_head.weight"] = state["transformer.wte.weight"]
         self.model.load_state_dict(state, strict=True)
-        self.opt = self.model.configure_optimizers(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2),
-                                                   "cpu")
+        self.opt = self.model.configure_optimizers(
+            tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), "cpu"
+        )
         self.fwd = torch.compile(self.model) if compile_ else self.model
         self.grad_clip = tc.grad_clip
         self.threads = threads or DEFAULT_THREADS  # nanoGPT leaves torch's default
@@ -154,9 +161,10 @@ class NanoStep:
     def __call__(self, arr, ix, block_size, lr):
         torch.set_num_threads(self.threads)  # (another variant may have changed it)
         # nanoGPT get_batch: one from_numpy per row, then stack
-        x = torch.stack([torch.from_numpy(arr[i:i + block_size].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(arr[i + 1:i + 1 + block_size].astype(np.int64))
-                         for i in ix])
+        x = torch.stack([torch.from_numpy(arr[i : i + block_size].astype(np.int64)) for i in ix])
+        y = torch.stack(
+            [torch.from_numpy(arr[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix]
+        )
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.train()
@@ -170,18 +178,21 @@ class NanoStep:
     @torch.no_grad()
     def eval_loss(self, x, y) -> float:
         self.model.eval()  # nanoGPT's estimate_loss
-        _, loss = self.model(torch.from_numpy(x.astype(np.int64)),
-                             torch.from_numpy(y.astype(np.int64)))
+        _, loss = self.model(
+            torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+        )
         return loss.item()
 
 
 class PolyStep:
     """polygpt's torch backend train_step, exactly as the training loop calls it."""
 
-    def __init__(self, spec, tc, init_state, dtype: str = "fp32", compile_: bool = False,
-                 threads: int = 0):
-        tc = config.TrainConfig(**{**tc.__dict__, "dtype": dtype, "compile": compile_,
-                                   "threads": threads})
+    def __init__(
+        self, spec, tc, init_state, dtype: str = "fp32", compile_: bool = False, threads: int = 0
+    ):
+        tc = config.TrainConfig(
+            **{**tc.__dict__, "dtype": dtype, "compile": compile_, "threads": threads}
+        )
         self.backend = get_backend("torch", "cpu")
         self.model = self.backend.init_model(spec, 0)
         self.model.load_state_dict(init_state, strict=True)
@@ -192,8 +203,9 @@ class PolyStep:
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)  # (the auto setting re-applies its own)
         x, y = _batch(arr, ix, block_size)
-        return self.backend.train_step(self.model, self.opt, [(x, y)], lr, self.tc.grad_clip,
-                                       self.tc.dtype)
+        return self.backend.train_step(
+            self.model, self.opt, [(x, y)], lr, self.tc.grad_clip, self.tc.dtype
+        )
 
     def eval_loss(self, x, y) -> float:
         return self.backend.eval_loss(self.model, x, y)
@@ -218,8 +230,14 @@ def make_step(name: str, spec, tc, init):
     n = int(threads) if threads else 0
     if kind == "nanogpt":
         return NanoStep(spec, tc, init, compile_="compile" in flags, threads=n)
-    return PolyStep(spec, tc, init, dtype="bf16" if "bf16" in flags else "fp32",
-                    compile_="compile" in flags, threads=n)
+    return PolyStep(
+        spec,
+        tc,
+        init,
+        dtype="bf16" if "bf16" in flags else "fp32",
+        compile_="compile" in flags,
+        threads=n,
+    )
 
 
 def _batch(arr, ix, block_size):
@@ -237,8 +255,10 @@ def _environment() -> str:
     except OSError:
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"torch {torch.__version__}, {cpu}, {os.cpu_count()} cores, "
-            f"torch threads {DEFAULT_THREADS} by default, load average {load}")
+    return (
+        f"torch {torch.__version__}, {cpu}, {os.cpu_count()} cores, "
+        f"torch threads {DEFAULT_THREADS} by default, load average {load}"
+    )
 
 
 def main(argv=None) -> None:
@@ -247,12 +267,18 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=None, help="prepared data dir [the config's data.dir]")
     ap.add_argument("--iters", type=int, default=100, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--variants", default="nanogpt,polygpt",
-                    help="comma list of nanogpt|polygpt, then +compile, +bf16 (polygpt), @N "
-                         "threads (default: nanogpt torch's default, polygpt its auto choice); "
-                         "the first is the baseline")
-    ap.add_argument("--eval", action="store_true",
-                    help="afterwards, each variant's val loss on the same eval_iters batches")
+    ap.add_argument(
+        "--variants",
+        default="nanogpt,polygpt",
+        help="comma list of nanogpt|polygpt, then +compile, +bf16 (polygpt), @N "
+        "threads (default: nanogpt torch's default, polygpt its auto choice); "
+        "the first is the baseline",
+    )
+    ap.add_argument(
+        "--eval",
+        action="store_true",
+        help="afterwards, each variant's val loss on the same eval_iters batches",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args(argv)
 
@@ -262,8 +288,10 @@ def main(argv=None) -> None:
     spec = cfg.model.to_spec(data.load_tokenizer(data_dir).vocab_size)
     tc = cfg.train
     bs, T = tc.batch_size, spec.block_size
-    init = {k: v.detach().clone()
-            for k, v in get_backend("torch", "cpu").init_model(spec, tc.seed).state_dict().items()}
+    init = {
+        k: v.detach().clone()
+        for k, v in get_backend("torch", "cpu").init_model(spec, tc.seed).state_dict().items()
+    }
 
     names = args.variants.split(",")
     try:
@@ -276,9 +304,11 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(tc.seed)
     n_total = args.warmup + args.iters
     print(_environment())
-    print(f"{spec.n_layer} layers, {spec.n_head} heads, {spec.n_embd} embd, block {T}, "
-          f"batch {bs}, {spec.activation} (nanoGPT: exact gelu); {args.iters} timed iterations "
-          f"after {args.warmup} warm-up, interleaved")
+    print(
+        f"{spec.n_layer} layers, {spec.n_head} heads, {spec.n_embd} embd, block {T}, "
+        f"batch {bs}, {spec.activation} (nanoGPT: exact gelu); {args.iters} timed iterations "
+        f"after {args.warmup} warm-up, interleaved"
+    )
     from polygpt.train import get_lr
 
     for it in range(n_total):
@@ -303,15 +333,19 @@ def main(argv=None) -> None:
             val_loss[n] = float(np.mean([steps[n].eval_loss(x, y) for x, y in batches]))
     base = names[0]
     base_ms = 1000 * float(np.median(wall[base]))
-    print(f"{'variant':<22}{'ms/iter':>9}{'p10':>8}{'p90':>8}{'cpu ms':>8}{'tokens/s':>10}"
-          f"{'vs ' + base:>14}{'loss@' + str(n_total):>11}" + ("  val loss" if val_loss else ""))
+    print(
+        f"{'variant':<22}{'ms/iter':>9}{'p10':>8}{'p90':>8}{'cpu ms':>8}{'tokens/s':>10}"
+        f"{'vs ' + base:>14}{'loss@' + str(n_total):>11}" + ("  val loss" if val_loss else "")
+    )
     for n in names:
         ms = 1000 * np.asarray(wall[n])
         med = float(np.median(ms))
-        print(f"{n:<22}{med:9.2f}{np.percentile(ms, 10):8.2f}{np.percentile(ms, 90):8.2f}"
-              f"{1000 * np.median(cpu[n]):8.2f}{bs * T / (med / 1000):10,.0f}"
-              f"{base_ms / med:13.2f}x{losses[n]:11.6f}"
-              + (f"{val_loss[n]:10.4f}" if val_loss else ""))
+        print(
+            f"{n:<22}{med:9.2f}{np.percentile(ms, 10):8.2f}{np.percentile(ms, 90):8.2f}"
+            f"{1000 * np.median(cpu[n]):8.2f}{bs * T / (med / 1000):10,.0f}"
+            f"{base_ms / med:13.2f}x{losses[n]:11.6f}"
+            + (f"{val_loss[n]:10.4f}" if val_loss else "")
+        )
     for n in names:
         note = steps[n].note() if isinstance(steps[n], PolyStep) else ""
         if note:

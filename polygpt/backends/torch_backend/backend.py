@@ -223,8 +223,9 @@ class Backend:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path), metadata=metadata)
 
-    def save_quantized(self, model: GPT, path: Path, metadata: dict[str, str], bits: int,
-                       group_size: int) -> None:
+    def save_quantized(
+        self, model: GPT, path: Path, metadata: dict[str, str], bits: int, group_size: int
+    ) -> None:
         """Write a float model in polygpt's quantized format (weights.Quantization), the
         same bytes `mlx.nn.quantize` + `mx.save_safetensors` would write."""
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

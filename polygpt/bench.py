@@ -9,10 +9,16 @@ repeats (median, min, max, spread):
 - decode tokens/s without a cache, nanoGPT's method (`uncached_generate`: a full forward over
   the cropped context per token), same prompts and sampler: the baseline the cache is for;
 - training tokens/s (fp32 and bf16 configurations: `train.dtype`), the run's batch shape;
-- saved size (bytes of the safetensors `Backend.save_model` writes at that precision), peak
-  memory (the process's peak RSS; accelerator allocator stats where a backend reports them);
+- saved size (bytes of model.safetensors at that precision, as `polygpt quantize` writes
+  it), weights in memory (`Backend.model_bytes`), peak memory (the process's peak RSS;
+  accelerator allocator stats where a backend reports them);
 - perplexity on a fixed validation subset (the first `ppl_tokens` tokens; the whole split with
-  `full_ppl`), polygpt.evaluate's sliding windows.
+  `full_ppl`) with polygpt.evaluate, non-overlapping windows (stride = block_size), measured
+  first and in full for every configuration so all are scored on the same tokens.
+
+Speed measurements are bounded: `budget_s` per rate and `config_budget_s` per configuration; a
+decode run that would not fit is reported from a short probe run (marked), so one very slow
+configuration (e.g. fp16 on a CPU without fp16 arithmetic) costs a minute, not an hour.
 
 Each configuration runs in its own subprocess (`python -m polygpt.bench --worker ...`): its
 peak RSS is its own, thread settings and compiled kernels do not leak between configurations,
@@ -66,7 +72,7 @@ class BenchConfig:
     repeats: int = 3  # timed runs per measurement (fewer when a run exceeds the budget)
     warmup: int = 1
     budget_s: float = 5.0  # per measurement: stop repeating once this much time is spent
-    config_budget_s: float = 90.0  # per configuration: later measurements shrink to fit
+    config_budget_s: float = 45.0  # per configuration's speed part: measurements shrink to fit
     train_steps: int = 10  # timed training steps per repeat
     train_warmup: int = 5
     ppl_tokens: int = 50_000  # fixed validation subset for perplexity (0: skip)
@@ -344,8 +350,19 @@ def run_config(cfg: BenchConfig, backend: str, device: str, precision: str) -> d
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens, temperature=0.8, seed=1337)
     rate = dict(repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s)
 
+    # perplexity first and always on the whole fixed subset: every configuration is scored
+    # on the same tokens (stride = block_size, the non-overlapping pass), whatever it costs;
+    # the speed measurements after it share what is left of the configuration's time budget
+    char = ckpt.tokenizer.get("type") == "char"
+    for key, n in (("ppl", cfg.ppl_tokens), ("ppl_full", len(val) if cfg.full_ppl else 0)):
+        if n:
+            res = evaluate.perplexity(
+                be, model, val[:n], T, stride=T, vocab_size=spec.vocab_size, char_level=char
+            )
+            row[key] = _ppl(res)
+
     row["prefill"], row["decode_kv"], row["decode_nocache"] = {}, {}, {}
-    deadline = t_start + cfg.config_budget_s
+    deadline = time.perf_counter() + cfg.config_budget_s
     for B in cfg.batch_sizes:
         tokens = np.asarray(val[: B * T], dtype=np.int64).reshape(B, T)
         pad = np.zeros(B, dtype=np.int64)
@@ -358,22 +375,6 @@ def run_config(cfg: BenchConfig, backend: str, device: str, precision: str) -> d
         prompts = [prompt] * B
         for key, fn in (("decode_kv", generate), ("decode_nocache", uncached_generate)):
             row[key][f"b{B}"] = _decode_rate(fn, be, model, T, prompts, gen, cfg, deadline)
-
-    char = ckpt.tokenizer.get("type") == "char"
-    # forward speed at the largest batch predicts what a perplexity pass costs
-    fwd_rate = row["prefill"][f"b{max(cfg.batch_sizes)}"]["median"]
-    for key, n in (("ppl", cfg.ppl_tokens), ("ppl_full", len(val) if cfg.full_ppl else 0)):
-        if not n:
-            continue
-        est = 2 * n / fwd_rate  # stride block/2: every token is fed about twice
-        left = deadline - time.perf_counter()
-        if key == "ppl" and est > max(left, cfg.budget_s):
-            # too slow for the whole subset: a smaller one, said so in the row
-            n = max(T + 1, int(n * max(left, cfg.budget_s) / est))
-        res = evaluate.perplexity(
-            be, model, val[:n], T, vocab_size=spec.vocab_size, char_level=char
-        )
-        row[key] = _ppl(res)
 
     if precision in TRAIN_DTYPES:
         del model, lm  # training loads its own fp32 copy
@@ -644,7 +645,7 @@ def markdown(result: dict) -> str:
         "Rates are tokens/s (median of repeats, ± (max - min) / median). Decode: "
         f"{result['settings']['new_tokens']} new tokens per stream, sampling and window "
         "slides included; bN = N streams as one batch (aggregate). ppl: first "
-        f"{result['settings']['ppl_tokens']:,} validation tokens, sliding windows. "
+        f"{result['settings']['ppl_tokens']:,} validation tokens, non-overlapping windows. "
         f"* = the rate of a {PROBE_TOKENS}-token probe: a full run would not fit the time budget."
     )
     notes = [r for r in result["results"] if r["status"] != "ok" or r.get("size_note")]

@@ -34,15 +34,25 @@ def main() -> None:
 
 
 BACKEND = click.option("--backend", "-b", default=None, help="torch or mlx.")
-DEVICE = click.option("--device", "-d", default="auto", show_default=True,
-                      help="auto, cpu, cuda, mps (torch) or gpu (mlx).")
+DEVICE = click.option(
+    "--device",
+    "-d",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda, mps (torch) or gpu (mlx).",
+)
 
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("dataset", type=click.Choice(["shakespeare-char", "shakespeare"]))
-@click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
-              help="Use this local text file instead of downloading the corpus.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Use this local text file instead of downloading the corpus.",
+)
 @click.option("--out", default=None, help="Output directory [data/shakespeare_char].")
 def prepare(dataset: str, input_path: str | None, out: str | None) -> None:
     """Tokenize a corpus into train.bin / val.bin (uint16) and tokenizer.json.
@@ -94,10 +104,16 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
         cfg.train.device = device
     if out:
         cfg.train.out = out
-    res = train_mod.train(cfg, resume=resume, overwrite=overwrite, progress=not quiet,
-                          log=click.echo)
+    res = train_mod.train(
+        cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=click.echo
+    )
     vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
     click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
+
+
+def _unescape(s: str) -> str:
+    """Shells make a newline hard to type: read \\n and \\t in stop strings as escapes."""
+    return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,26 +121,56 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
 @click.argument("checkpoint", type=click.Path())
 @BACKEND
 @DEVICE
-@click.option("--precision", "-p", default=None,
-              help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx) [the checkpoint's; "
-                   "torch computes an int8/int4 checkpoint in fp32].")
+@click.option(
+    "--precision",
+    "-p",
+    default=None,
+    help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx) [the checkpoint's; "
+    "torch computes an int8/int4 checkpoint in fp32].",
+)
 @click.option("--prompt", default=None, help="Prompt text [a newline].")
-@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
-              help="Read the prompt from a file.")
+@click.option(
+    "--prompt-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Read the prompt from a file.",
+)
 @click.option("--max-new-tokens", "-n", default=500, show_default=True, type=int)
-@click.option("--temperature", "-t", default=0.8, show_default=True, type=float,
-              help="0 is greedy decoding.")
+@click.option(
+    "--temperature", "-t", default=0.8, show_default=True, type=float, help="0 is greedy decoding."
+)
 @click.option("--top-k", default=0, show_default=True, type=int, help="0 disables.")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="1 disables.")
 @click.option("--seed", default=1337, show_default=True, type=int)
-@click.option("--num-samples", default=1, show_default=True, type=int,
-              help="Samples drawn as one batch.")
-@click.option("--stop", multiple=True, help="Stop a sample at this string (repeatable).")
+@click.option(
+    "--num-samples", default=1, show_default=True, type=int, help="Samples drawn as one batch."
+)
+@click.option(
+    "--stop",
+    multiple=True,
+    help="Stop a sample at this string (repeatable; \\n and \\t are understood).",
+)
 @click.option("--no-stream", is_flag=True, help="Print each sample when it is complete.")
-@click.option("--stats", is_flag=True,
-              help="Report backend, precision, model size and tokens/s on stderr.")
-def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_tokens,
-           temperature, top_k, top_p, seed, num_samples, stop, no_stream, stats) -> None:
+@click.option(
+    "--stats", is_flag=True, help="Report backend, precision, model size and tokens/s on stderr."
+)
+def sample(
+    checkpoint,
+    backend,
+    device,
+    precision,
+    prompt,
+    prompt_file,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    num_samples,
+    stop,
+    no_stream,
+    stats,
+) -> None:
     """Generate text from a checkpoint (KV cache, streaming)."""
     from polygpt import inference
     from polygpt.generate import GenerationConfig, check_prompts
@@ -143,8 +189,14 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
     if temperature < 0 or not 0 < top_p <= 1:
         raise PolygptError("--temperature must be >= 0 and --top-p in (0, 1]")
     lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
-    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop=list(stop))
+    gcfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=[_unescape(s) for s in stop],
+    )
     check_prompts([lm.encode(prompt)], lm.spec.block_size)  # fail before printing anything
     stream = not no_stream and num_samples == 1
     on_text = None
@@ -180,10 +232,15 @@ def sample(checkpoint, backend, device, precision, prompt, prompt_file, max_new_
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory.")
-@click.option("--precision", "-p", required=True,
-              type=click.Choice(["int8", "int4", "fp16", "bf16"]))
-@click.option("--group-size", default=None, type=click.Choice(["32", "64", "128"]),
-              help="Inputs per scale/bias (int8/int4) [64, or 32 if n_embd needs it].")
+@click.option(
+    "--precision", "-p", required=True, type=click.Choice(["int8", "int4", "fp16", "bf16"])
+)
+@click.option(
+    "--group-size",
+    default=None,
+    type=click.Choice(["32", "64", "128"]),
+    help="Inputs per scale/bias (int8/int4) [64, or 32 if n_embd needs it].",
+)
 @BACKEND
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None:
@@ -198,9 +255,14 @@ def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None
     """
     from polygpt import quantize as quant
 
-    res = quant.quantize_checkpoint(checkpoint, out, precision, backend=backend,
-                                    group_size=int(group_size) if group_size else None,
-                                    overwrite=overwrite)
+    res = quant.quantize_checkpoint(
+        checkpoint,
+        out,
+        precision,
+        backend=backend,
+        group_size=int(group_size) if group_size else None,
+        overwrite=overwrite,
+    )
     group = f", group size {res.group_size}" if res.group_size else ""
     click.echo(
         f"wrote {res.out} ({res.precision}{group}, with {res.backend}): model.safetensors "
@@ -214,23 +276,47 @@ def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None
 @click.argument("checkpoint", type=click.Path())
 @BACKEND
 @DEVICE
-@click.option("--precision", "-p", default="fp32", show_default=True,
-              help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx).")
+@click.option(
+    "--precision",
+    "-p",
+    default="fp32",
+    show_default=True,
+    help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx).",
+)
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]))
-@click.option("--data", "data_dir", default=None,
-              help="Prepared data directory [the checkpoint's data.dir].")
-@click.option("--method", default="sliding", show_default=True,
-              type=click.Choice(["sliding", "last-token"]),
-              help="last-token: one window per token (the reference method, slow).")
-@click.option("--stride", default=None, type=int,
-              help="Sliding-window stride, 1..block_size [block_size/2].")
+@click.option(
+    "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
+)
+@click.option(
+    "--method",
+    default="sliding",
+    show_default=True,
+    type=click.Choice(["sliding", "last-token"]),
+    help="last-token: one window per token (the reference method, slow).",
+)
+@click.option(
+    "--stride", default=None, type=int, help="Sliding-window stride, 1..block_size [block_size/2]."
+)
 @click.option("--max-tokens", default=None, type=int, help="Only the first N tokens of the split.")
-@click.option("--batch-size", default=None, type=int,
-              help="Windows per forward [about 8k positions].")
+@click.option(
+    "--batch-size", default=None, type=int, help="Windows per forward [about 8k positions]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bar).")
 @click.option("--save", is_flag=True, help="Record the result in the checkpoint's config.json.")
-def eval_(checkpoint, backend, device, precision, split, data_dir, method, stride, max_tokens,
-          batch_size, as_json, save) -> None:
+def eval_(
+    checkpoint,
+    backend,
+    device,
+    precision,
+    split,
+    data_dir,
+    method,
+    stride,
+    max_tokens,
+    batch_size,
+    as_json,
+    save,
+) -> None:
     """Perplexity of a checkpoint over a whole split: every token scored once, with as much
     left context as the block allows (sliding windows, batched)."""
     import json
@@ -238,9 +324,17 @@ def eval_(checkpoint, backend, device, precision, split, data_dir, method, strid
     from polygpt import evaluate
 
     res = evaluate.evaluate_checkpoint(
-        checkpoint, backend=backend, device=device, precision=precision, split=split,
-        data_dir=data_dir, max_tokens=max_tokens, method=method, stride=stride,
-        batch_size=batch_size, progress=not as_json,
+        checkpoint,
+        backend=backend,
+        device=device,
+        precision=precision,
+        split=split,
+        data_dir=data_dir,
+        max_tokens=max_tokens,
+        method=method,
+        stride=stride,
+        batch_size=batch_size,
+        progress=not as_json,
     )
     if save:
         evaluate.save_result(checkpoint, res)
@@ -262,26 +356,59 @@ def _csv(value: str, what: str, cast=str) -> list:
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
-@click.option("--devices", default="auto", show_default=True,
-              help="auto (every device each backend knows), or e.g. cpu,cuda,mps,gpu.")
-@click.option("--precisions", default="all", show_default=True,
-              help="all, or e.g. fp32,fp16,bf16,int8,int4.")
-@click.option("--batch-sizes", default="1,8,64", show_default=True,
-              help="Decode/prefill batch sizes.")
+@click.option(
+    "--devices",
+    default="auto",
+    show_default=True,
+    help="auto (every device each backend knows), or e.g. cpu,cuda,mps,gpu.",
+)
+@click.option(
+    "--precisions", default="all", show_default=True, help="all, or e.g. fp32,fp16,bf16,int8,int4."
+)
+@click.option(
+    "--batch-sizes", default="1,8,64", show_default=True, help="Decode/prefill batch sizes."
+)
 @click.option("--out", "-o", default="bench_out", show_default=True, help="Output directory.")
 @click.option("--full-ppl", is_flag=True, help="Also the perplexity of the whole val split.")
-@click.option("--ppl-tokens", default=50_000, show_default=True, type=int,
-              help="Validation tokens for perplexity (0: skip).")
-@click.option("--new-tokens", default=128, show_default=True, type=int,
-              help="Tokens generated per decode run.")
+@click.option(
+    "--ppl-tokens",
+    default=50_000,
+    show_default=True,
+    type=int,
+    help="Validation tokens for perplexity (0: skip).",
+)
+@click.option(
+    "--new-tokens",
+    default=128,
+    show_default=True,
+    type=int,
+    help="Tokens generated per decode run.",
+)
 @click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs per rate.")
-@click.option("--threads", default="auto", show_default=True,
-              help="CPU threads per framework: N, 0 (the frameworks' defaults) or auto (the "
-                   "cores the machine's load leaves free; defaults when idle).")
-@click.option("--data", "data_dir", default=None,
-              help="Prepared data directory [the checkpoint's data.dir].")
-def bench(checkpoint, backends, devices, precisions, batch_sizes, out, full_ppl, ppl_tokens,
-          new_tokens, repeats, threads, data_dir) -> None:
+@click.option(
+    "--threads",
+    default="auto",
+    show_default=True,
+    help="CPU threads per framework: N, 0 (the frameworks' defaults) or auto (the "
+    "cores the machine's load leaves free; defaults when idle).",
+)
+@click.option(
+    "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
+)
+def bench(
+    checkpoint,
+    backends,
+    devices,
+    precisions,
+    batch_sizes,
+    out,
+    full_ppl,
+    ppl_tokens,
+    new_tokens,
+    repeats,
+    threads,
+    data_dir,
+) -> None:
     """Speed, size, memory and perplexity of CHECKPOINT on every backend x device x precision
     available here (each in its own process; what is missing is skipped, with the reason).
 
@@ -299,17 +426,23 @@ def bench(checkpoint, backends, devices, precisions, batch_sizes, out, full_ppl,
         checkpoint=checkpoint,
         backends=None if backends == "all" else _csv(backends, "backends"),
         devices=None if devices == "auto" else _csv(devices, "devices"),
-        precisions=list(bench_mod.PRECISIONS) if precisions == "all"
+        precisions=list(bench_mod.PRECISIONS)
+        if precisions == "all"
         else _csv(precisions, "precisions"),
         batch_sizes=_csv(batch_sizes, "batch-sizes", int),
-        full_ppl=full_ppl, ppl_tokens=ppl_tokens, new_tokens=new_tokens, repeats=repeats,
+        full_ppl=full_ppl,
+        ppl_tokens=ppl_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
         threads=n_threads,
         data_dir=data_dir,
     )
     result = bench_mod.run_bench(cfg, out, log=lambda s: click.echo(s, err=True))
     click.echo(bench_mod.markdown(result))
-    click.echo(f"wrote {out}/results.json, results.csv, results.md, tokens_per_s.png, "
-               f"ppl_vs_size.png ({result['wall_s']:.0f}s)")
+    click.echo(
+        f"wrote {out}/results.json, results.csv, results.md, tokens_per_s.png, "
+        f"ppl_vs_size.png ({result['wall_s']:.0f}s)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,8 +483,13 @@ def sweep(sweep_file, only, quiet) -> None:
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file.")
-@click.option("--kind", type=click.Choice(["loss", "ppl-iters", "ppl-params"]), default="loss",
-              show_default=True, help="Loss curves, or perplexity vs iterations / vs size.")
+@click.option(
+    "--kind",
+    type=click.Choice(["loss", "ppl-iters", "ppl-params"]),
+    default="loss",
+    show_default=True,
+    help="Loss curves, or perplexity vs iterations / vs size.",
+)
 @click.option("--title", default=None)
 def plot(runs, out, kind, title) -> None:
     """Plot one or more runs (checkpoint directories) to a PNG."""
@@ -364,13 +502,28 @@ def plot(runs, out, kind, title) -> None:
 @main.command()
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--from", "src_format", type=click.Choice(["auto", "nanogpt", "hf", "polygpt"]),
-              default="auto", show_default=True,
-              help="nanogpt: a ckpt.pt; hf: a Hugging Face GPT-2 directory; polygpt: ours.")
-@click.option("--to", "dst_format", type=click.Choice(["polygpt", "hf"]), default=None,
-              help="Default: polygpt, or hf when SOURCE is a polygpt checkpoint.")
-@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), default=None,
-              help="Prepared data directory whose tokenizer.json a char-level import uses.")
+@click.option(
+    "--from",
+    "src_format",
+    type=click.Choice(["auto", "nanogpt", "hf", "polygpt"]),
+    default="auto",
+    show_default=True,
+    help="nanogpt: a ckpt.pt; hf: a Hugging Face GPT-2 directory; polygpt: ours.",
+)
+@click.option(
+    "--to",
+    "dst_format",
+    type=click.Choice(["polygpt", "hf"]),
+    default=None,
+    help="Default: polygpt, or hf when SOURCE is a polygpt checkpoint.",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Prepared data directory whose tokenizer.json a char-level import uses.",
+)
 def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     """Convert between nanoGPT ckpt.pt, Hugging Face GPT-2 and polygpt checkpoints.
 

@@ -725,14 +725,30 @@ def write_charts(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"torch": "o", "mlx": "s"}
+    colors = dict(zip(PRECISIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    stacked: dict[tuple, int] = {}  # labels at the same spot go one above the other
     for r, label in zip(ok, labels):
         ppl = (r.get("ppl") or {}).get("perplexity")
-        if ppl is not None and r.get("size_mb"):
-            ax.scatter(r["size_mb"], ppl)
-            ax.annotate(
-                label, (r["size_mb"], ppl), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
+        if ppl is None or not r.get("size_mb"):
+            continue
+        ax.scatter(
+            r["size_mb"],
+            ppl,
+            marker=markers.get(r["backend"], "^"),
+            color=colors.get(r["precision"]),
+            zorder=3,
+        )
+        spot = (round(r["size_mb"], 1), round(ppl, 2))
+        k = stacked[spot] = stacked.get(spot, -1) + 1
+        ax.annotate(
+            label,
+            (r["size_mb"], ppl),
+            fontsize=7,
+            xytext=(4, 3 + 9 * k),
+            textcoords="offset points",
+        )
     ax.set_xlabel("saved model size (MB)")
     ax.set_ylabel(f"perplexity ({result['settings']['ppl_tokens']:,} val tokens)")
     ax.set_title("perplexity vs size")

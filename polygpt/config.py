@@ -137,20 +137,24 @@ def from_dict(d: dict, cfg: RunConfig | None = None) -> RunConfig:
     return cfg
 
 
+def read_toml(path: str | Path, what: str = "config") -> dict:
+    """Parse a TOML file; a missing or malformed file is a one-line PolygptError."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise PolygptError(f"cannot read {what} {p}: {e.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolygptError(f"{what} {p} is not valid TOML: {e}") from None
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a TOML run config (or the defaults when `path` is None) and apply overrides."""
     cfg = RunConfig()
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise PolygptError(f"cannot read config {p}: {e.strerror}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise PolygptError(f"config {p} is not valid TOML: {e}") from None
-        from_dict(data, cfg)
+        from_dict(read_toml(path), cfg)
     for item in overrides:
         apply_override(cfg, item)
     return cfg

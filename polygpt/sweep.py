@@ -12,16 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from polygpt import __version__, config, weights
 from polygpt.errors import PolygptError
@@ -68,12 +62,7 @@ _RUN_KEYS = {"name", "config", "backend", "overrides"}
 
 def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
-    try:
-        d = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise PolygptError(f"cannot read sweep file {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise PolygptError(f"sweep file {p} is not valid TOML: {e}") from None
+    d = config.read_toml(p, "sweep file")
     head = d.get("sweep", {})
     unknown = sorted(set(head) - _SWEEP_KEYS) + sorted(set(d) - {"sweep", "run"})
     if unknown:

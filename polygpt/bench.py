@@ -45,14 +45,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from polygpt import config, data, evaluate, inference, weights
 from polygpt.backends import available_backends, get_backend, known_backends
 from polygpt.backends.base import PRECISIONS
 from polygpt.errors import PolygptError
+from polygpt.generate import GenerationConfig, generate, uncached_generate
+from polygpt.quantize import quantize_checkpoint
 
 # The devices `--devices auto` tries per backend (an unavailable one is a skipped row).
 DEVICES = {"torch": ("cpu", "cuda", "mps"), "mlx": ("cpu", "gpu")}
@@ -208,17 +211,11 @@ def _saved_size(be, model, ckpt, precision: str) -> tuple[float | None, str | No
     already that precision, else what `polygpt quantize` writes (int8/int4: packed weights,
     scales and biases; fp16/bf16: a cast), else what `Backend.save_model` writes; or None and
     why not."""
-    from polygpt import weights
-
     have = weights.check_model_file(ckpt.model_file, ckpt.spec)
     if {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have) == precision:
         return ckpt.model_file.stat().st_size / 1e6, None
     with tempfile.TemporaryDirectory() as d:
-        try:
-            from polygpt.quantize import quantize_checkpoint
-        except ImportError:
-            quantize_checkpoint = None
-        if quantize_checkpoint is not None and precision != "fp32":
+        if precision != "fp32":
             try:
                 quantize_checkpoint(ckpt.path, Path(d) / "q", precision, backend=be.name)
                 return (Path(d) / "q" / weights.MODEL_FILE).stat().st_size / 1e6, None
@@ -244,8 +241,6 @@ def _train_rate(
     be, ckpt, spec, dtype: str, cfg: BenchConfig, data_dir: str, deadline: float
 ) -> dict:
     """Training tokens/s with the run's batch shape, from the checkpoint's weights."""
-    from polygpt import config, data
-
     run = config.from_dict({"train": dict(ckpt.config.get("run", {}).get("train", {}))})
     tc = run.train
     tc.dtype = dtype
@@ -291,10 +286,8 @@ def _decode_rate(fn, be, model, T: int, prompts, gen, cfg: BenchConfig, deadline
     probe run (PROBE_TOKENS) warms up and predicts the cost: when one full run would not fit
     the budget, the probe's rate is the result (`"probe": true`), so a very slow configuration
     costs seconds, not minutes."""
-    import dataclasses
-
     B = len(prompts)
-    probe = dataclasses.replace(gen, max_new_tokens=min(PROBE_TOKENS, gen.max_new_tokens))
+    probe = replace(gen, max_new_tokens=min(PROBE_TOKENS, gen.max_new_tokens))
     dt = math.inf
     for _ in range(2):  # the first probe may be mostly warm-up (allocation, kernel builds)
         t = time.perf_counter()
@@ -312,9 +305,6 @@ def _decode_rate(fn, be, model, T: int, prompts, gen, cfg: BenchConfig, deadline
 
 def run_config(cfg: BenchConfig, backend: str, device: str, precision: str) -> dict:
     """Measure one configuration in this process; returns its result row."""
-    from polygpt import data, evaluate, inference
-    from polygpt.generate import GenerationConfig, generate, uncached_generate
-
     row: dict = {
         "backend": backend,
         "device": device,
@@ -454,12 +444,24 @@ def _run_worker(cfg: BenchConfig, b: str, d: str, p: str, log_dir: Path) -> dict
     return {**row, "status": "error", "reason": reason}
 
 
+@dataclass
+class ConfigStart:
+    backend: str
+    device: str
+    precision: str
+
+
+@dataclass
+class ConfigDone:
+    row: dict
+
+
 def run_bench(
-    cfg: BenchConfig, out: str | Path, log: Callable[[str], None] = lambda s: None
+    cfg: BenchConfig,
+    out: str | Path,
+    on_event: Callable[[ConfigStart | ConfigDone], None] = lambda ev: None,
 ) -> dict:
     """Run every configuration and write results.json, results.csv, results.md and charts."""
-    from polygpt import weights
-
     cfg.validate()
     ckpt = weights.read_checkpoint(cfg.checkpoint)  # fail early on a bad path
     out = Path(out)
@@ -504,13 +506,10 @@ def run_bench(
                 }
             )
             continue
-        log(f"{b}/{d}/{p} ...")
+        on_event(ConfigStart(b, d, p))
         row = _run_worker(cfg, b, d, p, log_dir)
         rows.append(row)
-        log(
-            f"{b}/{d}/{p}: {row['status']}"
-            + (f" ({row['reason']})" if row.get("reason") else f" in {row['wall_s']:.0f}s")
-        )
+        on_event(ConfigDone(row))
     result = {
         "polygpt_bench": 1,
         "checkpoint": {

@@ -179,10 +179,3 @@ def blas_in_use() -> str:
     if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
         return f"bundled reference BLAS (slow; {OPT_OUT_ENV} is set)"
     return f"bundled reference BLAS (slow: {INSTALL_HINT})"
-
-
-def advice() -> str | None:
-    """A one-line hint when MLX on this Linux machine would run on the slow bundled BLAS."""
-    if sys.platform != "linux" or find_openblas() is not None:
-        return None
-    return f"MLX on CPU runs ~7x faster with OpenBLAS: {INSTALL_HINT}"

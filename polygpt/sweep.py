@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polygpt import __version__, config, weights
+from polygpt import __version__, config, evaluate, inference, weights
 from polygpt.errors import PolygptError
+from polygpt.generate import GenerationConfig
+from polygpt.train import TrainEvent, train
 
 RESULT_FILE = "sweep.json"
 
@@ -38,12 +39,11 @@ class Sweep:
     results: str
     runs: list[RunSpec]
     sample_tokens: int = 300
-    sample_temperature: float = 0.8
-    seed: int = 1337
+    sample_temperature: float = config.SampleConfig.temperature
+    seed: int = config.SampleConfig.seed
     eval_stride: int = 0  # 0: evaluate.py's default (block_size // 2)
     eval_max_tokens: int = 0  # 0: the whole val split
     device: str = "auto"
-    base: Path = Path(".")  # paths in the sweep file are relative to the working directory
 
 
 _SWEEP_KEYS = {
@@ -103,6 +103,8 @@ def fingerprint(cfg: config.RunConfig) -> str:
     for k in ("out", "log_interval", "save_checkpoints", "device"):
         d["train"].pop(k, None)
     d.pop("sample", None)
+    for (section, key), value in config.REMOVED_KEYS.items():  # hashes of existing runs stay
+        d[section][key] = value
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,30 +130,52 @@ def _resumable(run_dir: Path, fp: str) -> bool:
     return ck.config.get("sweep_fingerprint") == fp and ck.optimizer_file.exists()
 
 
-def run_one(sweep: Sweep, run: RunSpec, *, progress: bool, log: Callable[[str], None]) -> dict:
-    from polygpt import evaluate, inference
-    from polygpt.generate import GenerationConfig
-    from polygpt.train import train
+@dataclass
+class RunSkipped:
+    """A run whose result is already there (same fingerprint, all steps done)."""
 
+    name: str
+
+
+@dataclass
+class RunStart:
+    name: str
+    resumed: bool
+    backend: str
+    out: Path
+
+
+@dataclass
+class RunDone:
+    name: str
+    result: dict
+
+
+SweepEvent = RunSkipped | RunStart | RunDone | TrainEvent
+
+
+def run_one(
+    sweep: Sweep, run: RunSpec, on_event: Callable[[SweepEvent], None] = lambda ev: None
+) -> dict:
+    """Train (or resume, or skip) one run, evaluate it on the full val split, sample it."""
     cfg = run_config(sweep, run)
     run_dir = Path(cfg.train.out)
     fp = fingerprint(cfg)
     done = _finished(run_dir, fp, cfg.train.max_iters)
     if done is not None:
-        log(f"[{run.name}] finished earlier: skipped")
+        on_event(RunSkipped(run.name))
         return done
     weights.recover(run_dir)
     resume = _resumable(run_dir, fp)
-    log(f"[{run.name}] {'resuming' if resume else 'training'} ({run.backend}) -> {run_dir}")
+    on_event(RunStart(run.name, resume, run.backend, run_dir))
     t0 = time.perf_counter()
     # the fingerprint travels in every checkpoint, so an interrupted run is recognised
     res = train(
         cfg,
         resume=resume,
         overwrite=not resume,
-        progress=progress,
-        log=log,
         extra_config={"sweep_fingerprint": fp},
+        on_event=on_event,
     )
     train_wall = time.perf_counter() - t0
     ev = evaluate.evaluate_checkpoint(
@@ -196,9 +220,8 @@ def run_one(sweep: Sweep, run: RunSpec, *, progress: bool, log: Callable[[str], 
         "fingerprint": fp,
         "polygpt_version": __version__,
     }
-    tmp = run_dir / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, run_dir / RESULT_FILE)
+    weights.write_json(run_dir / RESULT_FILE, result)
+    on_event(RunDone(run.name, result))
     return result
 
 
@@ -206,8 +229,7 @@ def run_sweep(
     sweep: Sweep,
     *,
     only: list[str] | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    on_event: Callable[[SweepEvent], None] = lambda ev: None,
 ) -> list[dict]:
     runs = sweep.runs
     if only:
@@ -215,7 +237,7 @@ def run_sweep(
         if unknown:
             raise PolygptError(f"no run named {unknown[0]!r} in the sweep")
         runs = [r for r in runs if r.name in only]
-    results = [run_one(sweep, r, progress=progress, log=log) for r in runs]
+    results = [run_one(sweep, r, on_event) for r in runs]
     # the table covers every finished run of the sweep, not only the ones run this time
     table = []
     for r in sweep.runs:

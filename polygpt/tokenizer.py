@@ -13,8 +13,6 @@ from polygpt.errors import PolygptError
 
 
 class CharTokenizer:
-    kind = "char"
-
     def __init__(self, chars: list[str]):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
@@ -44,11 +42,9 @@ class CharTokenizer:
 
 
 class TiktokenTokenizer:
-    kind = "tiktoken"
-
     def __init__(self, name: str = "gpt2"):
         try:
-            import tiktoken
+            import tiktoken  # the optional [bpe] extra: only a BPE tokenizer needs it
         except ImportError:
             raise PolygptError(
                 "the GPT-2 BPE tokenizer needs tiktoken: pip install 'polygpt[bpe]'"

@@ -82,5 +82,5 @@ def tiny_ckpt(tmp_path_factory, char_data) -> Path:
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     cfg = tiny_config(char_data, out, "max_iters=60", "eval_interval=30")
-    train(cfg, progress=False, log=lambda s: None)
+    train(cfg)
     return out

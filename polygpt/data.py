@@ -8,8 +8,6 @@ run continues the same stream (the generator state is saved in the checkpoint).
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from polygpt import tokenizer as tok
+from polygpt import weights
 from polygpt.errors import PolygptError
 
 SHAKESPEARE_URL = (
@@ -78,12 +77,9 @@ def _write(out_dir, t, train: np.ndarray, val: np.ndarray) -> PreparedData:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, arr in (("train.bin", train), ("val.bin", val)):
-        tmp = out / f".{name}.tmp"
-        arr.tofile(tmp)
-        os.replace(tmp, out / name)
-    tmp = out / ".tokenizer.json.tmp"
-    tmp.write_text(json.dumps(t.to_dict(), ensure_ascii=False))
-    os.replace(tmp, out / "tokenizer.json")
+        with weights.atomic_file(out / name) as tmp:
+            arr.tofile(tmp)
+    weights.write_json(out / "tokenizer.json", t.to_dict(), indent=None)
     return PreparedData(out, len(train), len(val), t.vocab_size)
 
 

@@ -18,6 +18,8 @@ from tqdm import tqdm
 from polygpt import (
     __version__,
     bench,
+    bench_measure,
+    bench_report,
     config,
     data,
     evaluate,
@@ -564,7 +566,7 @@ def bench_(
         n_threads = -1 if threads == "auto" else int(threads)
     except ValueError:
         raise PolygptError(f"--threads takes a number or auto, got {threads!r}") from None
-    cfg = bench.BenchConfig(
+    cfg = bench_measure.BenchConfig(
         checkpoint=checkpoint,
         backends=None if backends == "all" else _csv(backends, "backends"),
         devices=None if devices == "auto" else _csv(devices, "devices"),
@@ -578,10 +580,10 @@ def bench_(
         data_dir=data_dir,
     )
     result = bench.run_bench(cfg, out, on_event=_bench_line)
-    click.echo(bench.markdown(result))
+    click.echo(bench_report.markdown(result))
     click.echo(
         f"wrote {out}/results.json, results.csv, results.md, tokens_per_s.png, "
-        f"ppl_vs_size.png ({result['wall_s']:.0f}s)"
+        f"ppl_vs_size.png ({result.wall_s:.0f}s)"
     )
 
 
@@ -590,8 +592,8 @@ def _bench_line(ev) -> None:
         click.echo(f"{ev.backend}/{ev.device}/{ev.precision} ...", err=True)
     elif isinstance(ev, bench.ConfigDone):
         r = ev.row
-        how = f" ({r['reason']})" if r.get("reason") else f" in {r['wall_s']:.0f}s"
-        click.echo(f"{r['backend']}/{r['device']}/{r['precision']}: {r['status']}{how}", err=True)
+        how = f" ({r.reason})" if r.reason else f" in {r.wall_s:.0f}s"
+        click.echo(f"{r.name}: {r.status}{how}", err=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ PKG = Path(__file__).resolve().parents[1] / "polygpt"
 # module -> the optional dependencies it may import inside a function, and why
 LAZY_ALLOWED = {
     "polygpt.plot": {"matplotlib", "matplotlib.pyplot"},  # the [plot] extra
-    "polygpt.bench": {"matplotlib", "matplotlib.pyplot"},  # (charts; see bench_report)
-    "polygpt.bench_report": {"matplotlib", "matplotlib.pyplot"},
     "polygpt.tokenizer": {"tiktoken"},  # the [bpe] extra
     "polygpt.convert": {"torch", "safetensors.torch"},  # nanoGPT pickles need torch.load
 }

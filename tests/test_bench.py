@@ -26,6 +26,7 @@ QUICK = dict(
     repeats=1,
     warmup=0,
     budget_s=1.0,
+    config_budget_s=3.0,  # past it, decode rates come from short probe runs: still measured
     train_steps=2,
     train_warmup=1,
     ppl_tokens=300,

@@ -340,7 +340,8 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
     if len(val) < T * max(cfg.batch_sizes) + 1:
         raise PolygptError(f"the validation split is too short for batch {max(cfg.batch_sizes)}")
     prompt = [int(t) for t in val[: min(cfg.prompt_tokens, T)]]
-    gen = GenerationConfig(max_new_tokens=cfg.new_tokens, temperature=0.8, seed=1337)
+    sc = config.SampleConfig()  # the sampler `polygpt sample` uses by default
+    gen = GenerationConfig(max_new_tokens=cfg.new_tokens, temperature=sc.temperature, seed=sc.seed)
     rate = dict(repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s)
 
     # perplexity first and always on the whole fixed subset: every configuration is scored

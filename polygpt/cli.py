@@ -8,6 +8,7 @@ module turns them into lines and progress bars. A bar is drawn only when stderr 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -212,7 +213,9 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
         res = train_mod.train(cfg, resume=resume, overwrite=overwrite, on_event=view)
     except train_mod.TrainInterrupted as e:
         view.close()
-        click.echo(_interrupted(e, f"polygpt train --resume --out {e.out}"), err=True)
+        click.echo(
+            _interrupted(e, f"polygpt train --resume --out {shlex.quote(str(e.out))}"), err=True
+        )
         sys.exit(130)
     vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
     click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
@@ -688,7 +691,7 @@ def sweep_(sweep_file, only, quiet) -> None:
         results = sweep.run_sweep(sw, only=list(only) or None, on_event=on_event)
     except train_mod.TrainInterrupted as e:
         view.close()
-        click.echo(_interrupted(e, f"polygpt sweep {sweep_file}"), err=True)
+        click.echo(_interrupted(e, f"polygpt sweep {shlex.quote(sweep_file)}"), err=True)
         sys.exit(130)
     click.echo(sweep.results_table(results))
     click.echo(f"results: {sw.results}/results.json, {sw.results}/results.md")

@@ -268,9 +268,10 @@ def results_table(results: list[dict]) -> str:
 def write_results(sweep: Sweep, results: list[dict]) -> Path:
     out = Path(sweep.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    weights.write_json(out / "results.json", results)
     lines = [f"# {sweep.name}: results\n", results_table(results), "\n## Samples\n"]
     for r in results:
         lines.append(f"\n### {r['name']}\n\n```\n{r['sample'].strip()}\n```\n")
-    (out / "results.md").write_text("".join(lines))
+    with weights.atomic_file(out / "results.md") as tmp:
+        tmp.write_text("".join(lines))
     return out

@@ -212,30 +212,39 @@ def setup(
             )
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
-        return Run(
-            cfg, backend, model, opt, spec, tokenizer, splits, rng, ckpt.step, True,
-            dict(ckpt.config.get("metrics", {})), dict(extra_config or {}),
-        )  # fmt: skip
-    if (out / weights.CONFIG_FILE).exists() and not overwrite:
-        raise PolygptError(
-            f"{out} already holds a checkpoint: pass --resume to continue it, "
-            "--overwrite to replace it, or --out to train elsewhere"
-        )
-    spec = cfg.model.to_spec(tokenizer.vocab_size)
-    if spec.vocab_size < tokenizer.vocab_size:
-        raise PolygptError(
-            f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
-        )
-    model = backend.init_model(spec, tc.seed)
-    opt = backend.make_optimizer(model, tc)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and (out / weights.METRICS_FILE).exists():
-        (out / weights.METRICS_FILE).unlink()
-    rng = np.random.default_rng(tc.seed)
+        start, history = ckpt.step, dict(ckpt.config.get("metrics", {}))
+    else:
+        if (out / weights.CONFIG_FILE).exists() and not overwrite:
+            raise PolygptError(
+                f"{out} already holds a checkpoint: pass --resume to continue it, "
+                "--overwrite to replace it, or --out to train elsewhere"
+            )
+        spec = cfg.model.to_spec(tokenizer.vocab_size)
+        if spec.vocab_size < tokenizer.vocab_size:
+            raise PolygptError(
+                f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
+            )
+        model = backend.init_model(spec, tc.seed)
+        opt = backend.make_optimizer(model, tc)
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and (out / weights.METRICS_FILE).exists():
+            (out / weights.METRICS_FILE).unlink()
+        rng = np.random.default_rng(tc.seed)
+        start, history = 0, {}
     return Run(
-        cfg, backend, model, opt, spec, tokenizer, splits, rng, 0, False, {},
-        dict(extra_config or {}),
-    )  # fmt: skip
+        cfg=cfg,
+        backend=backend,
+        model=model,
+        opt=opt,
+        spec=spec,
+        tokenizer=tokenizer,
+        splits=splits,
+        rng=rng,
+        start=start,
+        resumed=resume,
+        history=history,
+        extra_config=dict(extra_config or {}),
+    )
 
 
 def draw_batches(run: Run) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -318,16 +327,16 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
     desc = backend.describe()
     on_event(
         TrainStart(
-            run.out,
-            run.start,
-            tc.max_iters,
-            run.resumed,
-            spec.num_params(),
-            spec.num_params(False),
-            backend.name,
-            backend.device,
-            desc,
-        )  # fmt: skip
+            out=run.out,
+            step=run.start,
+            max_iters=tc.max_iters,
+            resumed=run.resumed,
+            params=spec.num_params(),
+            params_total=spec.num_params(False),
+            backend=backend.name,
+            device=backend.device,
+            describe=desc,
+        )
     )
     tokens_per_iter = tc.batch_size * tc.grad_accum * spec.block_size
     train_time, timed_iters = 0.0, 0

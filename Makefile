@@ -1,4 +1,5 @@
 # polygpt: `make demo` (install, prepare, train, sample in both backends) and `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -37,11 +38,13 @@ data/shakespeare_char/train.bin: | $(VENV)/.installed
 
 demo: install data/shakespeare_char/train.bin
 	$(BIN)/polygpt train configs/shakespeare_char.toml --backend torch --out $(DEMO_OUT) --overwrite
-	@echo "--- torch sample (greedy) ---"
-	$(BIN)/polygpt sample $(DEMO_OUT) --backend torch --temperature 0 --max-new-tokens 200 --prompt "ROMEO:"
-	@echo "--- mlx sample (greedy, same checkpoint) ---"
+	@echo "--- torch sample (temperature 0.8, seed 1337) ---"
+	set -o pipefail; $(BIN)/polygpt sample $(DEMO_OUT) --backend torch --temperature 0.8 --seed 1337 --max-new-tokens 300 --prompt "ROMEO:" | tee $(DEMO_OUT)/sample_torch.txt
+	@echo "--- mlx sample (same checkpoint, same seed: the same text) ---"
 	@if $(BIN)/python -c "import mlx.core" 2>/dev/null; then \
-		$(BIN)/polygpt sample $(DEMO_OUT) --backend mlx --temperature 0 --max-new-tokens 200 --prompt "ROMEO:"; \
+		set -o pipefail; $(BIN)/polygpt sample $(DEMO_OUT) --backend mlx --temperature 0.8 --seed 1337 --max-new-tokens 300 --prompt "ROMEO:" | tee $(DEMO_OUT)/sample_mlx.txt || exit 1; \
+		if cmp -s $(DEMO_OUT)/sample_torch.txt $(DEMO_OUT)/sample_mlx.txt; then echo "(torch and MLX wrote the same text)"; \
+		else echo "(torch and MLX texts differ)"; fi; \
 	else echo "(mlx is not installed on this machine: skipped)"; fi
 	@echo "checkpoint: $(DEMO_OUT)"
 	$(BIN)/polygpt info $(DEMO_OUT)

@@ -118,7 +118,12 @@ def train(
         start = ckpt.step
         state = ckpt.config.get("train_state", {})
         rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError):
+            raise PolygptError(
+                f"{out}: no valid train_state.rng in config.json to resume"
+            ) from None
         history = dict(ckpt.config.get("metrics", {}))
         log(f"resuming {out} at step {start} with {backend.name} on {backend.device}")
     else:

@@ -56,7 +56,7 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.config.get("step", 0))
+        return int(self.config.get("step") or 0)  # type checked by read_checkpoint
 
     @property
     def precision(self) -> str:
@@ -271,9 +271,9 @@ _CONFIG_TYPES = {
 
 def _check_config_types(path: Path, cfg: dict) -> None:
     for key, typ in _CONFIG_TYPES.items():
-        v = cfg.get(key)
-        if v is None:
+        if key not in cfg:
             continue
+        v = cfg[key]
         if not isinstance(v, typ) or isinstance(v, bool) or (typ is int and v < 0):
             what = "a non-negative integer" if typ is int else f"a JSON {typ.__name__}"
             raise PolygptError(f"{path}: {key!r} must be {what}, got {_short(v)}")

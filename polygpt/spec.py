@@ -75,8 +75,10 @@ class ModelSpec:
     def from_json(cls, s: str) -> ModelSpec:
         try:
             d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise PolygptError(f"model spec is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise PolygptError(f"model spec is not valid JSON: {e!r:.80}") from None
+        if not isinstance(d, dict):
+            raise PolygptError("model spec must be a JSON object")
         return cls.from_dict(d)
 
     # ---- parameters ----------------------------------------------------------------------

@@ -133,8 +133,8 @@ class Quantization:
         try:
             d = json.loads(text)
             return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")))
-        except (ValueError, TypeError, KeyError) as e:
-            raise PolygptError(f"bad quantization metadata {text!r}: {e}") from None
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
+            raise PolygptError(f"bad quantization metadata {_short(text)}: {e!r:.80}") from None
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}

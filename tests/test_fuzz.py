@@ -206,6 +206,12 @@ def _load_model_file(path: Path, backends=()):
         get_backend(name, "cpu").load_model(SPEC, path)
 
 
+HOSTILE_METADATA = [
+    _deep(100_000),
+    '{"bits": 1e400, "group_size": 64}',
+    '{"bits": 4, "group_size": 64, "mode": "affine"}',  # declared, but no tensor is quantized
+    json.dumps({**SPEC.to_dict(), "n_layer": 10**12}),
+]
 tensor_entries = st.fixed_dictionaries(
     {
         "dtype": st.one_of(
@@ -230,7 +236,10 @@ headers = st.dictionaries(
                 st.dictionaries(
                     st.sampled_from(["spec", "quantization", "format", "step"]),
                     st.one_of(
-                        st.text(max_size=20), st.just(SPEC.to_json()), json_values.map(_dump)
+                        st.text(max_size=20),
+                        st.just(SPEC.to_json()),
+                        json_values.map(_dump),
+                        st.sampled_from(HOSTILE_METADATA),
                     ),
                 ),
             ),
@@ -260,11 +269,19 @@ def test_fuzz_mutated_model_file(tmp_path, valid, data):
     raw = (valid / weights.MODEL_FILE).read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
-    if data.draw(st.booleans()):
-        new = _dump(data.draw(mutated(header))).encode()
-        raw = struct.pack("<Q", len(new)) + new + raw[8 + n :]
-    else:
+    kind = data.draw(st.sampled_from(["header", "metadata", "bytes"]))
+    if kind == "bytes":
         raw = data.draw(byte_mutations(raw))
+    else:
+        if kind == "header":
+            header = data.draw(mutated(header))
+        else:  # metadata values are strings that polygpt parses: spec, quantization
+            key = data.draw(st.sampled_from(["spec", "quantization", "step", "format"]))
+            header["__metadata__"][key] = data.draw(
+                st.one_of(st.sampled_from(HOSTILE_METADATA), json_values.map(_dump))
+            )
+        new = _dump(header).encode()
+        raw = struct.pack("<Q", len(new)) + new + raw[8 + n :]
     f = tmp_path / "model.safetensors"
     f.write_bytes(raw)
     loads_or_says_why(_load_model_file, f, available_backends())

@@ -49,7 +49,8 @@ FILES = {"model", "optimizer", "config", "metrics"}
 # is printed as JSON. A fork before any torch op is safe (no thread pool exists yet).
 WORKER = r"""
 import json, os, sys
-import polygpt.backends.torch_backend.backend  # noqa: F401 - imported once, before the forks
+from polygpt.backends import get_backend
+get_backend("torch", "cpu")  # torch imported once, before the forks
 import torch._dynamo  # noqa: F401 - torch.optim.AdamW imports it on first use: seconds
 from polygpt.cli import main
 runs, argv = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -151,7 +152,7 @@ def test_kill_9_anywhere_then_resume_matches_an_unbroken_run(tmp_path, char_data
     ref = tmp_path / "ref" / "ck"
     ref_model, ref_opt = _tensors(ref / weights.MODEL_FILE), _tensors(ref / weights.OPTIMIZER_FILE)
     ref_metrics = weights.read_metrics(ref)
-    resumed_from = {}
+    resumed_from, leftovers = {}, set()
     for i, kill in enumerate(plan):
         out = tmp_path / f"t{i}" / "ck"
         point, n = kill.split(":")[:2]
@@ -160,6 +161,7 @@ def test_kill_9_anywhere_then_resume_matches_an_unbroken_run(tmp_path, char_data
         ).exists()
         if point not in ("metrics",) and int(n) > 1:
             assert has_checkpoint, f"{kill}: the previous checkpoint is gone"
+        leftovers.update(p.name.split("-")[0] for p in out.parent.iterdir() if p.name != "ck")
         if has_checkpoint:
             step = _loads_everywhere(out)
             resumed_from[kill] = step
@@ -180,3 +182,5 @@ def test_kill_9_anywhere_then_resume_matches_an_unbroken_run(tmp_path, char_data
         assert _log(weights.read_metrics(out)) == _log(ref_metrics), kill
     # the seeded plan resumed from checkpoints of several different steps
     assert len(set(resumed_from.values())) >= 3, resumed_from
+    # the kills did leave a temporary, an old directory and a lock file, all cleaned above
+    assert leftovers == {".ck.tmp", ".ck.old", ".ck.lock"}, leftovers

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,7 @@ class World:
     launcher: str | None = None
     comm: Any = None  # the backend's communicator (None in one process)
     timeout: float = DEFAULT_TIMEOUT_S
+    _watchdog: _Watchdog | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -133,6 +136,13 @@ class World:
         with self.deadline("averaging the loss"):
             return self.comm.mean(loss)
 
+    def sync(self, loss) -> float:
+        """float(loss): wait for this rank's queued step (which waits for its peers)."""
+        if self.comm is None:
+            return float(loss)
+        with self.deadline("finishing a training step"):
+            return float(loss)
+
     def barrier(self, what: str) -> None:
         if self.comm is not None:
             with self.deadline(what):
@@ -140,19 +150,25 @@ class World:
 
     @contextmanager
     def deadline(self, what: str) -> Iterator[None]:
-        """Fail instead of hanging when a wait outlives the timeout (frameworks without their
-        own, like MLX's ring, would wait forever on a peer that stopped but kept its socket)."""
-        timer = threading.Timer(self.timeout, _timed_out, (self, what))
-        timer.daemon = True
-        timer.start()
+        """Fail instead of hanging when the block outlives the timeout (MLX's ring has no
+        timeout of its own: it would wait forever on a peer that stopped but kept its socket).
+        A watchdog thread checks; collectives release the GIL while they wait."""
+        if self.comm is None:
+            yield
+            return
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(self)
+        wd = self._watchdog
+        prev = wd.until, wd.what
+        wd.until, wd.what = time.monotonic() + self.timeout, what
         try:
             yield
         except Exception as e:
-            if self.comm is not None and self.comm.is_comm_error(e):
+            if self.comm.is_comm_error(e):
                 raise PolygptError(self._peer_error(what, e)) from None
             raise
         finally:
-            timer.cancel()
+            wd.until, wd.what = prev
 
     @contextmanager
     def guard(self, what: str = "training") -> Iterator[None]:
@@ -165,7 +181,8 @@ class World:
             raise
 
     def _peer_error(self, what: str, e: BaseException) -> str:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*/[^\]]*\]\s*", "", first)[:160]  # gloo's source location
         return (
             f"rank {self.rank}/{self.size}: a peer process failed or stopped while {what} "
             f"({first}); checkpoints are written whole, so resume from the last one with "
@@ -176,6 +193,24 @@ class World:
         if self.comm is not None:
             self.comm.close()
             self.comm = None
+
+
+class _Watchdog:
+    """One daemon thread per distributed run: exits the process when an armed deadline
+    passes (see World.deadline)."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.until: float | None = None
+        self.what = ""
+        threading.Thread(target=self._run, name="polygpt-dist-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.world.timeout / 10))
+            until = self.until
+            if until is not None and time.monotonic() > until:
+                _timed_out(self.world, self.what)
 
 
 def _timed_out(world: World, what: str) -> None:

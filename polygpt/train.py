@@ -236,7 +236,7 @@ def _train(cfg, backend, world, resume, overwrite, progress, log, extra_config) 
         at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
         if at_eval and (it > start or not resume):  # a resumed run was evaluated when saved
             if loss is not None:
-                float(loss)  # finish queued work before the clock stops
+                world.sync(loss)  # finish queued work before the clock stops
             train_time += time.perf_counter() - t0
             if world.is_main:
                 rec = evaluate(it)
@@ -258,11 +258,12 @@ def _train(cfg, backend, world, resume, overwrite, progress, log, extra_config) 
             for _ in range(tc.grad_accum)
         ]
         batches = world.shard(batches)  # every rank drew the global batch; this is its slice
-        loss = backend.train_step(model, opt, batches, lr, tc.grad_clip, tc.dtype)
+        with world.deadline("in a training step"):  # (its collectives wait for the peers)
+            loss = backend.train_step(model, opt, batches, lr, tc.grad_clip, tc.dtype)
         it += 1
         if first_step_s is None:
             # the first step allocates and, with train.compile, compiles: not part of ms/iter
-            float(loss)
+            world.sync(loss)
             first_step_s = time.perf_counter() - t0
             t0 = time.perf_counter()
         else:

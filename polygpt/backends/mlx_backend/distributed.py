@@ -46,20 +46,20 @@ class Comm:
                     single = not f.read().strip()  # `mlx.launch -n 1` writes an empty one
             except OSError:
                 pass
-        if single:
-            self.group = mx.distributed.init(strict=False)
-        else:
-            if not mx.distributed.is_available(self.backend):
-                raise PolygptError(
-                    f"this MLX build has no {self.backend} distributed backend (see polygpt "
-                    "info): launch with mlx.launch --backend ring"
-                )
-            try:
-                self.group = mx.distributed.init(strict=True, backend=self.backend)
-            except RuntimeError as e:
-                msg = (str(e).strip().splitlines() or [repr(e)])[0][:200]
-                what = f"mlx.launch's {self.backend} group"
-                raise PolygptError(f"could not join {what}: {msg}") from None
+        if single:  # MLX cannot parse that file: a world of one needs no group anyway
+            self.group, self.rank, self.size, self.local_rank = None, 0, 1, 0
+            return
+        if not mx.distributed.is_available(self.backend):
+            raise PolygptError(
+                f"this MLX build has no {self.backend} distributed backend (see polygpt "
+                "info): launch with mlx.launch --backend ring"
+            )
+        try:
+            self.group = mx.distributed.init(strict=True, backend=self.backend)
+        except RuntimeError as e:
+            msg = (str(e).strip().splitlines() or [repr(e)])[0][:200]
+            what = f"mlx.launch's {self.backend} group"
+            raise PolygptError(f"could not join {what}: {msg}") from None
         self.rank = self.group.rank()
         self.size = self.group.size()
         self.local_rank = self.rank

@@ -107,6 +107,8 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
     res = train_mod.train(
         cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=click.echo
     )
+    if not res.is_main:  # another rank of a distributed run: rank 0 reports
+        return
     vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
     click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
 
@@ -456,7 +458,9 @@ def info(checkpoint) -> None:
         for line in inference.checkpoint_info_lines(checkpoint):
             click.echo(line)
         click.echo("")
-    for line in inference.environment_lines():
+    from polygpt import distributed
+
+    for line in inference.environment_lines() + distributed.environment_lines():
         click.echo(line)
 
 

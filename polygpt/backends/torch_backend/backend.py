@@ -19,6 +19,7 @@ scripts/bench_train.py; see docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -26,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,6 +130,7 @@ class Optimizer:
     compile_ok: bool = False  # the compiled loss has run a whole step
     compile_error: str | None = None
     threads: ThreadTuner | None = None
+    ddp: Any = None  # DistributedDataParallel over loss_fn, in a distributed run (distributed.py)
 
 
 def _resolve_device(device: str) -> str:
@@ -274,10 +277,15 @@ class Backend:
     def _forward_backward(self, model, opt: Optimizer, batches, autocast: str) -> torch.Tensor:
         n = len(batches)
         total = None
-        for x, y in batches:
-            with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                loss = opt.loss_fn(self._tensor(x), self._tensor(y))
-            (loss / n).backward()
+        fn = opt.ddp or opt.loss_fn
+        for i, (x, y) in enumerate(batches):
+            # DDP averages the gradients across ranks in the last micro-step's backward only
+            local = opt.ddp is not None and i < n - 1
+            with opt.ddp.no_sync() if local else contextlib.nullcontext():
+                bf16 = autocast == "bf16"
+                with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = fn(self._tensor(x), self._tensor(y))
+                (loss / n).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total / n
 

@@ -556,5 +556,30 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     click.echo(f"wrote {done} ({dst_format})")
 
 
+# ---------------------------------------------------------------------------------------------
+def _needs_serve_extra() -> None:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise PolygptError("serving needs fastapi and uvicorn: pip install 'polygpt[serve]'")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@click.option("--precision", "-p", default=None, help="As for sample [the checkpoint's].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Rows decoded at once.")
+@click.option("--max-tokens-limit", default=2048, show_default=True, type=int)
+def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
+    _needs_serve_extra()
+    from polygpt.serve import serve as run
+
+    run(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

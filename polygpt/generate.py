@@ -128,7 +128,7 @@ class ContextWindows:
             self.logits = self.backend.decode(self.model, self.cache, tokens)
 
 
-class _TextStream:
+class TextStream:
     """Incremental text of one row: finds stop strings and streams only text that is final.
 
     Text that could still become the start of a stop string, and a trailing incomplete UTF-8
@@ -232,7 +232,7 @@ def generate(
     texts = None
     if cfg.stop or on_text is not None:
         texts = [
-            _TextStream(
+            TextStream(
                 decode_text, cfg.stop, None if on_text is None else (lambda s, b=b: on_text(b, s))
             )
             for b in range(B)

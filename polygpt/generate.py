@@ -74,7 +74,10 @@ class ContextWindows:
         prompts: list[list[int]],
         keep: int = 0,
         max_new_tokens: int = 0,
+        cache=None,
     ):
+        """`cache`: one an earlier ContextWindows over this model left (its `.cache`), reused
+        by the backend when it holds as many rows (saves its allocation, and MLX's trace)."""
         check_prompts(prompts, block_size)
         keep = keep or max(1, block_size // 2)
         if not 1 <= keep <= block_size:
@@ -88,7 +91,7 @@ class ContextWindows:
         self.end = self.t0 = T0  # every row's first new token goes to column T0
         self.rows = np.arange(B)
         self.finished = np.zeros(B, dtype=bool)
-        self.cache = None
+        self.cache, self._cache_rows = cache, B
         self._prefill()
 
     def window(self, b: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -102,10 +103,8 @@ class _Row:
         self.sent += len(text)
         self.job.emit(("text", self.k, text))
 
-    def push(self, logits: np.ndarray) -> int:
-        """Sample the next token from this row's logits (V,); sets `finish` when it ends."""
-        u = None if self.rng is None else self.rng.next()
-        tok = int(self.sampler(logits[None], u)[0])
+    def take(self, tok: int) -> None:
+        """Append the sampled token; sets `finish` when the row ends."""
         self.ids.append(tok)
         if self.job.t_first is None:
             self.job.t_first = time.perf_counter()
@@ -113,7 +112,6 @@ class _Row:
             self.finish = "stop"
         elif len(self.ids) >= self.job.params.max_tokens:
             self.finish = "length"
-        return tok
 
     def result(self) -> tuple[str, int]:
         """The final text (as LanguageModel.generate cuts it) and its token count."""
@@ -128,12 +126,11 @@ class _Row:
 class _Group:
     """Rows decoded by one backend call per step: a ContextWindows and the rows it holds."""
 
-    def __init__(self, lm, rows: list[_Row], windows: list[list[int]], keep: int):
+    def __init__(self, lm, rows: list[_Row], windows: list[list[int]], keep: int, cache=None):
         self.rows = rows
         budget = max(r.job.params.max_tokens - len(r.ids) for r in rows)
-        self.ctx = ContextWindows(
-            lm.backend, lm.model, lm.spec.block_size, windows, keep, max_new_tokens=budget
-        )
+        block = lm.spec.block_size
+        self.ctx = ContextWindows(lm.backend, lm.model, block, windows, keep, budget, cache)
 
     def live(self) -> list[int]:
         return [b for b in self.ctx.rows.tolist() if not self.ctx.finished[b]]
@@ -142,21 +139,30 @@ class _Group:
         """Sample one token for every live row, then one forward pass for those going on.
         Returns (rows decoded, rows that ended)."""
         ctx, ended = self.ctx, []
-        nxt = np.zeros(len(ctx.rows), dtype=np.int64)  # finished rows still in the cache: any
-        going = 0
+        by_sampler: dict[Callable, list[int]] = {}  # rows with the same settings: one call
         for i, b in enumerate(ctx.rows.tolist()):
             if ctx.finished[b]:
                 continue
             r = self.rows[b]
             if r.job.cancelled:
                 r.finish = "cancelled"
-            else:
-                nxt[i] = r.push(ctx.logits[i])
-            if r.finish:
                 ctx.finished[b] = True
                 ended.append(r)
             else:
-                going += 1
+                by_sampler.setdefault(r.sampler, []).append(i)
+        nxt = np.zeros(len(ctx.rows), dtype=np.int64)  # finished rows still in the cache: any
+        going = 0
+        for sampler, idx in by_sampler.items():
+            rows = [self.rows[b] for b in ctx.rows[idx].tolist()]
+            u = None if rows[0].rng is None else np.concatenate([r.rng.next() for r in rows])
+            nxt[idx] = sampler(ctx.logits[idx], u)
+            for r, i in zip(rows, idx):
+                r.take(int(nxt[i]))
+                if r.finish:
+                    ctx.finished[ctx.rows[i]] = True
+                    ended.append(r)
+                else:
+                    going += 1
         if going:
             ctx.step(nxt)
         return going + len(ended), ended
@@ -174,6 +180,7 @@ class Engine:
         self._waiting: deque[_Row] = deque()
         self._groups: list[_Group] = []
         self._samplers: dict[tuple, Callable] = {}
+        self._caches: dict[int, Any] = {}  # caches of ended groups by rows, for reuse
         self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded in the step
         self.counts: Counter[str] = Counter()  # requests, prefills, merges, errors
 
@@ -237,7 +244,7 @@ class Engine:
                     self._finish(r)
             with self._cv:
                 self.batch_sizes[decoded] += 1
-            self._groups = [g for g in self._groups if g.live()]
+            self._retire([g for g in self._groups if not g.live()])
         except Exception:  # a framework failure must not take the server down
             log.exception("generation failed; failing the running requests")
             self._fail_all("the model failed while generating (see the server log)")
@@ -256,7 +263,7 @@ class Engine:
                     rows.append(r)
         if rows:
             self.counts["prefills"] += 1
-            self._groups.append(_Group(self.lm, rows, [r.prompt for r in rows], self.keep))
+            self._groups.append(self._group(rows, [r.prompt for r in rows]))
         if len(self._groups) > self.max_groups:
             self._merge()
 
@@ -268,7 +275,20 @@ class Engine:
                 rows.append(g.rows[b])
                 windows.append(g.ctx.window(b).tolist())
         self.counts["merges"] += 1
-        self._groups = [_Group(self.lm, rows, windows, self.keep)] if rows else []
+        self._retire(self._groups)
+        self._groups = [self._group(rows, windows)] if rows else []
+
+    def _group(self, rows: list[_Row], windows: list[list[int]]) -> _Group:
+        return _Group(self.lm, rows, windows, self.keep, self._caches.pop(len(rows), None))
+
+    def _retire(self, groups: list[_Group]) -> None:
+        """Drop groups, keeping one cache per batch size (MLX traces its decode step once per
+        cache, so a new cache for every group would retrace all the time)."""
+        for g in groups:
+            self._caches.setdefault(len(g.ctx.rows), g.ctx.cache)
+        while sum(self._caches) > 2 * self.max_batch:  # bound the memory they hold
+            del self._caches[min(self._caches)]
+        self._groups = [g for g in self._groups if all(g is not x for x in groups)]
 
     def _finish(self, r: _Row) -> None:
         job = r.job
@@ -345,13 +365,16 @@ def _error_body(message: str, kind: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 2048):
+def create_app(
+    engine: Engine, model_name: str, max_tokens_limit: int = 2048, stream_interval: float = 0.004
+):
     """The FastAPI app: /v1/completions, /v1/models, /v1/stats, /health."""
     lm = engine.lm
     block = lm.spec.block_size
     created = int(time.time())
 
     app = FastAPI(title="polygpt", docs_url=None, redoc_url=None)
+    relay = _Relay(stream_interval)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -450,12 +473,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 2048):
         n = req.n or 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(event) -> None:  # from the model thread
-            with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        job = Job(ids, n, params, emit)
+        job = Job(ids, n, params, relay.sender(loop, queue))
         base = {"id": job.id, "object": "text_completion", "created": int(time.time())}
         base["model"] = model_name
         usage_prompt = sum(len(t) for t in ids)
@@ -472,6 +490,9 @@ def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 2048):
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            # the chunk around its text, serialized once (json.dumps per token costs)
+            head, tail = _sse({**base, "choices": [choice(-1, "\0", None)]}).split('"\\u0000"')
+            tail_k = [tail.replace("-1", str(k), 1) for k in range(len(echo))]
 
             async def events():
                 done = False
@@ -481,16 +502,22 @@ def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 2048):
                             yield _sse({**base, "choices": [choice(k, text, None)]})
                     left = len(echo)
                     while left:
-                        ev = await queue.get()
-                        if ev[0] == "text":
-                            yield _sse({**base, "choices": [choice(ev[1], ev[2], None)]})
-                        elif ev[0] == "done":
-                            left -= 1
-                            yield _sse({**base, "choices": [choice(ev[1], "", ev[3])]})
-                        else:
-                            err = _error_body(ev[1], "server_error")
-                            yield _sse(err)
-                            break
+                        events = [await queue.get()]
+                        while not queue.empty():  # one write for what is ready
+                            events.append(queue.get_nowait())
+                        out = []
+                        for ev in events:
+                            if ev[0] == "text":
+                                k = ev[1]
+                                out.append(head + json.dumps(ev[2]) + tail_k[k])
+                            elif ev[0] == "done":
+                                left -= 1
+                                out.append(_sse({**base, "choices": [choice(ev[1], "", ev[3])]}))
+                            else:
+                                out.append(_sse(_error_body(ev[1], "server_error")))
+                                left = 0
+                                break
+                        yield "".join(out)
                     done = True
                     if include_usage:
                         yield _sse({**base, "choices": [], "usage": usage()})
@@ -522,6 +549,43 @@ def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 2048):
         return {**base, "choices": choices, "usage": usage()}
 
     return app
+
+
+class _Relay:
+    """Events from the model thread to the requests' asyncio queues, in bursts: at most one
+    loop wake-up per `interval` seconds. Every decode step emits a token for every row, and
+    handing each to its client as its own write cost more CPU than the step itself on a small
+    machine; a burst becomes one write per client (each token still its own SSE chunk)."""
+
+    def __init__(self, interval: float = 0.0):
+        self.interval = interval
+        self._pending: deque = deque()
+        self._scheduled = False
+        self._last = 0.0  # when the loop last drained
+
+    def sender(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable:
+        def send(event) -> None:  # the model thread
+            self._pending.append((queue, event))
+            if not self._scheduled:
+                self._scheduled = True
+                delay = self._last + self.interval - time.monotonic()
+                with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+                    loop.call_soon_threadsafe(self._wake, loop, delay)
+
+        return send
+
+    def _wake(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:  # the event loop
+        if delay > 0:
+            loop.call_later(delay, self._flush)
+        else:
+            self._flush()
+
+    def _flush(self) -> None:  # the event loop
+        self._last = time.monotonic()
+        self._scheduled = False  # before draining: an event sent from now on schedules anew
+        while self._pending:
+            queue, event = self._pending.popleft()
+            queue.put_nowait(event)
 
 
 def _sse(obj: dict) -> str:
@@ -589,6 +653,9 @@ def serve(
     if ready is not None:
         ready(url)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
+    # The model thread drops the GIL in every framework op and must get it back from the event
+    # loop thread: at the default 5 ms switch interval a decode step waited that long per op.
+    sys.setswitchinterval(5e-4)
     try:
         engine.run(stop=lambda: not thread.is_alive())
     except KeyboardInterrupt:

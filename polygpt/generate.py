@@ -74,10 +74,12 @@ class ContextWindows:
         prompts: list[list[int]],
         keep: int = 0,
         max_new_tokens: int = 0,
-        cache=None,
+        caches: dict | None = None,
     ):
-        """`cache`: one an earlier ContextWindows over this model left (its `.cache`), reused
-        by the backend when it holds as many rows (saves its allocation, and MLX's trace)."""
+        """`caches`: spare caches of this model by batch size, shared with other
+        ContextWindows (a server's many batches): a prefill takes one of its batch size from
+        there, and a cache left behind when the batch size changes goes back. Saves
+        allocating caches (and MLX's trace of the decode step over each)."""
         check_prompts(prompts, block_size)
         keep = keep or max(1, block_size // 2)
         if not 1 <= keep <= block_size:
@@ -91,7 +93,8 @@ class ContextWindows:
         self.end = self.t0 = T0  # every row's first new token goes to column T0
         self.rows = np.arange(B)
         self.finished = np.zeros(B, dtype=bool)
-        self.cache, self._cache_rows = cache, B
+        self.caches = caches
+        self.cache, self.cache_rows = None, 0
         self._prefill()
 
     def window(self, b: int) -> np.ndarray:
@@ -109,9 +112,13 @@ class ContextWindows:
         tokens = self.buf[rows, self.end - T : self.end].copy()
         pad = T - width
         tokens[np.arange(T)[None, :] < pad[:, None]] = 0  # padding (masked out anyway)
-        reuse = self.cache if self.cache is not None and len(rows) == self._cache_rows else None
+        reuse = self.cache if len(rows) == self.cache_rows else None
+        if reuse is None and self.caches is not None:
+            if self.cache is not None:
+                self.caches.setdefault(self.cache_rows, self.cache)
+            reuse = self.caches.pop(len(rows), None)
         self.cache, self.logits = self.backend.prefill(self.model, tokens, pad, cache=reuse)
-        self._cache_rows = len(rows)
+        self.cache_rows = len(rows)
         self._first_full = int(self.start[rows].min()) + self.block_size
 
     def step(self, tokens: np.ndarray) -> None:

@@ -10,10 +10,12 @@ Continuous batching. A request's choices (prompts x n) become rows. Rows that ar
 engine is busy join at the next decode step as a new *group*: a ContextWindows (the engine of
 polygpt.generate) prefilled with just their prompts, so joining costs only the new rows' own
 prefill. Each step decodes every group (one backend decode call per group) and samples each row
-with its own settings. More than `max_groups` groups are merged into one by re-prefilling every
-live row's current window (the same re-prefill a sliding window does), so the step stays one
-batched call most of the time; finished and cancelled rows leave the cache at that re-prefill
-(or when their group ends) and free their slot at once.
+with its own settings. With more than `max_groups` groups, all but the one holding the most
+context are merged into one by re-prefilling their live rows' current windows (the re-prefill
+a sliding window does; young groups hold short windows, so it is cheap), so a step is a few
+batched calls. Finished and cancelled rows free their slot at once and leave the cache at the
+next re-prefill or when their group ends. Joining without any re-prefill would need backend
+ops that copy cache rows between caches, which the Backend protocol does not have (yet).
 
 Same text as `polygpt sample`: choice k of a request (prompt k // n, sample k % n) samples from
 the random stream (seed, k) and its window follows the per-row rule of generate.ContextWindows,
@@ -126,11 +128,11 @@ class _Row:
 class _Group:
     """Rows decoded by one backend call per step: a ContextWindows and the rows it holds."""
 
-    def __init__(self, lm, rows: list[_Row], windows: list[list[int]], keep: int, cache=None):
+    def __init__(self, lm, rows: list[_Row], windows: list[list[int]], keep: int, caches: dict):
         self.rows = rows
         budget = max(r.job.params.max_tokens - len(r.ids) for r in rows)
         block = lm.spec.block_size
-        self.ctx = ContextWindows(lm.backend, lm.model, block, windows, keep, budget, cache)
+        self.ctx = ContextWindows(lm.backend, lm.model, block, windows, keep, budget, caches)
 
     def live(self) -> list[int]:
         return [b for b in self.ctx.rows.tolist() if not self.ctx.finished[b]]
@@ -168,6 +170,12 @@ class _Group:
         return going + len(ended), ended
 
 
+def _mostly_done(g: _Group) -> bool:
+    """More finished rows than live ones still ride in the group's decode calls."""
+    dead = len(g.ctx.rows) - len(g.live())
+    return dead >= max(4, len(g.live()) + 1)
+
+
 class Engine:
     """The scheduler. `submit`/`cancel` are called from any thread; `run` (or `step`) from the
     one thread that owns the model."""
@@ -180,7 +188,12 @@ class Engine:
         self._waiting: deque[_Row] = deque()
         self._groups: list[_Group] = []
         self._samplers: dict[tuple, Callable] = {}
-        self._caches: dict[int, Any] = {}  # caches of ended groups by rows, for reuse
+        self._caches: dict[int, Any] = {}  # spare caches by batch size, for reuse
+        spec = lm.spec  # fp32 keys and values of a full window, per cache row
+        row_bytes = spec.n_layer * 2 * spec.block_size * spec.n_embd * 4
+        self._pool_rows = max(
+            2 * max_batch, min(max_batch * (max_batch + 1) // 2, 2**29 // row_bytes)
+        )
         self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded in the step
         self.counts: Counter[str] = Counter()  # requests, prefills, merges, errors
 
@@ -264,29 +277,44 @@ class Engine:
         if rows:
             self.counts["prefills"] += 1
             self._groups.append(self._group(rows, [r.prompt for r in rows]))
-        if len(self._groups) > self.max_groups:
+        if len(self._groups) > 1 or any(map(_mostly_done, self._groups)):
             self._merge()
 
     def _merge(self) -> None:
-        """All groups into one: re-prefill every live row's current window."""
+        """Fewer groups, fewer decode calls per step. Groups whose live windows are short
+        (young ones: a prompt and a few tokens) are merged whenever there are two, by
+        re-prefilling those windows, which costs about a decode step; past `max_groups`, or
+        when a group decodes mostly finished rows, all but the group holding the most context
+        are merged."""
+        cost = [sum(len(g.ctx.window(b)) for b in g.live()) for g in self._groups]
+        cheap = [g for g, c in zip(self._groups, cost) if c <= 8 * self.max_batch]
+        if len(self._groups) > self.max_groups or any(map(_mostly_done, self._groups)):
+            heavy = [-1 if _mostly_done(g) else c for g, c in zip(self._groups, cost)]
+            keep = self._groups[int(np.argmax(heavy))] if max(heavy) >= 0 else None
+            merged = [g for g in self._groups if g is not keep]
+        else:
+            merged = cheap
+        if len(merged) < 2 and not any(map(_mostly_done, merged)):
+            return  # re-prefilling one healthy group alone gains nothing
         rows, windows = [], []
-        for g in self._groups:
+        for g in merged:
             for b in g.live():
                 rows.append(g.rows[b])
                 windows.append(g.ctx.window(b).tolist())
         self.counts["merges"] += 1
-        self._retire(self._groups)
-        self._groups = [self._group(rows, windows)] if rows else []
+        self._retire(merged)
+        if rows:
+            self._groups.append(self._group(rows, windows))
 
     def _group(self, rows: list[_Row], windows: list[list[int]]) -> _Group:
-        return _Group(self.lm, rows, windows, self.keep, self._caches.pop(len(rows), None))
+        return _Group(self.lm, rows, windows, self.keep, self._caches)
 
     def _retire(self, groups: list[_Group]) -> None:
-        """Drop groups, keeping one cache per batch size (MLX traces its decode step once per
-        cache, so a new cache for every group would retrace all the time)."""
+        """Drop groups, keeping their caches for reuse by batch size (allocating a cache is
+        slow, and MLX traces its decode step once per cache) within a memory bound."""
         for g in groups:
-            self._caches.setdefault(len(g.ctx.rows), g.ctx.cache)
-        while sum(self._caches) > 2 * self.max_batch:  # bound the memory they hold
+            self._caches.setdefault(g.ctx.cache_rows, g.ctx.cache)
+        while sum(self._caches) > self._pool_rows:
             del self._caches[min(self._caches)]
         self._groups = [g for g in self._groups if all(g is not x for x in groups)]
 

@@ -184,7 +184,7 @@ def run_clients(
     return Result(
         backend=backend,
         clients=clients,
-        seconds=round(seconds, 2),
+        seconds=seconds,
         requests=len(results),
         requests_per_s=len(results) / seconds,
         tokens_per_s=sum(r.tokens for r in results) / seconds,

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,71 +19,23 @@ from polygpt import inference
 from polygpt.cli import main
 from polygpt.generate import GenerationConfig
 
-from .conftest import ROOT, backends_under_test
+from .conftest import backends_under_test
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from polygpt.serve import Engine, Job, Params  # noqa: E402
+from polygpt.serve_bench import ServerProcess, format_row, run_clients  # noqa: E402
 
 PROMPTS = ["ROMEO:", "\n", "First Citizen:\nBefore we", "KING", "O, ", "JULIET:\nAh"]
 
 
-class Server:
-    """`polygpt serve` in a subprocess; its stderr (the request log) is collected."""
-
-    def __init__(self, ckpt, backend: str, *args: str):
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        cmd = [sys.executable, "-m", "polygpt.cli", "serve", str(ckpt), "-b", backend]
-        self.proc = subprocess.Popen(
-            [*cmd, "-d", "cpu", "--port", "0", *args],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self.url = None
-        ready = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if self.url is None and " at http://" in line:
-                    self.url = line.rsplit(" at ", 1)[1].strip()
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not ready.wait(180) or self.url is None:
-            self.close()
-            pytest.fail("server did not start:\n" + "".join(self.lines))
-        hostport = self.url.split("//")[1].split("/")[0]
-        self.host, self.port = hostport.rsplit(":", 1)
-        self.client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0)
-
-    def http(self, method: str, path: str, body: str | bytes | None = None):
-        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=60)
-        try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            conn.request(method, path, body=body, headers=headers)
-            r = conn.getresponse()
-            return r.status, r.read().decode()
-        finally:
-            conn.close()
-
-    def stats(self) -> dict:
-        status, body = self.http("GET", "/v1/stats")
-        assert status == 200
-        return json.loads(body)
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def start(ckpt, backend: str, *args: str) -> ServerProcess:
+    """`polygpt serve` on a free port, with the official client pointed at it."""
+    s = ServerProcess(ckpt, backend, "-d", "cpu", *args)
+    s.client = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+    return s
 
 
 @pytest.fixture(scope="module", params=backends_under_test())
@@ -97,7 +45,7 @@ def backend(request):
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, backend):
-    s = Server(tiny_ckpt, backend, "--max-batch", "16", "--max-tokens-limit", "4000")
+    s = start(tiny_ckpt, backend, "--max-batch", "16", "--max-tokens-limit", "4000")
     yield s
     s.close()
 
@@ -235,7 +183,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
 
 
 def test_a_client_that_goes_away_frees_its_slot_and_health_answers(server):
-    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     body = {"model": "x", "prompt": "hi", "max_tokens": 4000, "stream": True}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
@@ -248,6 +196,15 @@ def test_a_client_that_goes_away_frees_its_slot_and_health_answers(server):
         time.sleep(0.05)
     assert server.stats()["running"] == 0
     assert any("cancelled" in line for line in server.lines)
+
+
+def test_bench_serve_clients_measure_the_server(server, backend):
+    """bench-serve's closed-loop clients, briefly: counts come from the server's usage."""
+    body = {"model": "x", "prompt": "\n", "max_tokens": 8, "temperature": 0.8}
+    r = run_clients(server, backend, clients=3, duration=0.5, body=body)
+    assert r.requests >= 3 and r.clients == 3 and r.batch_max >= 1
+    assert r.tokens_per_s * r.seconds == pytest.approx(8 * r.requests)
+    assert 0 < r.ttft_p50_ms <= r.ttft_p99_ms and backend in format_row(r)
 
 
 # ---- the scheduler, step by step (no HTTP) -----------------------------------------------

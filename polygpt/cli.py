@@ -560,5 +560,55 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     click.echo(f"wrote {done} ({dst_format})")
 
 
+# ---------------------------------------------------------------------------------------------
+def _needs_serve_extra() -> None:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise PolygptError("serving needs fastapi and uvicorn: pip install 'polygpt[serve]'")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@click.option("--precision", "-p", default=None, help="As for sample [the checkpoint's].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Rows decoded at once.")
+@click.option("--max-tokens-limit", default=2048, show_default=True, type=int)
+def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
+    _needs_serve_extra()
+    from polygpt.serve import serve as run
+
+    run(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit)
+
+
+@main.command("bench-serve")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
+@DEVICE
+@click.option("--clients", default=16, show_default=True, type=int, help="Concurrent clients.")
+@click.option("--duration", default=20.0, show_default=True, type=float, help="Seconds per run.")
+@click.option("--max-tokens", default=64, show_default=True, type=int, help="Per request.")
+@click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, as_json) -> None:
+    """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
+    _needs_serve_extra()
+    from polygpt import serve_bench as sb
+    from polygpt.backends import available_backends
+
+    names = available_backends() if backends == "all" else backends.split(",")
+    if clients < 1 or duration <= 0 or max_tokens < 1:
+        raise PolygptError("--clients, --duration and --max-tokens must be positive")
+    click.echo(sb.HEADER)
+    res = sb.bench_serve(checkpoint, names, clients, duration, max_tokens, device=device)
+    for line in sb.speedups(res):
+        click.echo(line)
+    if as_json:
+        Path(as_json).write_text(sb.to_json(res) + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

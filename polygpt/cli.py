@@ -436,6 +436,11 @@ def _csv(value: str, what: str, cast=str) -> list:
 @click.option(
     "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
 )
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Batch 1, KV decode, short runs, no training rate: GPT-2 124M in minutes on a CPU.",
+)
 def bench(
     checkpoint,
     backends,
@@ -449,6 +454,7 @@ def bench(
     repeats,
     threads,
     data_dir,
+    quick,
 ) -> None:
     """Speed, size, memory and perplexity of CHECKPOINT on every backend x device x precision
     available here (each in its own process; what is missing is skipped, with the reason).
@@ -478,6 +484,8 @@ def bench(
         threads=n_threads,
         data_dir=data_dir,
     )
+    if quick:
+        cfg = bench_mod.quick(cfg)
     result = bench_mod.run_bench(cfg, out, log=lambda s: click.echo(s, err=True))
     click.echo(bench_mod.markdown(result))
     click.echo(

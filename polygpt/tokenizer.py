@@ -151,23 +151,34 @@ Tokenizer = CharTokenizer | TiktokenTokenizer
 
 
 def from_dict(d: dict) -> Tokenizer:
+    if not isinstance(d, dict):
+        raise PolygptError("tokenizer.json must hold a JSON object")
     kind = d.get("type")
     if kind == "char":
         chars = d.get("chars")
-        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
-            raise PolygptError("tokenizer.json: 'chars' must be a list of strings")
+        if not isinstance(chars, list) or not all(
+            isinstance(c, str) and len(c) == 1 for c in chars
+        ):
+            raise PolygptError("tokenizer.json: 'chars' must be a list of single characters")
+        if len(set(chars)) != len(chars):
+            raise PolygptError("tokenizer.json: 'chars' lists a character twice")
         return CharTokenizer(chars)
     if kind == "tiktoken":
-        return TiktokenTokenizer(d.get("name", "gpt2"))
+        name = d.get("name", "gpt2")
+        if name != "gpt2":  # any other name would make tiktoken download it
+            raise PolygptError(f"tokenizer.json: unknown BPE encoding {name!r} (gpt2)")
+        return TiktokenTokenizer(name)
     raise PolygptError(f"tokenizer.json: unknown tokenizer type {kind!r}")
 
 
 def load(path: str | Path) -> Tokenizer:
     p = Path(path)
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise PolygptError(f"cannot read tokenizer {p}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise PolygptError(f"tokenizer {p} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5000-digit int, [[[[...
+        raise PolygptError(
+            f"tokenizer {p} is not valid JSON: {str(e) or type(e).__name__}"
+        ) from None
     return from_dict(d)

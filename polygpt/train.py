@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polygpt import __version__, data, weights
+from polygpt import __version__, data, rundir, weights
 from polygpt.backends import get_backend
 from polygpt.config import RunConfig, TrainConfig, from_dict
 from polygpt.errors import PolygptError
@@ -82,6 +82,7 @@ def estimate_loss(
     return out
 
 
+@rundir.owned_run  # one writer per --out; a killed run's leftovers cleaned first
 def train(
     cfg: RunConfig,
     *,
@@ -117,7 +118,12 @@ def train(
         start = ckpt.step
         state = ckpt.config.get("train_state", {})
         rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError):
+            raise PolygptError(
+                f"{out}: no valid train_state.rng in config.json to resume"
+            ) from None
         history = dict(ckpt.config.get("metrics", {}))
         log(f"resuming {out} at step {start} with {backend.name} on {backend.device}")
     else:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPT-2 124M end to end on this machine, in both backends, with each command's peak RSS:
 # prepare (GPT-2 BPE), train 2 steps at the real shape (block 1024), sample, evaluate, and
-# load each backend's checkpoint in the other. Usage: scripts/gpt2_124m_smoke.sh WORKDIR [INPUT]
-# Takes ~10-20 minutes on 2 cores; run it under `flock /work/heavy.lock` on a shared machine.
+# load each backend's checkpoint in the other, then `bench --quick`.
+# Usage: scripts/gpt2_124m_smoke.sh WORKDIR [INPUT]
+# Takes ~20-30 minutes on 2 cores; run it under `flock /work/heavy.lock` on a shared machine.
 set -euo pipefail
 W=${1:?usage: gpt2_124m_smoke.sh WORKDIR [input.txt]}
 INPUT=${2:-../shared/data/tinyshakespeare/input.txt}
@@ -27,3 +28,5 @@ for B in torch mlx; do
     done
     run "eval $B" $POLYGPT eval "$W/torch" --backend "$B" --max-tokens 4096 --data "$W/data"
 done
+run "bench --quick" $POLYGPT bench "$W/torch" --quick --out "$W/bench" --data "$W/data"
+[ -x /tmp/g124_extra.sh ] && /tmp/g124_extra.sh "$W"

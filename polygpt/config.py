@@ -71,6 +71,7 @@ class TrainConfig:
     eval_iters: int = 200
     log_interval: int = 10
     save_checkpoints: bool = True  # save at every eval (and at the end)
+    init_from: str = ""  # a checkpoint to fine-tune: its spec and weights, a fresh optimizer
 
 
 @dataclass

@@ -149,12 +149,17 @@ def _train(cfg, backend, world, resume, overwrite, progress, log, extra_config) 
                 f"{out} already holds a checkpoint: pass --resume to continue it, "
                 "--overwrite to replace it, or --out to train elsewhere"
             )
-        spec = cfg.model.to_spec(tokenizer.vocab_size)
-        if spec.vocab_size < tokenizer.vocab_size:
-            raise PolygptError(
-                f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
-            )
-        model = backend.init_model(spec, tc.seed)
+        if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
+            from polygpt.finetune import load_init
+
+            spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
+        else:
+            spec = cfg.model.to_spec(tokenizer.vocab_size)
+            if spec.vocab_size < tokenizer.vocab_size:
+                raise PolygptError(
+                    f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
+                )
+            model = backend.init_model(spec, tc.seed)
         opt = backend.make_optimizer(model, tc)
         start = 0
         rng = np.random.default_rng(tc.seed)

@@ -25,16 +25,36 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from polygpt import bench_report, weights
+from polygpt import bench_report, limits, weights
 from polygpt.backends import available_backends, known_backends
 from polygpt.bench_measure import BenchConfig, BenchResult, Row
 
 # The devices `--devices auto` tries per backend (an unavailable one is a skipped row).
 # TODO(backend facts): Backend.devices
 DEVICES = {"torch": ("cpu", "cuda", "mps"), "mlx": ("cpu", "gpu")}
+
+
+def quick(cfg: BenchConfig) -> BenchConfig:
+    """`--quick`: what a GPT-2-sized model needs to be judged in minutes on a CPU: batch 1,
+    KV decode only, short runs, a smaller perplexity subset, no training rate."""
+    return replace(
+        cfg,
+        batch_sizes=[1],
+        new_tokens=min(cfg.new_tokens, 32),
+        repeats=min(cfg.repeats, 2),
+        ppl_tokens=min(cfg.ppl_tokens, 8192),
+        train_steps=0,
+        nocache=False,
+        config_budget_s=min(cfg.config_budget_s, 30.0),
+    )
+
+
+@dataclass
+class LimitsStart:
+    """The machine's ceilings are being measured (a few seconds)."""
 
 
 @dataclass
@@ -155,7 +175,7 @@ def _run_worker(cfg: BenchConfig, b: str, d: str, p: str, log_dir: Path) -> Row:
 def run_bench(
     cfg: BenchConfig,
     out: str | Path,
-    on_event: Callable[[ConfigStart | ConfigDone], None] = lambda ev: None,
+    on_event: Callable[[LimitsStart | ConfigStart | ConfigDone], None] = lambda ev: None,
 ) -> BenchResult:
     """Run every configuration and write results.json, results.csv, results.md and charts."""
     cfg.validate()
@@ -170,6 +190,10 @@ def run_bench(
     rows: list[Row] = []
     missing: dict[tuple[str, str], str] = {}  # a device found missing once: skip its precisions
     t0 = time.perf_counter()
+    ceilings = None
+    if cfg.limits:
+        on_event(LimitsStart())
+        ceilings = limits.measure(max(cfg.threads, 0))
     for b, d, p in plan(cfg):
         if b not in installed:
             reason = f"{b} is not installed (pip install 'polygpt[{b}]')"
@@ -200,6 +224,7 @@ def run_bench(
         settings=cfg,
         results=rows,
         wall_s=time.perf_counter() - t0,
+        limits=ceilings,
     )
     bench_report.write_outputs(result, out)
     return result

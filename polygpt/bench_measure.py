@@ -11,8 +11,9 @@ configuration measures, with a warm-up and repeats (median, min, max, spread):
   the cropped context per token), same prompts and sampler: the baseline the cache is for;
 - training tokens/s (fp32 and bf16 configurations: `train.dtype`), the run's batch shape;
 - saved size (bytes of model.safetensors at that precision, as `polygpt quantize` writes
-  it), weights in memory (`Backend.model_bytes`), peak memory (the process's peak RSS;
-  accelerator allocator stats where a backend reports them);
+  it), weights in memory (`Backend.model_bytes`), peak memory (the process's peak RSS
+  while loading and running inference, before the training rate and the saved size load
+  another fp32 copy; accelerator allocator stats where a backend reports them);
 - perplexity on a fixed validation subset (the first `ppl_tokens` tokens; the whole split with
   `full_ppl`) with polygpt.evaluate, non-overlapping windows (stride = block_size), measured
   first and in full for every configuration so all are scored on the same tokens.
@@ -61,13 +62,15 @@ class BenchConfig:
     warmup: int = 1
     budget_s: float = 5.0  # per measurement: stop repeating once this much time is spent
     config_budget_s: float = 45.0  # per configuration's speed part: measurements shrink to fit
-    train_steps: int = 10  # timed training steps per repeat
+    train_steps: int = 10  # timed training steps per repeat (0: no training rate)
     train_warmup: int = 5
     ppl_tokens: int = 50_000  # fixed validation subset for perplexity (0: skip)
     full_ppl: bool = False
     threads: int = -1  # >0: OMP/MKL/OpenBLAS threads for all; 0: frameworks'; -1: auto
     data_dir: str | None = None  # prepared data [the checkpoint's data.dir]
     timeout_s: float = 900.0  # per configuration subprocess
+    nocache: bool = True  # also time decoding without the KV cache
+    limits: bool = True  # measure memory bandwidth and matmul peak, print fractions of them
 
     def validate(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -169,6 +172,7 @@ class BenchResult:
     settings: BenchConfig
     results: list[Row]
     wall_s: float
+    limits: dict | None = None  # limits.measure(): the machine's memory and matmul ceilings
     polygpt_bench: int = 1  # the results.json format
 
     def to_dict(self) -> dict:
@@ -327,7 +331,6 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
     be, model, spec, ckpt = lm.backend, lm.model, lm.spec, lm.checkpoint
     row.load_s = time.perf_counter() - t_start
     row.describe = be.describe()
-    row.size_mb, row.size_note = _saved_size(be, model, ckpt, precision)
     weights_mb = None
     if hasattr(be, "model_bytes"):
         weights_mb = be.model_bytes(model) / 1e6
@@ -367,11 +370,16 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
         row.prefill[f"b{B}"] = timed_rate(prefill, B * T, **rate)
         prompts = [prompt] * B
         row.decode_kv[f"b{B}"] = _decode_rate(generate, be, model, T, prompts, gen, cfg, deadline)
-        row.decode_nocache[f"b{B}"] = _decode_rate(
-            uncached_generate, be, model, T, prompts, gen, cfg, deadline
-        )
+        if cfg.nocache:
+            row.decode_nocache[f"b{B}"] = _decode_rate(
+                uncached_generate, be, model, T, prompts, gen, cfg, deadline
+            )
 
-    if precision in TRAIN_DTYPES:
+    # the peak of inference alone: the training rate and the saved size (quantize_checkpoint)
+    # below load another fp32 copy of the weights
+    inference_peak_mb = _peak_rss_mb()
+    row.size_mb, row.size_note = _saved_size(be, model, ckpt, precision)
+    if precision in TRAIN_DTYPES and cfg.train_steps > 0:
         del model, lm  # training loads its own fp32 copy
         try:
             row.train = _train_rate(be, ckpt, spec, precision, cfg, data_dir, deadline)
@@ -379,7 +387,8 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
             row.train_skipped = str(e)
     after = be.describe()  # accelerator allocator stats, when a backend reports them
     row.memory = {
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": inference_peak_mb,
+        "peak_rss_mb_all": _peak_rss_mb(),
         "weights_mb": weights_mb,
         **{k: v for k, v in after.items() if "memory" in k},
     }

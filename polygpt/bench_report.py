@@ -8,8 +8,9 @@ import json
 import math
 from pathlib import Path
 
-from polygpt import plot
+from polygpt import limits, plot
 from polygpt.bench_measure import PROBE_TOKENS, BenchResult, Rate, Row
+from polygpt.spec import ModelSpec
 
 
 def median(row: Row, group: str, key: str) -> float | None:
@@ -120,6 +121,7 @@ def markdown(result: BenchResult) -> str:
         for r in notes:
             what = r.status if r.status != "ok" else "note"
             lines.append(f"- {r.name}: {what}: {r.reason or r.size_note}")
+    lines += limit_lines(result)
     descs: dict[tuple[str, str], dict] = {}
     for r in ok:
         descs.setdefault((r.backend, r.device), r.describe or {})
@@ -131,6 +133,43 @@ def markdown(result: BenchResult) -> str:
                 f"BLAS {d.get('blas', '?')}, threads {d.get('threads', '?')}"
             )
     return "\n".join(lines) + "\n"
+
+
+def limit_lines(result: BenchResult) -> list[str]:
+    """Each configuration's batch-1 rates as fractions of the machine's ceilings (limits.py)."""
+    lim = result.limits
+    if not lim:
+        return []
+    spec = ModelSpec.from_dict(result.checkpoint["spec"])
+    per_tok = limits.prefill_flops_per_token(spec, spec.block_size)
+    out = [
+        "",
+        f"Machine ceilings (measured now, {lim['threads']} threads): memory read "
+        f"{lim['read_gb_s']:.1f} GB/s, float32 matmul {lim['matmul_gflop_s']:.0f} GFLOP/s "
+        "(NumPy's BLAS).",
+    ]
+    for r in result.results:
+        if r.status != "ok":
+            continue
+        parts = []
+        wmb = r.memory.get("weights_mb")
+        kv1 = median(r, "decode_kv", "b1")
+        if kv1 and wmb:
+            bound = limits.decode_bound(wmb * 1e6, lim["read_gb_s"])
+            parts.append(
+                f"KV decode b1 {kv1:,.1f} tok/s = {100 * kv1 / bound:.0f}% of the bandwidth "
+                f"bound {bound:,.1f} ({wmb:,.0f} MB of weights per token)"
+            )
+        pf1 = median(r, "prefill", "b1")
+        if pf1:
+            frac = pf1 * per_tok / (lim["matmul_gflop_s"] * 1e9)
+            parts.append(f"prefill b1 = {100 * frac:.0f}% of the matmul peak")
+        rss = r.memory.get("peak_rss_mb")
+        if rss and wmb:
+            parts.append(f"peak RSS {rss / wmb:.2f}x the weights")
+        if parts:
+            out.append(f"- {r.name}: " + "; ".join(parts))
+    return out
 
 
 def write_outputs(result: BenchResult, out: Path) -> None:

@@ -179,3 +179,14 @@ def blas_in_use() -> str:
     if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
         return f"bundled reference BLAS (slow; {OPT_OUT_ENV} is set)"
     return f"bundled reference BLAS (slow: {INSTALL_HINT})"
+
+
+def set_openblas_threads(n: int) -> bool:
+    """Set the loaded OpenBLAS's thread count; False when there is none (or no setter)."""
+    if _loaded is None:
+        return False
+    try:
+        ctypes.CDLL(_loaded).openblas_set_num_threads(int(n))
+    except (AttributeError, OSError):
+        return False
+    return True

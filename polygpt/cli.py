@@ -7,6 +7,7 @@ module turns them into lines and progress bars. A bar is drawn only when stderr 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -23,10 +24,12 @@ from polygpt import (
     bench_report,
     config,
     data,
+    distributed,
     evaluate,
     inference,
     plot,
     quantize,
+    serve_bench,
     sweep,
     weights,
 )
@@ -102,7 +105,7 @@ class TrainView:
             click.echo(
                 f"{ev.params / 1e6:.2f}M parameters (non-embedding; {ev.params_total:,} "
                 f"total) | {d['framework']} on {d['device']} ({d['device_name']}) "
-                f"| BLAS: {d['blas']}"
+                f"| BLAS: {d['blas']} | {ev.processes}"
             )
             if self.want_bar:
                 self.bar = tqdm(
@@ -151,7 +154,8 @@ def weights_step(out: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@click.argument("dataset", type=click.Choice(["shakespeare-char", "shakespeare"]))
+@click.argument("dataset", type=click.Choice(["shakespeare-char", "shakespeare", "text"]))
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @click.option(
     "--input",
     "input_path",
@@ -160,17 +164,55 @@ def weights_step(out: Path) -> int:
     help="Use this local text file instead of downloading the corpus.",
 )
 @click.option("--out", default=None, help="Output directory [data/shakespeare_char].")
-def prepare(dataset: str, input_path: str | None, out: str | None) -> None:
+@click.option(
+    "--tokenizer",
+    type=click.Choice(["gpt2", "char"]),
+    default="gpt2",
+    show_default=True,
+    help="For `text`: GPT-2 BPE or characters.",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="For `text`: the share of the corpus (its end) held out for validation.",
+)
+def prepare(dataset, files, input_path, out, tokenizer, val_fraction) -> None:
     """Tokenize a corpus into train.bin / val.bin (uint16) and tokenizer.json.
 
-    shakespeare-char: character level (vocab 65); shakespeare: GPT-2 BPE via tiktoken."""
-    level = "char" if dataset == "shakespeare-char" else "bpe"
-    out = out or ("data/shakespeare_char" if level == "char" else "data/shakespeare")
-    res = data.prepare_shakespeare(out, input_path, level)
+    shakespeare-char: character level (vocab 65); shakespeare: GPT-2 BPE, split as nanoGPT;
+    text FILE...: your own UTF-8 text files (`--tokenizer gpt2|char`, `--out DIR`)."""
+    if dataset == "text":
+        if not files or not out or input_path:
+            raise PolygptError("usage: polygpt prepare text FILE... --out DIR [--tokenizer ...]")
+        res = data.prepare_text(files, out, tokenizer, val_fraction, on_progress=_byte_bar())
+    else:
+        if files:
+            raise PolygptError(f"{dataset} takes no FILE arguments (use --input FILE)")
+        level = "char" if dataset == "shakespeare-char" else "bpe"
+        out = out or ("data/shakespeare_char" if level == "char" else "data/shakespeare")
+        res = data.prepare_shakespeare(out, input_path, level)
     click.echo(
         f"wrote {res.dir}: {res.train_tokens:,} train / {res.val_tokens:,} val tokens, "
         f"vocab {res.vocab_size}"
     )
+
+
+def _byte_bar(min_bytes: int = 32 << 20):
+    """A progress callback that shows a bar (on a terminal) once the input is large."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total >= min_bytes and _bar_wanted(False):
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing")
+        if bar is not None:
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+
+    return update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +259,8 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
             _interrupted(e, f"polygpt train --resume --out {shlex.quote(str(e.out))}"), err=True
         )
         sys.exit(130)
+    if not res.is_main:  # another rank of a distributed run: rank 0 reports
+        return
     vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
     click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
 
@@ -544,6 +588,11 @@ def _csv(value: str, what: str, cast=str) -> list:
     "cores the machine's load leaves free; defaults when idle).",
 )
 @DATA
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Batch 1, KV decode, short runs, no training rate: GPT-2 124M in minutes on a CPU.",
+)
 def bench_(
     checkpoint,
     backends,
@@ -557,6 +606,7 @@ def bench_(
     repeats,
     threads,
     data_dir,
+    quick,
 ) -> None:
     """Speed, size, memory and perplexity of CHECKPOINT on every backend x device x precision
     available here (each in its own process; what is missing is skipped, with the reason).
@@ -582,6 +632,8 @@ def bench_(
         threads=n_threads,
         data_dir=data_dir,
     )
+    if quick:
+        cfg = bench.quick(cfg)
     result = bench.run_bench(cfg, out, on_event=_bench_line)
     click.echo(bench_report.markdown(result))
     click.echo(
@@ -591,7 +643,9 @@ def bench_(
 
 
 def _bench_line(ev) -> None:
-    if isinstance(ev, bench.ConfigStart):
+    if isinstance(ev, bench.LimitsStart):
+        click.echo("measuring memory bandwidth and matmul peak ...", err=True)
+    elif isinstance(ev, bench.ConfigStart):
         click.echo(f"{ev.backend}/{ev.device}/{ev.precision} ...", err=True)
     elif isinstance(ev, bench.ConfigDone):
         r = ev.row
@@ -659,7 +713,7 @@ def info(checkpoint) -> None:
         for line in checkpoint_lines(checkpoint):
             click.echo(line)
         click.echo("")
-    for line in environment_lines():
+    for line in environment_lines() + distributed.environment_lines():
         click.echo(line)
 
 
@@ -749,6 +803,53 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     """
     done, fmt = convert_mod.convert(source, out, src_format, dst_format, tokenizer_dir)
     click.echo(f"wrote {done} ({fmt})")
+
+
+# ---------------------------------------------------------------------------------------------
+def _needs_serve_extra() -> None:
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise PolygptError("serving needs fastapi and uvicorn: pip install 'polygpt[serve]'")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@precision_option()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Rows decoded at once.")
+@click.option("--max-tokens-limit", default=2048, show_default=True, type=int)
+def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
+    _needs_serve_extra()
+    from polygpt.serve import serve as run  # the optional [serve] extra (fastapi, uvicorn)
+
+    run(checkpoint, backend, device or "auto", precision, host, port, max_batch, max_tokens_limit)
+
+
+@main.command("bench-serve")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
+@DEVICE
+@click.option("--clients", default=16, show_default=True, type=int, help="Concurrent clients.")
+@click.option("--duration", default=20.0, show_default=True, type=float, help="Seconds per run.")
+@click.option("--max-tokens", default=64, show_default=True, type=int, help="Per request.")
+@click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, as_json) -> None:
+    """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
+    _needs_serve_extra()
+    names = available_backends() if backends == "all" else backends.split(",")
+    if clients < 1 or duration <= 0 or max_tokens < 1:
+        raise PolygptError("--clients, --duration and --max-tokens must be positive")
+    click.echo(serve_bench.HEADER)
+    res = serve_bench.bench_serve(
+        checkpoint, names, clients, duration, max_tokens, device=device or "auto"
+    )
+    for line in serve_bench.speedups(res):
+        click.echo(line)
+    if as_json:
+        Path(as_json).write_text(serve_bench.to_json(res) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":  # pragma: no cover

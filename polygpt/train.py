@@ -5,15 +5,17 @@ min_lr, gradient clipping, periodic train/val loss estimates on fixed batches, a
 each evaluation. Batches come from a seeded NumPy generator whose state is saved with the
 checkpoint, so a resumed run (in either backend) sees the same batch stream as an unbroken one.
 
-`train()` is `setup` (new run or resume) then `loop`; the loop's parts are small functions of
-one `Run` (`draw_batches`, `evaluate`, `save`), the places a data-parallel variant changes
-(slice the global batch per rank, average the loss, let rank 0 alone evaluate and save). It
-prints nothing: it reports typed events (TrainStart, TrainStep, Evaluated, Saved, TrainEnd)
-to `on_event`, and the caller (cli.py) draws bars and lines.
+`train()` joins the process group when a launcher started it (torchrun, mlx.launch; see
+distributed.py), takes the run lock, then runs `setup` (new run, fine-tuning init or resume)
+and `loop`; the loop's parts are small functions of one `Run` (`draw_batches`, `evaluate`,
+`save`). Every rank draws the same global batch and trains on its slice; rank 0 alone
+evaluates, writes and reports. It prints nothing: it reports typed events (TrainStart,
+TrainStep, Evaluated, Saved, TrainEnd) to `on_event`, and the caller (cli.py) draws them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -24,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from polygpt import __version__, data, weights
+from polygpt import __version__, data, distributed, rundir, weights
 from polygpt.backends import get_backend
 from polygpt.config import RunConfig, TrainConfig, from_dict, parse_override
 from polygpt.errors import PolygptError
+from polygpt.finetune import load_init
 from polygpt.spec import ModelSpec
 from polygpt.tokenizer import Tokenizer
 
@@ -57,6 +60,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     backend: dict
+    is_main: bool = True  # False on the other ranks of a distributed run (they write nothing)
 
 
 def estimate_loss(
@@ -105,6 +109,7 @@ class TrainStart:
     backend: str
     device: str
     describe: dict[str, str]  # Backend.describe(): framework, device name, BLAS, threads
+    processes: str  # distributed.World.describe(): "1 process", or how many and over what
 
 
 @dataclass
@@ -167,10 +172,18 @@ class Run:
     resumed: bool
     history: dict = field(default_factory=dict)  # the last evaluation's losses
     extra_config: dict = field(default_factory=dict)
+    world: distributed.World = field(default_factory=distributed.World)
 
     @property
     def out(self) -> Path:
         return Path(self.cfg.train.out)
+
+
+def _check(tc: TrainConfig) -> None:
+    if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
+        raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
+    if tc.dtype not in ("fp32", "bf16"):
+        raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
 
 
 def setup(
@@ -179,17 +192,20 @@ def setup(
     resume: bool = False,
     overwrite: bool = False,
     extra_config: dict | None = None,
+    backend: Any = None,
+    world: distributed.World | None = None,
 ) -> Run:
-    """A new run (fresh weights at cfg.train.seed) or, with `resume`, the run saved in
-    cfg.train.out: its weights, AdamW state, batch stream and step."""
+    """A new run (fresh weights at cfg.train.seed, or a checkpoint's with train.init_from) or,
+    with `resume`, the run saved in cfg.train.out: its weights, AdamW state, batch stream and
+    step. `backend` and `world` default to cfg's backend in one process."""
     tc = cfg.train
+    _check(tc)
     out = Path(tc.out)
-    weights.recover(out)
-    if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
-        raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
-    if tc.dtype not in ("fp32", "bf16"):
-        raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
-    backend = get_backend(tc.backend, tc.device)
+    backend = backend or get_backend(tc.backend, tc.device)
+    world = world or distributed.World()
+    if world.is_main:
+        weights.recover(out)
+    world.barrier("waiting for rank 0 to recover the checkpoint directory")
     tokenizer = data.load_tokenizer(cfg.data.dir)
     splits = {name: data.load_split(cfg.data.dir, name) for name in ("train", "val")}
 
@@ -211,7 +227,12 @@ def setup(
                 f"({state['data_tokens']} tokens, now {sizes})"
             )
         rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError):
+            raise PolygptError(
+                f"{out}: no valid train_state.rng in config.json to resume"
+            ) from None
         start, history = ckpt.step, dict(ckpt.config.get("metrics", {}))
     else:
         if (out / weights.CONFIG_FILE).exists() and not overwrite:
@@ -219,18 +240,23 @@ def setup(
                 f"{out} already holds a checkpoint: pass --resume to continue it, "
                 "--overwrite to replace it, or --out to train elsewhere"
             )
-        spec = cfg.model.to_spec(tokenizer.vocab_size)
-        if spec.vocab_size < tokenizer.vocab_size:
-            raise PolygptError(
-                f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
-            )
-        model = backend.init_model(spec, tc.seed)
+        if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
+            spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
+        else:
+            spec = cfg.model.to_spec(tokenizer.vocab_size)
+            if spec.vocab_size < tokenizer.vocab_size:
+                raise PolygptError(
+                    f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
+                )
+            model = backend.init_model(spec, tc.seed)
         opt = backend.make_optimizer(model, tc)
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and (out / weights.METRICS_FILE).exists():
-            (out / weights.METRICS_FILE).unlink()
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if overwrite and (out / weights.METRICS_FILE).exists():
+                (out / weights.METRICS_FILE).unlink()
         rng = np.random.default_rng(tc.seed)
         start, history = 0, {}
+    world.prepare(backend, model, opt)  # rank 0's weights; gradients averaged across ranks
     return Run(
         cfg=cfg,
         backend=backend,
@@ -244,6 +270,7 @@ def setup(
         resumed=resume,
         history=history,
         extra_config=dict(extra_config or {}),
+        world=world,
     )
 
 
@@ -283,7 +310,7 @@ def evaluate(run: Run, step: int) -> Evaluated:
 
 def save(run: Run, step: int) -> Saved | None:
     """Write the checkpoint (weights, AdamW state, batch-stream state, last metrics)."""
-    if not run.cfg.train.save_checkpoints:
+    if not run.cfg.train.save_checkpoints or not run.world.is_main:
         return None
     spec, backend = run.spec, run.backend
     run_cfg = run.cfg.to_dict()
@@ -323,7 +350,9 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
     (between parameter updates), and a checkpoint of that state is one no unbroken run passes
     through, which would break "a resumed run equals the unbroken run". The checkpoint on disk
     stays the last evaluated one (at most eval_interval steps behind)."""
-    tc, spec, backend = run.cfg.train, run.spec, run.backend
+    tc, spec, backend, world = run.cfg.train, run.spec, run.backend, run.world
+    if not world.is_main:  # rank 0 alone reports
+        on_event = lambda ev: None  # noqa: E731
     desc = backend.describe()
     on_event(
         TrainStart(
@@ -336,8 +365,13 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
             backend=backend.name,
             device=backend.device,
             describe=desc,
+            processes=world.describe(),
         )
     )
+    if world.is_main:  # each run segment says how many processes ran it, and over what
+        weights.append_metrics(
+            run.out, {"event": "start", "step": run.start, **world.record(), "time": time.time()}
+        )
     tokens_per_iter = tc.batch_size * tc.grad_accum * spec.block_size
     train_time, timed_iters = 0.0, 0
     first_step_s = None
@@ -350,32 +384,35 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
             at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
             if at_eval and (it > run.start or not run.resumed):  # resumed: evaluated when saved
                 if loss is not None:
-                    float(loss)  # finish queued work before the clock stops
+                    world.sync(loss)  # finish queued work before the clock stops
                 train_time += time.perf_counter() - t0
-                on_event(evaluate(run, it))
-                if it > 0 and (saved := save(run, it)) is not None:
-                    on_event(saved)
+                if world.is_main:
+                    on_event(evaluate(run, it))
+                    if it > 0 and (saved := save(run, it)) is not None:
+                        on_event(saved)
+                world.barrier("waiting for rank 0 to evaluate and save")
                 t0 = time.perf_counter()
             if it >= tc.max_iters:
                 break
             lr = get_lr(it, tc)
-            loss = backend.train_step(
-                run.model, run.opt, draw_batches(run), lr, tc.grad_clip, tc.dtype
-            )
+            batches = world.shard(draw_batches(run))  # every rank draws the global batch
+            with world.deadline("in a training step"):  # (its collectives wait for the peers)
+                loss = backend.train_step(run.model, run.opt, batches, lr, tc.grad_clip, tc.dtype)
             it += 1
             if first_step_s is None:
                 # the first step allocates and, with train.compile, compiles: not in ms/iter
-                float(loss)
+                world.sync(loss)
                 first_step_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
             else:
                 timed_iters += 1
             lossf = None
             if it % tc.log_interval == 0 or it == tc.max_iters:
-                lossf = float(loss)  # the only host sync between evaluations
-                weights.append_metrics(
-                    run.out, {"event": "train", "step": it, "loss": lossf, "lr": lr}
-                )
+                lossf = world.mean(loss)  # the only host sync between evaluations
+                if world.is_main:
+                    weights.append_metrics(
+                        run.out, {"event": "train", "step": it, "loss": lossf, "lr": lr}
+                    )
             on_event(TrainStep(it, lr, lossf))
     except KeyboardInterrupt:
         raise TrainInterrupted(run.out, it) from None
@@ -391,6 +428,7 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
         tokens_per_s=tps,
         wall_s=wall,
         backend=desc,
+        is_main=world.is_main,
     )
     on_event(TrainEnd(result, timed_iters, first_step_s))
     return result
@@ -406,8 +444,26 @@ def train(
 ) -> TrainResult:
     """Train (or resume) the run described by `cfg`; `extra_config` entries are stored in
     every checkpoint's config.json (e.g. a sweep's fingerprint)."""
-    run = setup(cfg, resume=resume, overwrite=overwrite, extra_config=extra_config)
-    return loop(run, on_event)
+    tc = cfg.train
+    _check(tc)
+    backend = get_backend(tc.backend, tc.device)
+    # under torchrun / mlx.launch: join the group (or fail); rank 0 alone writes and reports
+    world = distributed.join(backend, tc)
+    try:
+        # one writer per --out (rank 0's lock); a killed run's leftovers cleaned first
+        owner = rundir.owned(tc.out, resume) if world.is_main else contextlib.nullcontext()
+        with world.guard(), owner:
+            run = setup(
+                cfg,
+                resume=resume,
+                overwrite=overwrite,
+                extra_config=extra_config,
+                backend=backend,
+                world=world,
+            )
+            return loop(run, on_event)
+    finally:
+        world.close()
 
 
 # Keys an override cannot change on --resume: the checkpoint's weights fix the model.

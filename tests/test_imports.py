@@ -14,6 +14,7 @@ LAZY_ALLOWED = {
     "polygpt.plot": {"matplotlib", "matplotlib.pyplot"},  # the [plot] extra
     "polygpt.tokenizer": {"tiktoken"},  # the [bpe] extra
     "polygpt.convert": {"torch", "safetensors.torch"},  # nanoGPT pickles need torch.load
+    "polygpt.cli": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)
 }
 FRAMEWORKS = ("torch", "mlx")
 

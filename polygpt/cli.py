@@ -598,7 +598,6 @@ def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, as_
     names = available_backends() if backends == "all" else backends.split(",")
     if clients < 1 or duration <= 0 or max_tokens < 1:
         raise PolygptError("--clients, --duration and --max-tokens must be positive")
-    click.echo(sb.HEADER)
     res = sb.bench_serve(checkpoint, names, clients, duration, max_tokens, device=device)
     for line in sb.speedups(res):
         click.echo(line)

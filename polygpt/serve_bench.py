@@ -212,6 +212,7 @@ def bench_serve(
     from polygpt import weights
 
     weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
+    log(HEADER)
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens}
     body["temperature"] = temperature
     out = []

@@ -19,6 +19,7 @@ scripts/bench_train.py; see docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -26,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +46,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RETUNE_EVERY = 500  # steps between thread-count checks
 PROBE_STEPS = 3  # timed steps per candidate thread count in a check (fewer if decisive)
 WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
+# A decode step reads every weight once. Below this size that is a few dozen tiny ops, and
+# threads only add barrier waits (decode.cpu_threads); above it (GPT-2 124M: 0.5 GB at fp32)
+# the step is bound by memory bandwidth, which one core cannot saturate: measured at 124M on
+# the 2-core box, 2 threads decode ~1.6x faster than 1 (docs/BENCHMARKS.md, "GPT-2 124M").
+MULTITHREAD_GENERATION_BYTES = 64 << 20
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
 
 
@@ -128,6 +135,7 @@ class Optimizer:
     compile_ok: bool = False  # the compiled loss has run a whole step
     compile_error: str | None = None
     threads: ThreadTuner | None = None
+    ddp: Any = None  # DistributedDataParallel over loss_fn, in a distributed run (distributed.py)
 
 
 def _resolve_device(device: str) -> str:
@@ -150,7 +158,7 @@ def _resolve_device(device: str) -> str:
 
 class Backend:
     name = "torch"
-    decode_threads = 1  # CPU threads of prefill/decode (generation): see decode.cpu_threads
+    decode_threads = 1  # CPU threads of prefill/decode for small models: see decode.cpu_threads
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
@@ -274,10 +282,15 @@ class Backend:
     def _forward_backward(self, model, opt: Optimizer, batches, autocast: str) -> torch.Tensor:
         n = len(batches)
         total = None
-        for x, y in batches:
-            with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                loss = opt.loss_fn(self._tensor(x), self._tensor(y))
-            (loss / n).backward()
+        fn = opt.ddp or opt.loss_fn
+        for i, (x, y) in enumerate(batches):
+            # DDP averages the gradients across ranks in the last micro-step's backward only
+            local = opt.ddp is not None and i < n - 1
+            with opt.ddp.no_sync() if local else contextlib.nullcontext():
+                bf16 = autocast == "bf16"
+                with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = fn(self._tensor(x), self._tensor(y))
+                (loss / n).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total / n
 
@@ -360,6 +373,16 @@ class Backend:
         )
         return lp.view(y.shape).double().cpu().numpy()
 
+    def generation_threads(self, model) -> int:
+        """CPU threads for prefill/decode, by model size: 1 (decode_threads) while per-op
+        overhead dominates, torch's default count once streaming the weights does."""
+        n = getattr(model, "_generation_threads", None)
+        if n is None:
+            big = self.model_bytes(model) >= MULTITHREAD_GENERATION_BYTES
+            n = _DEFAULT_THREADS if big else self.decode_threads
+            model._generation_threads = n  # per model object: model_bytes walks every tensor
+        return n
+
     @torch.inference_mode()
     def prefill(self, model, tokens, pad, cache=None):
         model.eval()
@@ -368,7 +391,7 @@ class Backend:
         # the caller hands back its previous cache for the same model and batch size
         dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
         dec = dec or Decoder(model, B)
-        with cpu_threads(self.decode_threads, self.device):
+        with cpu_threads(self.generation_threads(model), self.device):
             logits = dec.prefill(self._tensor(tokens), self._tensor(pad), bool(np.any(pad)))
         return dec, self._logits_numpy(logits)
 
@@ -379,7 +402,7 @@ class Backend:
             t = t.long()
         if self.device != "cpu":
             t = t.to(self._dev, non_blocking=True)
-        with cpu_threads(self.decode_threads, self.device):
+        with cpu_threads(self.generation_threads(model), self.device):
             return self._logits_numpy(cache.step(t))
 
     @staticmethod

@@ -835,16 +835,17 @@ def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tok
 @click.option("--clients", default=16, show_default=True, type=int, help="Concurrent clients.")
 @click.option("--duration", default=20.0, show_default=True, type=float, help="Seconds per run.")
 @click.option("--max-tokens", default=64, show_default=True, type=int, help="Per request.")
+@click.option("--rounds", default=4, show_default=True, type=int, help="Alternations of 1 and N.")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
-def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, as_json) -> None:
+def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, rounds, as_json):
     """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
     _needs_serve_extra()
     names = available_backends() if backends == "all" else backends.split(",")
-    if clients < 1 or duration <= 0 or max_tokens < 1:
-        raise PolygptError("--clients, --duration and --max-tokens must be positive")
+    if min(clients, max_tokens, rounds) < 1 or duration <= 0:
+        raise PolygptError("--clients, --duration, --max-tokens and --rounds must be positive")
     click.echo(serve_bench.HEADER)
     res = serve_bench.bench_serve(
-        checkpoint, names, clients, duration, max_tokens, device=device or "auto"
+        checkpoint, names, clients, duration, max_tokens, device=device or "auto", rounds=rounds
     )
     for line in serve_bench.speedups(res):
         click.echo(line)

@@ -8,6 +8,7 @@ checkpoint, so a resumed run (in either backend) sees the same batch stream as a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polygpt import __version__, data, distributed, weights
+from polygpt import __version__, data, distributed, rundir, weights
 from polygpt.backends import get_backend
 from polygpt.config import RunConfig, TrainConfig, from_dict
 from polygpt.errors import PolygptError
@@ -103,7 +104,9 @@ def train(
     # under torchrun / mlx.launch: join the group (or fail); rank 0 alone writes and logs
     world = distributed.join(backend, tc)
     try:
-        with world.guard():
+        # one writer per --out (rank 0's lock); a killed run's leftovers cleaned first
+        owner = rundir.owned(tc.out, resume) if world.is_main else contextlib.nullcontext()
+        with world.guard(), owner:
             return _train(cfg, backend, world, resume, overwrite, progress, log, extra_config)
     finally:
         world.close()
@@ -132,7 +135,12 @@ def _train(cfg, backend, world, resume, overwrite, progress, log, extra_config) 
         start = ckpt.step
         state = ckpt.config.get("train_state", {})
         rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError):
+            raise PolygptError(
+                f"{out}: no valid train_state.rng in config.json to resume"
+            ) from None
         history = dict(ckpt.config.get("metrics", {}))
         log(f"resuming {out} at step {start} with {backend.name} on {backend.device}")
     else:
@@ -141,12 +149,17 @@ def _train(cfg, backend, world, resume, overwrite, progress, log, extra_config) 
                 f"{out} already holds a checkpoint: pass --resume to continue it, "
                 "--overwrite to replace it, or --out to train elsewhere"
             )
-        spec = cfg.model.to_spec(tokenizer.vocab_size)
-        if spec.vocab_size < tokenizer.vocab_size:
-            raise PolygptError(
-                f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
-            )
-        model = backend.init_model(spec, tc.seed)
+        if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
+            from polygpt.finetune import load_init
+
+            spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
+        else:
+            spec = cfg.model.to_spec(tokenizer.vocab_size)
+            if spec.vocab_size < tokenizer.vocab_size:
+                raise PolygptError(
+                    f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
+                )
+            model = backend.init_model(spec, tc.seed)
         opt = backend.make_optimizer(model, tc)
         start = 0
         rng = np.random.default_rng(tc.seed)

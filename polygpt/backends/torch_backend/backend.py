@@ -46,6 +46,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RETUNE_EVERY = 500  # steps between thread-count checks
 PROBE_STEPS = 3  # timed steps per candidate thread count in a check (fewer if decisive)
 WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
+# A decode step reads every weight once. Below this size that is a few dozen tiny ops, and
+# threads only add barrier waits (decode.cpu_threads); above it (GPT-2 124M: 0.5 GB at fp32)
+# the step is bound by memory bandwidth, which one core cannot saturate: measured at 124M on
+# the 2-core box, 2 threads decode ~1.6x faster than 1 (docs/BENCHMARKS.md, "GPT-2 124M").
+MULTITHREAD_GENERATION_BYTES = 64 << 20
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
 
 
@@ -153,7 +158,7 @@ def _resolve_device(device: str) -> str:
 
 class Backend:
     name = "torch"
-    decode_threads = 1  # CPU threads of prefill/decode (generation): see decode.cpu_threads
+    decode_threads = 1  # CPU threads of prefill/decode for small models: see decode.cpu_threads
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
@@ -368,6 +373,16 @@ class Backend:
         )
         return lp.view(y.shape).double().cpu().numpy()
 
+    def generation_threads(self, model) -> int:
+        """CPU threads for prefill/decode, by model size: 1 (decode_threads) while per-op
+        overhead dominates, torch's default count once streaming the weights does."""
+        n = getattr(model, "_generation_threads", None)
+        if n is None:
+            big = self.model_bytes(model) >= MULTITHREAD_GENERATION_BYTES
+            n = _DEFAULT_THREADS if big else self.decode_threads
+            model._generation_threads = n  # per model object: model_bytes walks every tensor
+        return n
+
     @torch.inference_mode()
     def prefill(self, model, tokens, pad, cache=None):
         model.eval()
@@ -376,7 +391,7 @@ class Backend:
         # the caller hands back its previous cache for the same model and batch size
         dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
         dec = dec or Decoder(model, B)
-        with cpu_threads(self.decode_threads, self.device):
+        with cpu_threads(self.generation_threads(model), self.device):
             logits = dec.prefill(self._tensor(tokens), self._tensor(pad), bool(np.any(pad)))
         return dec, self._logits_numpy(logits)
 
@@ -387,7 +402,7 @@ class Backend:
             t = t.long()
         if self.device != "cpu":
             t = t.to(self._dev, non_blocking=True)
-        with cpu_threads(self.decode_threads, self.device):
+        with cpu_threads(self.generation_threads(model), self.device):
             return self._logits_numpy(cache.step(t))
 
     @staticmethod

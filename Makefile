@@ -1,4 +1,5 @@
 # polygpt: `make demo` (install, prepare, train, sample in both backends) and `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -37,11 +38,13 @@ data/shakespeare_char/train.bin: | $(VENV)/.installed
 
 demo: install data/shakespeare_char/train.bin
 	$(BIN)/polygpt train configs/shakespeare_char.toml --backend torch --out $(DEMO_OUT) --overwrite
-	@echo "--- torch sample (greedy) ---"
-	$(BIN)/polygpt sample $(DEMO_OUT) --backend torch --temperature 0 --max-new-tokens 200 --prompt "ROMEO:"
-	@echo "--- mlx sample (greedy, same checkpoint) ---"
+	@echo "--- torch sample (temperature 0.8, seed 1337) ---"
+	set -o pipefail; $(BIN)/polygpt sample $(DEMO_OUT) --backend torch --temperature 0.8 --seed 1337 --max-new-tokens 300 --prompt "ROMEO:" | tee $(DEMO_OUT)/sample_torch.txt
+	@echo "--- mlx sample (same checkpoint, same seed: the same text) ---"
 	@if $(BIN)/python -c "import mlx.core" 2>/dev/null; then \
-		$(BIN)/polygpt sample $(DEMO_OUT) --backend mlx --temperature 0 --max-new-tokens 200 --prompt "ROMEO:"; \
+		set -o pipefail; $(BIN)/polygpt sample $(DEMO_OUT) --backend mlx --temperature 0.8 --seed 1337 --max-new-tokens 300 --prompt "ROMEO:" | tee $(DEMO_OUT)/sample_mlx.txt || exit 1; \
+		if cmp -s $(DEMO_OUT)/sample_torch.txt $(DEMO_OUT)/sample_mlx.txt; then echo "(torch and MLX wrote the same text)"; \
+		else echo "(torch and MLX texts differ)"; fi; \
 	else echo "(mlx is not installed on this machine: skipped)"; fi
 	@echo "checkpoint: $(DEMO_OUT)"
 	$(BIN)/polygpt info $(DEMO_OUT)
@@ -51,10 +54,22 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
-# The reference blog's experiments (about an hour on 2 CPU cores): runs, perplexity, samples,
-# results table and the charts in docs/experiments/.
+# The reference blog's experiments (about two hours on 2 idle CPU cores): the sweep (runs,
+# full-split perplexity, samples, results table), the seed spread in torch, MLX and nanoGPT's own
+# recipe, the blog's last-token perplexity, the charts and docs/experiments/report.md.
+SWEEP_RUNS := 0.8M-500 0.8M-1000 0.8M-2000 0.8M-4000 0.8M-2000-mlx 3.2M-2000 6.3M-2000 6.3M-4000
 experiments: install data/shakespeare_char/train.bin
 	$(BIN)/polygpt sweep experiments/shakespeare.toml
+	$(BIN)/polygpt sweep experiments/seeds.toml
+	@[ -f weights/nanogpt_seeds/results.json ] || \
+		$(BIN)/python scripts/nanogpt_seeds.py --seeds 1337 1 2 --out weights/nanogpt_seeds
+	@mkdir -p weights/lasttoken
+	@for r in $(SWEEP_RUNS); do f=weights/lasttoken/$$r-50k.json; [ -s $$f ] || \
+		{ $(BIN)/polygpt eval weights/sweep/$$r --method last-token --max-tokens 50000 --json > $$f.tmp \
+		&& mv $$f.tmp $$f; } || exit 1; done
+	@f=weights/lasttoken/6.3M-4000-full.json; [ -s $$f ] || \
+		{ $(BIN)/polygpt eval weights/sweep/6.3M-4000 --method last-token --json > $$f.tmp && mv $$f.tmp $$f; }
+	$(BIN)/python scripts/experiments_report.py
 	$(BIN)/polygpt plot weights/sweep/0.8M-500 weights/sweep/0.8M-1000 weights/sweep/0.8M-2000 \
 		weights/sweep/0.8M-4000 --kind loss --out docs/experiments/loss_0.8M.png
 	$(BIN)/polygpt plot weights/sweep/0.8M-2000 weights/sweep/3.2M-2000 weights/sweep/6.3M-2000 \

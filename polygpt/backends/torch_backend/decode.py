@@ -82,6 +82,8 @@ class LeanStep:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) appended to the cache -> next-token logits (B, V)."""
         first = self.cache[0]
+        if first.offset >= first.max_len:
+            raise RuntimeError("KV cache is full: the caller must slide the window first")
         x = self.wte.index_select(0, tokens)  # (B, C)
         if first.rows.valid is None:  # no padding: the position is the offset for every row
             x.add_(self.pe[first.offset])

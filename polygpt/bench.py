@@ -10,8 +10,9 @@ repeats (median, min, max, spread):
   the cropped context per token), same prompts and sampler: the baseline the cache is for;
 - training tokens/s (fp32 and bf16 configurations: `train.dtype`), the run's batch shape;
 - saved size (bytes of model.safetensors at that precision, as `polygpt quantize` writes
-  it), weights in memory (`Backend.model_bytes`), peak memory (the process's peak RSS;
-  accelerator allocator stats where a backend reports them);
+  it), weights in memory (`Backend.model_bytes`), peak memory (the process's peak RSS
+  while loading and running inference, before the training rate and the saved size load
+  another fp32 copy; accelerator allocator stats where a backend reports them);
 - perplexity on a fixed validation subset (the first `ppl_tokens` tokens; the whole split with
   `full_ppl`) with polygpt.evaluate, non-overlapping windows (stride = block_size), measured
   first and in full for every configuration so all are scored on the same tokens.
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,15 @@ class BenchConfig:
     warmup: int = 1
     budget_s: float = 5.0  # per measurement: stop repeating once this much time is spent
     config_budget_s: float = 45.0  # per configuration's speed part: measurements shrink to fit
-    train_steps: int = 10  # timed training steps per repeat
+    train_steps: int = 10  # timed training steps per repeat (0: no training rate)
     train_warmup: int = 5
     ppl_tokens: int = 50_000  # fixed validation subset for perplexity (0: skip)
     full_ppl: bool = False
     threads: int = -1  # >0: OMP/MKL/OpenBLAS threads for all; 0: frameworks'; -1: auto
     data_dir: str | None = None  # prepared data [the checkpoint's data.dir]
     timeout_s: float = 900.0  # per configuration subprocess
+    nocache: bool = True  # also time decoding without the KV cache
+    limits: bool = True  # measure memory bandwidth and matmul peak, print fractions of them
 
     def validate(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -97,6 +100,21 @@ class BenchConfig:
             raise PolygptError("--batch-sizes must be positive integers")
         if self.new_tokens < 1 or self.prompt_tokens < 1 or self.repeats < 1:
             raise PolygptError("new tokens, prompt tokens and repeats must be >= 1")
+
+
+def quick(cfg: BenchConfig) -> BenchConfig:
+    """`--quick`: what a GPT-2-sized model needs to be judged in minutes on a CPU: batch 1,
+    KV decode only, short runs, a smaller perplexity subset, no training rate."""
+    return replace(
+        cfg,
+        batch_sizes=[1],
+        new_tokens=min(cfg.new_tokens, 32),
+        repeats=min(cfg.repeats, 2),
+        ppl_tokens=min(cfg.ppl_tokens, 8192),
+        train_steps=0,
+        nocache=False,
+        config_budget_s=min(cfg.config_budget_s, 30.0),
+    )
 
 
 # ---- timing helpers (also used by the worker) ---------------------------------------------
@@ -334,7 +352,6 @@ def run_config(cfg: BenchConfig, backend: str, device: str, precision: str) -> d
     be, model, spec, ckpt = lm.backend, lm.model, lm.spec, lm.checkpoint
     row["load_s"] = time.perf_counter() - t_start
     row["describe"] = be.describe()
-    row["size_mb"], row["size_note"] = _saved_size(be, model, ckpt, precision)
     weights_mb = None
     if hasattr(be, "model_bytes"):
         weights_mb = be.model_bytes(model) / 1e6
@@ -374,9 +391,15 @@ def run_config(cfg: BenchConfig, backend: str, device: str, precision: str) -> d
         row["prefill"][f"b{B}"] = timed_rate(prefill, B * T, **rate)
         prompts = [prompt] * B
         for key, fn in (("decode_kv", generate), ("decode_nocache", uncached_generate)):
+            if key == "decode_nocache" and not cfg.nocache:
+                continue
             row[key][f"b{B}"] = _decode_rate(fn, be, model, T, prompts, gen, cfg, deadline)
 
-    if precision in TRAIN_DTYPES:
+    # the peak of inference alone: the training rate and the saved size (quantize_checkpoint)
+    # below load another fp32 copy of the weights
+    inference_peak_mb = _peak_rss_mb()
+    row["size_mb"], row["size_note"] = _saved_size(be, model, ckpt, precision)
+    if precision in TRAIN_DTYPES and cfg.train_steps > 0:
         del model, lm  # training loads its own fp32 copy
         try:
             row["train"] = _train_rate(be, ckpt, spec, precision, cfg, data_dir, deadline)
@@ -384,7 +407,8 @@ def run_config(cfg: BenchConfig, backend: str, device: str, precision: str) -> d
             row["train"] = {"skipped": str(e)}
     after = be.describe()  # accelerator allocator stats, when a backend reports them
     row["memory"] = {
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": inference_peak_mb,
+        "peak_rss_mb_all": _peak_rss_mb(),
         "weights_mb": weights_mb,
         **{k: v for k, v in after.items() if "memory" in k},
     }
@@ -471,6 +495,12 @@ def run_bench(
         cfg.threads, threads_note = auto_threads()
     rows = []
     t0 = time.perf_counter()
+    ceilings = None
+    if cfg.limits:
+        from polygpt import limits
+
+        log("measuring memory bandwidth and matmul peak ...")
+        ceilings = limits.measure(max(cfg.threads, 0))
     for b, d, p in _plan(cfg):
         if b not in installed:
             rows.append(
@@ -526,6 +556,7 @@ def run_bench(
             or (f"{cfg.threads} (--threads)" if cfg.threads else "frameworks' defaults"),
         },
         "settings": asdict(cfg),
+        "limits": ceilings,
         "results": rows,
         "wall_s": time.perf_counter() - t0,
     }
@@ -655,6 +686,7 @@ def markdown(result: dict) -> str:
             what = r["status"] if r["status"] != "ok" else "note"
             why = r.get("reason") or r.get("size_note")
             lines.append(f"- {r['backend']}/{r['device']}/{r['precision']}: {what}: {why}")
+    lines += limit_lines(result)
     descs = {}
     for r in ok:
         d = r.get("describe") or {}
@@ -667,6 +699,46 @@ def markdown(result: dict) -> str:
                 f"BLAS {d.get('blas', '?')}, threads {d.get('threads', '?')}"
             )
     return "\n".join(lines) + "\n"
+
+
+def limit_lines(result: dict) -> list[str]:
+    """Each configuration's batch-1 rates as fractions of the machine's ceilings (limits.py)."""
+    lim = result.get("limits")
+    if not lim:
+        return []
+    from polygpt import limits
+    from polygpt.spec import ModelSpec
+
+    spec = ModelSpec(**result["checkpoint"]["spec"])
+    per_tok = limits.prefill_flops_per_token(spec, spec.block_size)
+    out = [
+        "",
+        f"Machine ceilings (measured now, {lim['threads']} threads): memory read "
+        f"{lim['read_gb_s']:.1f} GB/s, float32 matmul {lim['matmul_gflop_s']:.0f} GFLOP/s "
+        "(NumPy's BLAS).",
+    ]
+    for r in result["results"]:
+        if r["status"] != "ok":
+            continue
+        parts = []
+        wmb = (r.get("memory") or {}).get("weights_mb")
+        kv1 = _median(r, "decode_kv", "b1")
+        if kv1 and wmb:
+            bound = limits.decode_bound(wmb * 1e6, lim["read_gb_s"])
+            parts.append(
+                f"KV decode b1 {kv1:,.1f} tok/s = {100 * kv1 / bound:.0f}% of the bandwidth "
+                f"bound {bound:,.1f} ({wmb:,.0f} MB of weights per token)"
+            )
+        pf1 = _median(r, "prefill", "b1")
+        if pf1:
+            frac = pf1 * per_tok / (lim["matmul_gflop_s"] * 1e9)
+            parts.append(f"prefill b1 = {100 * frac:.0f}% of the matmul peak")
+        rss = (r.get("memory") or {}).get("peak_rss_mb")
+        if rss and wmb:
+            parts.append(f"peak RSS {rss / wmb:.2f}x the weights")
+        if parts:
+            out.append(f"- {r['backend']}/{r['device']}/{r['precision']}: " + "; ".join(parts))
+    return out
 
 
 def write_outputs(result: dict, out: Path) -> None:

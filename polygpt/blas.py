@@ -186,3 +186,14 @@ def advice() -> str | None:
     if sys.platform != "linux" or find_openblas() is not None:
         return None
     return f"MLX on CPU runs ~7x faster with OpenBLAS: {INSTALL_HINT}"
+
+
+def set_openblas_threads(n: int) -> bool:
+    """Set the loaded OpenBLAS's thread count; False when there is none (or no setter)."""
+    if _loaded is None:
+        return False
+    try:
+        ctypes.CDLL(_loaded).openblas_set_num_threads(int(n))
+    except (AttributeError, OSError):
+        return False
+    return True

@@ -45,7 +45,8 @@ DEVICE = click.option(
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@click.argument("dataset", type=click.Choice(["shakespeare-char", "shakespeare"]))
+@click.argument("dataset", type=click.Choice(["shakespeare-char", "shakespeare", "text"]))
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @click.option(
     "--input",
     "input_path",
@@ -54,19 +55,59 @@ DEVICE = click.option(
     help="Use this local text file instead of downloading the corpus.",
 )
 @click.option("--out", default=None, help="Output directory [data/shakespeare_char].")
-def prepare(dataset: str, input_path: str | None, out: str | None) -> None:
+@click.option(
+    "--tokenizer",
+    type=click.Choice(["gpt2", "char"]),
+    default="gpt2",
+    show_default=True,
+    help="For `text`: GPT-2 BPE or characters.",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="For `text`: the share of the corpus (its end) held out for validation.",
+)
+def prepare(dataset, files, input_path, out, tokenizer, val_fraction) -> None:
     """Tokenize a corpus into train.bin / val.bin (uint16) and tokenizer.json.
 
-    shakespeare-char: character level (vocab 65); shakespeare: GPT-2 BPE via tiktoken."""
+    shakespeare-char: character level (vocab 65); shakespeare: GPT-2 BPE, split as nanoGPT;
+    text FILE...: your own UTF-8 text files (`--tokenizer gpt2|char`, `--out DIR`)."""
     from polygpt import data
 
-    level = "char" if dataset == "shakespeare-char" else "bpe"
-    out = out or ("data/shakespeare_char" if level == "char" else "data/shakespeare")
-    res = data.prepare_shakespeare(out, input_path, level)
+    if dataset == "text":
+        if not files or not out or input_path:
+            raise PolygptError("usage: polygpt prepare text FILE... --out DIR [--tokenizer ...]")
+        res = data.prepare_text(files, out, tokenizer, val_fraction, on_progress=_byte_bar())
+    else:
+        if files:
+            raise PolygptError(f"{dataset} takes no FILE arguments (use --input FILE)")
+        level = "char" if dataset == "shakespeare-char" else "bpe"
+        out = out or ("data/shakespeare_char" if level == "char" else "data/shakespeare")
+        res = data.prepare_shakespeare(out, input_path, level)
     click.echo(
         f"wrote {res.dir}: {res.train_tokens:,} train / {res.val_tokens:,} val tokens, "
         f"vocab {res.vocab_size}"
     )
+
+
+def _byte_bar(min_bytes: int = 32 << 20):
+    """A progress callback that shows a bar (on a terminal) once the input is large."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total >= min_bytes and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing")
+        if bar is not None:
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+
+    return update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +148,8 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
     res = train_mod.train(
         cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=click.echo
     )
+    if not res.is_main:  # another rank of a distributed run: rank 0 reports
+        return
     vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
     click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
 
@@ -395,6 +438,11 @@ def _csv(value: str, what: str, cast=str) -> list:
 @click.option(
     "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
 )
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Batch 1, KV decode, short runs, no training rate: GPT-2 124M in minutes on a CPU.",
+)
 def bench(
     checkpoint,
     backends,
@@ -408,6 +456,7 @@ def bench(
     repeats,
     threads,
     data_dir,
+    quick,
 ) -> None:
     """Speed, size, memory and perplexity of CHECKPOINT on every backend x device x precision
     available here (each in its own process; what is missing is skipped, with the reason).
@@ -437,6 +486,8 @@ def bench(
         threads=n_threads,
         data_dir=data_dir,
     )
+    if quick:
+        cfg = bench_mod.quick(cfg)
     result = bench_mod.run_bench(cfg, out, log=lambda s: click.echo(s, err=True))
     click.echo(bench_mod.markdown(result))
     click.echo(
@@ -456,7 +507,9 @@ def info(checkpoint) -> None:
         for line in inference.checkpoint_info_lines(checkpoint):
             click.echo(line)
         click.echo("")
-    for line in inference.environment_lines():
+    from polygpt import distributed
+
+    for line in inference.environment_lines() + distributed.environment_lines():
         click.echo(line)
 
 
@@ -554,6 +607,56 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     else:
         raise PolygptError(f"no conversion from {src_format} to {dst_format}")
     click.echo(f"wrote {done} ({dst_format})")
+
+
+# ---------------------------------------------------------------------------------------------
+def _needs_serve_extra() -> None:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise PolygptError("serving needs fastapi and uvicorn: pip install 'polygpt[serve]'")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@click.option("--precision", "-p", default=None, help="As for sample [the checkpoint's].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Rows decoded at once.")
+@click.option("--max-tokens-limit", default=2048, show_default=True, type=int)
+def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
+    _needs_serve_extra()
+    from polygpt.serve import serve as run
+
+    run(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit)
+
+
+@main.command("bench-serve")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
+@DEVICE
+@click.option("--clients", default=16, show_default=True, type=int, help="Concurrent clients.")
+@click.option("--duration", default=20.0, show_default=True, type=float, help="Seconds per run.")
+@click.option("--max-tokens", default=64, show_default=True, type=int, help="Per request.")
+@click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, as_json) -> None:
+    """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
+    _needs_serve_extra()
+    from polygpt import serve_bench as sb
+    from polygpt.backends import available_backends
+
+    names = available_backends() if backends == "all" else backends.split(",")
+    if clients < 1 or duration <= 0 or max_tokens < 1:
+        raise PolygptError("--clients, --duration and --max-tokens must be positive")
+    click.echo(sb.HEADER)
+    res = sb.bench_serve(checkpoint, names, clients, duration, max_tokens, device=device)
+    for line in sb.speedups(res):
+        click.echo(line)
+    if as_json:
+        Path(as_json).write_text(sb.to_json(res) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_iters: int = 200
     log_interval: int = 10
     save_checkpoints: bool = True  # save at every eval (and at the end)
+    init_from: str = ""  # a checkpoint to fine-tune: its spec and weights, a fresh optimizer
 
 
 @dataclass
@@ -140,10 +141,14 @@ def from_dict(d: dict, cfg: RunConfig | None = None) -> RunConfig:
 def read_toml(path: str | Path, what: str = "config") -> dict:
     """Parse a TOML file; a missing or malformed file is a one-line PolygptError."""
     p = Path(path)
+    if p.exists() and not p.is_file():  # a directory, or /dev/zero named in a sweep file
+        raise PolygptError(f"{what} {p} is not a file")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise PolygptError(f"cannot read {what} {p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise PolygptError(f"{what} {p} is not UTF-8 text: {e}") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -150,6 +150,11 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | Non
         dropout=0.0,
         activation=act,
     )
+    if not (d / "model.safetensors").exists() and (d / "pytorch_model.bin").exists():
+        raise PolygptError(
+            f"{d} holds pytorch_model.bin, a pickle, which can run code when loaded: polygpt "
+            "reads model.safetensors only (transformers' save_pretrained writes it by default)"
+        )
     weights.read_header(d / "model.safetensors")  # a clear error for a bad file
     raw = load_file(str(d / "model.safetensors"), device="cpu")
     state = {}

@@ -1,5 +1,10 @@
 """Datasets: text -> token ids -> uint16 files, and NumPy batch sampling.
 
+Any corpus (`prepare_text`) is read in chunks, so one bigger than memory streams through: a first
+pass checks the UTF-8 (and collects a character vocabulary), a second tokenizes. BPE chunks are
+cut only where GPT-2's pre-tokenizer splits anyway (a non-space followed by a space or newline),
+so the ids equal those of encoding each file whole.
+
 NumPy lives here (token data only). Batches are drawn from a seeded `numpy.random.Generator`
 in the backend-neutral training loop, so torch and MLX see the very same batches and a resumed
 run continues the same stream (the generator state is saved in the checkpoint).
@@ -11,6 +16,7 @@ import hashlib
 import json
 import os
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,9 @@ SHAKESPEARE_URL = (
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_FRACTION = 0.9
+CHUNK_BYTES = 1 << 22  # text read (and tokenized) per step by prepare_text
+_BPE_PIECE = 1 << 18  # characters per piece handed to tiktoken's thread pool
+TOKENIZERS = ("gpt2", "char")
 
 
 @dataclass
@@ -67,11 +76,17 @@ def prepare_char(text: str, out_dir: str | Path) -> PreparedData:
 
 
 def prepare_bpe(text: str, out_dir: str | Path) -> PreparedData:
-    """GPT-2 BPE through tiktoken (ids < 50257 fit in uint16, as nanoGPT stores them)."""
+    """GPT-2 BPE, split as nanoGPT's data/shakespeare/prepare.py does: the *text* 90/10 by
+    characters, then each part encoded with encode_ordinary (ids < 50257 fit in uint16)."""
     t = tok.TiktokenTokenizer("gpt2")
-    ids = np.array(t.encode(text), dtype=np.uint16)
-    n = int(len(ids) * TRAIN_FRACTION)
-    return _write(out_dir, t, ids[:n], ids[n:])
+    n = int(len(text) * TRAIN_FRACTION)
+    train, val = (np.array(t.encode(part), dtype=np.uint16) for part in (text[:n], text[n:]))
+    return _write(out_dir, t, train, val)
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 as nanoGPT stores GPT-2 ids; uint32 only for a vocabulary that needs it."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def _write(out_dir, t, train: np.ndarray, val: np.ndarray) -> PreparedData:
@@ -81,10 +96,14 @@ def _write(out_dir, t, train: np.ndarray, val: np.ndarray) -> PreparedData:
         tmp = out / f".{name}.tmp"
         arr.tofile(tmp)
         os.replace(tmp, out / name)
+    _write_tokenizer(out, t)
+    return PreparedData(out, len(train), len(val), t.vocab_size)
+
+
+def _write_tokenizer(out: Path, t) -> None:
     tmp = out / ".tokenizer.json.tmp"
     tmp.write_text(json.dumps(t.to_dict(), ensure_ascii=False))
     os.replace(tmp, out / "tokenizer.json")
-    return PreparedData(out, len(train), len(val), t.vocab_size)
 
 
 def prepare_shakespeare(
@@ -99,7 +118,192 @@ def load_split(data_dir: str | Path, split: str) -> np.ndarray:
     p = Path(data_dir) / f"{split}.bin"
     if not p.exists():
         raise PolygptError(f"no prepared data at {p}: run `polygpt prepare shakespeare-char` first")
-    return np.memmap(p, dtype=np.uint16, mode="r")
+    t = Path(data_dir) / "tokenizer.json"
+    vocab = json.loads(t.read_text()).get("vocab_size", 0) if t.exists() else 0
+    return np.memmap(p, dtype=token_dtype(vocab), mode="r")
+
+
+# -- any corpus, streamed -------------------------------------------------------------------
+
+
+def _read_utf8(path: Path, chunk_bytes: int) -> Iterator[tuple[str, int]]:
+    """Decode a UTF-8 file chunk by chunk: yields (text, bytes it came from). Text is taken
+    byte for byte (no newline translation). A bad byte is a PolygptError naming its offset."""
+    offset, pending = 0, b""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; errors become one-line messages
+    except FileNotFoundError:
+        raise PolygptError(f"input file not found: {path}") from None
+    except OSError as e:
+        raise PolygptError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        while True:
+            raw = f.read(chunk_bytes)
+            buf = pending + raw
+            if not buf:
+                return
+            try:
+                text, pending = buf.decode("utf-8"), b""
+            except UnicodeDecodeError as e:
+                # a character cut by the chunk boundary is completed by the next read
+                cut = raw and e.end == len(buf) and e.reason == "unexpected end of data"
+                if not cut:
+                    raise PolygptError(
+                        f"{path}: not UTF-8 text at byte {offset + e.start} ({e.reason})"
+                    ) from None
+                text, pending = buf[: e.start].decode("utf-8"), buf[e.start :]
+            used = len(buf) - len(pending)
+            offset += used
+            yield text, used
+
+
+def _is_cut(text: str, i: int) -> bool:
+    """GPT-2's pre-tokenizer ends a piece before text[i] (whitespace after a non-space)."""
+    return 0 < i < len(text) and text[i] in " \n" and not text[i - 1].isspace()
+
+
+def _last_cut(text: str, end: int | None = None) -> int:
+    """The last BPE-safe split point of text[:end], 0 if none."""
+    i = len(text) if end is None else end
+    while True:
+        i = max(text.rfind(" ", 0, i), text.rfind("\n", 0, i))
+        if i <= 0:
+            return 0
+        if _is_cut(text, i):
+            return i
+
+
+def _next_cut(text: str, start: int) -> int | None:
+    """The first BPE-safe split point at or after `start`, None if none."""
+    i = start
+    while i < len(text):
+        if _is_cut(text, i):
+            return i
+        i += 1
+    return None
+
+
+class _Encoder:
+    """Text -> ids for prepare_text: vectorised for characters, tiktoken's thread pool for BPE."""
+
+    def __init__(self, t: tok.Tokenizer):
+        self.t = t
+        self.bpe = isinstance(t, tok.TiktokenTokenizer)
+        if not self.bpe:
+            self.codepoints = np.array([ord(c) for c in t.chars], dtype=np.uint32)  # sorted
+
+    def __call__(self, text: str) -> np.ndarray:
+        if not self.bpe:
+            cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            return np.searchsorted(self.codepoints, cps)
+        pieces, i = [], 0
+        while len(text) - i > _BPE_PIECE:
+            j = _last_cut(text, i + _BPE_PIECE)
+            if j <= i:
+                break  # no safe split in this window: encode the rest as one piece
+            pieces.append(text[i:j])
+            i = j
+        pieces.append(text[i:])
+        ids = [x for ids in self.t.encode_batch(pieces) for x in ids]
+        return np.array(ids, dtype=np.int64)
+
+    def split_at(self, text: str, start: int) -> int | None:
+        return _next_cut(text, start) if self.bpe else start
+
+    def safe_end(self, text: str) -> int:
+        return _last_cut(text) if self.bpe else len(text)
+
+
+def prepare_text(
+    paths: list[str | Path],
+    out_dir: str | Path,
+    tokenizer: str = "gpt2",
+    val_fraction: float = 1 - TRAIN_FRACTION,
+    chunk_bytes: int = CHUNK_BYTES,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PreparedData:
+    """Tokenize text files (in order) into train.bin / val.bin / tokenizer.json.
+
+    The last `val_fraction` of the corpus's bytes is the validation split (cut at the first
+    token boundary after that mark, like nanoGPT's split of the text before encoding). With
+    GPT-2 BPE each file ends with <|endoftext|>, as nanoGPT's openwebtext documents do.
+    `on_progress(bytes_done, bytes_total)` is called as the files stream (two passes)."""
+    if tokenizer not in TOKENIZERS:
+        raise PolygptError(f"unknown tokenizer {tokenizer!r} (choose from {', '.join(TOKENIZERS)})")
+    if not 0 < val_fraction < 1:
+        raise PolygptError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if not paths:
+        raise PolygptError("no input files")
+    files = [Path(p) for p in paths]
+    for p in files:
+        if not p.is_file():
+            raise PolygptError(f"input file not found: {p}")
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress:
+            on_progress(done, 2 * total)
+
+    # pass 1: every byte is valid UTF-8 (before anything is written); the character vocabulary
+    chars: set[str] = set()
+    for p in files:
+        for text, n in _read_utf8(p, chunk_bytes):
+            if tokenizer == "char":
+                chars.update(text)
+            advance(n)
+    if tokenizer == "char" and len(chars) < 2:
+        raise PolygptError("input text is empty")
+    t = tok.TiktokenTokenizer("gpt2") if tokenizer == "gpt2" else tok.CharTokenizer(sorted(chars))
+    enc, dtype = _Encoder(t), token_dtype(t.vocab_size)
+    eot = [t.eot] if enc.bpe else []
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {s: out / f".{s}.bin.tmp" for s in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    mark = int(total * (1 - val_fraction))  # corpus byte offset where val starts
+    try:
+        with open(tmp["train"], "wb") as ft, open(tmp["val"], "wb") as fv:
+            fh, split, pos = {"train": ft, "val": fv}, "train", 0
+
+            def emit(ids) -> None:
+                np.asarray(ids).astype(dtype).tofile(fh[split])
+                counts[split] += len(ids)
+
+            for p in files:
+                buf = ""
+                for text, n in _read_utf8(p, chunk_bytes):
+                    buf += text
+                    pos += n
+                    if split == "train" and pos >= mark:
+                        raw = buf.encode("utf-8")  # the chars after the mark (a cut one dropped)
+                        past = raw[max(0, len(raw) - (pos - mark)) :].decode("utf-8", "ignore")
+                        k = enc.split_at(buf, len(buf) - len(past))
+                        if k is not None:
+                            emit(enc(buf[:k]))
+                            buf, split = buf[k:], "val"
+                    k = enc.safe_end(buf)
+                    emit(enc(buf[:k]))
+                    buf = buf[k:]
+                    advance(n)
+                emit(np.concatenate([enc(buf), eot]) if buf or eot else [])
+                if split == "train" and pos >= mark:
+                    split = "val"
+        if counts["val"] == 0 or counts["train"] == 0:
+            raise PolygptError(
+                f"the corpus is too small for a {val_fraction:g} validation split "
+                f"({counts['train']} train / {counts['val']} val tokens)"
+            )
+        for s in ("train", "val"):
+            os.replace(tmp[s], out / f"{s}.bin")
+    finally:
+        for f in tmp.values():
+            f.unlink(missing_ok=True)
+    _write_tokenizer(out, t)
+    return PreparedData(out, counts["train"], counts["val"], t.vocab_size)
 
 
 def load_tokenizer(data_dir: str | Path) -> tok.Tokenizer:

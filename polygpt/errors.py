@@ -7,3 +7,7 @@ with a one-line message; the CLI prints it and exits non-zero instead of showing
 
 class PolygptError(Exception):
     """An error caused by user input, reported as one line without a traceback."""
+
+    def __init__(self, message: str = "", *args) -> None:
+        # a library's message quoted in ours may span lines: keep the promise of one
+        super().__init__(" ".join(str(message).splitlines()), *args)

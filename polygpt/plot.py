@@ -41,16 +41,23 @@ def _perplexity(ckpt: weights.Checkpoint) -> tuple[float, bool]:
     raise PolygptError(f"{ckpt.path} has no validation metrics to plot")
 
 
+def _has(row: dict, event: str, *keys: str) -> bool:
+    return row.get("event") == event and all(
+        isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in keys
+    )
+
+
 def plot_losses(runs: list[Path], out: Path, title: str | None = None) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
         rows = weights.read_metrics(run)
-        if not rows:
-            raise PolygptError(f"{run} has no {weights.METRICS_FILE} to plot")
         color = f"C{i % 10}"
-        train = [(r["step"], r["loss"]) for r in rows if r.get("event") == "train"]
-        evals = [r for r in rows if r.get("event") == "eval"]
+        # rows another program (or a bad edit) wrote without these numbers are skipped
+        train = [(r["step"], r["loss"]) for r in rows if _has(r, "train", "step", "loss")]
+        evals = [r for r in rows if _has(r, "eval", "step", "train_loss", "val_loss")]
+        if not train and not evals:
+            raise PolygptError(f"{run} has no losses in {weights.METRICS_FILE} to plot")
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.25, lw=0.8)
         if evals:
@@ -75,7 +82,8 @@ def plot_losses(runs: list[Path], out: Path, title: str | None = None) -> Path:
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title or "training and validation loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # evaluations were plotted
+        ax.legend(fontsize=8)
     return _save(fig, plt, out)
 
 

@@ -16,6 +16,7 @@ from polygpt.errors import PolygptError
 ACTIVATIONS = ("gelu_tanh", "gelu")  # GPT-2's tanh approximation (default), exact erf (nanoGPT)
 LAYER_NORM_EPS = 1e-5
 INIT_STD = 0.02
+MAX_LAYERS = 4096  # GPT-3 has 96
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class ModelSpec:
             )
         if not isinstance(self.bias, bool):
             raise PolygptError(f"model.bias must be true or false, got {self.bias!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
+        if self.n_layer > MAX_LAYERS:  # a hostile config.json must not make param_shapes() hang
+            raise PolygptError(f"model.n_layer must be at most {MAX_LAYERS}, got {self.n_layer}")
+        is_number = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not (is_number and 0.0 <= self.dropout < 1.0):
             raise PolygptError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.activation not in ACTIVATIONS:
             raise PolygptError(
@@ -71,8 +75,10 @@ class ModelSpec:
     def from_json(cls, s: str) -> ModelSpec:
         try:
             d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise PolygptError(f"model spec is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise PolygptError(f"model spec is not valid JSON: {e!r:.80}") from None
+        if not isinstance(d, dict):
+            raise PolygptError("model spec must be a JSON object")
         return cls.from_dict(d)
 
     # ---- parameters ----------------------------------------------------------------------

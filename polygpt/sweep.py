@@ -58,22 +58,53 @@ _SWEEP_KEYS = {
     "device",
 }
 _RUN_KEYS = {"name", "config", "backend", "overrides"}
+# the type of every key a sweep file may set (int where a float is expected is fine)
+_TYPES = {
+    "name": str,
+    "out": str,
+    "results": str,
+    "sample_tokens": int,
+    "sample_temperature": (int, float),
+    "seed": int,
+    "eval_stride": int,
+    "eval_max_tokens": int,
+    "device": str,
+    "config": str,
+    "backend": str,
+    "overrides": list,
+}
+
+
+def _check_types(p: Path, where: str, table: dict) -> None:
+    for key, value in table.items():
+        typ = _TYPES[key]
+        ok = isinstance(value, typ) and not isinstance(value, bool)
+        if key == "overrides":
+            ok = ok and all(isinstance(o, str) for o in value)
+        if not ok:
+            raise PolygptError(f"{p}: {where}{key} has the wrong type ({value!r:.40})")
 
 
 def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
     d = config.read_toml(p, "sweep file")
     head = d.get("sweep", {})
+    if not isinstance(head, dict) or not isinstance(d.get("run", []), list):
+        raise PolygptError(f"{p}: [sweep] must be a table and [[run]] an array of tables")
     unknown = sorted(set(head) - _SWEEP_KEYS) + sorted(set(d) - {"sweep", "run"})
     if unknown:
         raise PolygptError(f"{p}: unknown sweep key {unknown[0]!r}")
+    _check_types(p, "sweep.", head)
     runs = []
     for i, r in enumerate(d.get("run", [])):
+        if not isinstance(r, dict):
+            raise PolygptError(f"{p}: run {i + 1} must be a [[run]] table")
         bad = sorted(set(r) - _RUN_KEYS)
         if bad:
             raise PolygptError(f"{p}: run {i + 1} has unknown key {bad[0]!r}")
         if "name" not in r or "config" not in r:
             raise PolygptError(f"{p}: run {i + 1} needs a name and a config")
+        _check_types(p, f"run {i + 1} ", r)
         runs.append(RunSpec(**r))
     if not runs:
         raise PolygptError(f"{p}: no [[run]] entries")

@@ -8,6 +8,7 @@ checkpoint, so a resumed run (in either backend) sees the same batch stream as a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polygpt import __version__, data, weights
+from polygpt import __version__, data, distributed, rundir, weights
 from polygpt.backends import get_backend
 from polygpt.config import RunConfig, TrainConfig, from_dict
 from polygpt.errors import PolygptError
@@ -48,6 +49,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     backend: dict
+    is_main: bool = True  # False on the other ranks of a distributed run (they write nothing)
 
 
 def estimate_loss(
@@ -94,13 +96,29 @@ def train(
     """Train (or resume) the run described by `cfg`; `extra_config` entries are stored in
     every checkpoint's config.json (e.g. a sweep's fingerprint)."""
     tc = cfg.train
-    out = Path(tc.out)
-    weights.recover(out)
     if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
         raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
     if tc.dtype not in ("fp32", "bf16"):
         raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
     backend = get_backend(tc.backend, tc.device)
+    # under torchrun / mlx.launch: join the group (or fail); rank 0 alone writes and logs
+    world = distributed.join(backend, tc)
+    try:
+        # one writer per --out (rank 0's lock); a killed run's leftovers cleaned first
+        owner = rundir.owned(tc.out, resume) if world.is_main else contextlib.nullcontext()
+        with world.guard(), owner:
+            return _train(cfg, backend, world, resume, overwrite, progress, log, extra_config)
+    finally:
+        world.close()
+
+
+def _train(cfg, backend, world, resume, overwrite, progress, log, extra_config) -> TrainResult:
+    tc = cfg.train
+    out = Path(tc.out)
+    log, progress = world.log(log), progress and world.is_main
+    if world.is_main:
+        weights.recover(out)
+    world.barrier("waiting for rank 0 to recover the checkpoint directory")
     tokenizer = data.load_tokenizer(cfg.data.dir)
     splits = {name: data.load_split(cfg.data.dir, name) for name in ("train", "val")}
 
@@ -117,7 +135,12 @@ def train(
         start = ckpt.step
         state = ckpt.config.get("train_state", {})
         rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError):
+            raise PolygptError(
+                f"{out}: no valid train_state.rng in config.json to resume"
+            ) from None
         history = dict(ckpt.config.get("metrics", {}))
         log(f"resuming {out} at step {start} with {backend.name} on {backend.device}")
     else:
@@ -126,26 +149,37 @@ def train(
                 f"{out} already holds a checkpoint: pass --resume to continue it, "
                 "--overwrite to replace it, or --out to train elsewhere"
             )
-        spec = cfg.model.to_spec(tokenizer.vocab_size)
-        if spec.vocab_size < tokenizer.vocab_size:
-            raise PolygptError(
-                f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
-            )
-        model = backend.init_model(spec, tc.seed)
+        if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
+            from polygpt.finetune import load_init
+
+            spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
+        else:
+            spec = cfg.model.to_spec(tokenizer.vocab_size)
+            if spec.vocab_size < tokenizer.vocab_size:
+                raise PolygptError(
+                    f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
+                )
+            model = backend.init_model(spec, tc.seed)
         opt = backend.make_optimizer(model, tc)
         start = 0
         rng = np.random.default_rng(tc.seed)
         history = {}
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and (out / weights.METRICS_FILE).exists():
-            (out / weights.METRICS_FILE).unlink()
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if overwrite and (out / weights.METRICS_FILE).exists():
+                (out / weights.METRICS_FILE).unlink()
+    world.prepare(backend, model, opt)  # rank 0's weights; gradients averaged across ranks
 
     desc = backend.describe()
     log(
         f"{spec.num_params() / 1e6:.2f}M parameters (non-embedding; {spec.num_params(False):,} "
         f"total) | {desc['framework']} on {desc['device']} ({desc['device_name']}) "
-        f"| BLAS: {desc['blas']}"
+        f"| BLAS: {desc['blas']} | {world.describe()}"
     )
+    if world.is_main:  # each run segment says how many processes ran it, and over what
+        weights.append_metrics(
+            out, {"event": "start", "step": start, **world.record(), "time": time.time()}
+        )
 
     def save(step: int, metrics: dict) -> None:
         if not tc.save_checkpoints:
@@ -215,17 +249,19 @@ def train(
         at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
         if at_eval and (it > start or not resume):  # a resumed run was evaluated when saved
             if loss is not None:
-                float(loss)  # finish queued work before the clock stops
+                world.sync(loss)  # finish queued work before the clock stops
             train_time += time.perf_counter() - t0
-            rec = evaluate(it)
-            last = {k: rec[k] for k in ("train_loss", "val_loss", "val_ppl")}
-            msg = (
-                f"step {it}: train loss {rec['train_loss']:.4f}, val loss "
-                f"{rec['val_loss']:.4f}, val ppl {rec['val_ppl']:.3f}"
-            )
-            (bar.write if bar else log)(msg)
-            if it > 0:
-                save(it, last)
+            if world.is_main:
+                rec = evaluate(it)
+                last = {k: rec[k] for k in ("train_loss", "val_loss", "val_ppl")}
+                msg = (
+                    f"step {it}: train loss {rec['train_loss']:.4f}, val loss "
+                    f"{rec['val_loss']:.4f}, val ppl {rec['val_ppl']:.3f}"
+                )
+                (bar.write if bar else log)(msg)
+                if it > 0:
+                    save(it, last)
+            world.barrier("waiting for rank 0 to evaluate and save")
             t0 = time.perf_counter()
         if it >= tc.max_iters:
             break
@@ -234,18 +270,21 @@ def train(
             data.get_batch(splits["train"], spec.block_size, tc.batch_size, rng)
             for _ in range(tc.grad_accum)
         ]
-        loss = backend.train_step(model, opt, batches, lr, tc.grad_clip, tc.dtype)
+        batches = world.shard(batches)  # every rank drew the global batch; this is its slice
+        with world.deadline("in a training step"):  # (its collectives wait for the peers)
+            loss = backend.train_step(model, opt, batches, lr, tc.grad_clip, tc.dtype)
         it += 1
         if first_step_s is None:
             # the first step allocates and, with train.compile, compiles: not part of ms/iter
-            float(loss)
+            world.sync(loss)
             first_step_s = time.perf_counter() - t0
             t0 = time.perf_counter()
         else:
             timed_iters += 1
         if it % tc.log_interval == 0 or it == tc.max_iters:
-            lossf = float(loss)  # the only host sync between evaluations
-            weights.append_metrics(out, {"event": "train", "step": it, "loss": lossf, "lr": lr})
+            lossf = world.mean(loss)  # the only host sync between evaluations
+            if world.is_main:
+                weights.append_metrics(out, {"event": "train", "step": it, "loss": lossf, "lr": lr})
             if bar:
                 bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", refresh=False)
         if bar:
@@ -269,6 +308,7 @@ def train(
         tokens_per_s=tps,
         wall_s=wall,
         backend=desc,
+        is_main=world.is_main,
     )
 
 

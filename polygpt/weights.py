@@ -25,7 +25,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from polygpt import __version__
+from polygpt import __version__, faults
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
@@ -56,7 +56,7 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.config.get("step", 0))
+        return int(self.config.get("step") or 0)  # type checked by read_checkpoint
 
     @property
     def precision(self) -> str:
@@ -75,8 +75,8 @@ def _read_json(p: Path) -> dict:
         raise PolygptError(f"{p} is missing") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PolygptError(f"cannot read {p}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise PolygptError(f"{p} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit int, [[[[...
+        raise PolygptError(f"{p} is not valid JSON: {str(e) or type(e).__name__}") from None
     if not isinstance(d, dict):
         raise PolygptError(f"{p} must hold a JSON object")
     return d
@@ -133,8 +133,8 @@ class Quantization:
         try:
             d = json.loads(text)
             return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")))
-        except (ValueError, TypeError, KeyError) as e:
-            raise PolygptError(f"bad quantization metadata {text!r}: {e}") from None
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
+            raise PolygptError(f"bad quantization metadata {_short(text)}: {e!r:.80}") from None
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
@@ -241,16 +241,47 @@ def _check_quantized(path, tensors, name, shape, quant: Quantization, dtypes: se
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint directory's JSON files (tensors are loaded by a backend)."""
     p = Path(path)
+    old = p.parent / f".{p.name}.old"
+    if not p.exists() and old.is_dir():
+        p = old  # a writer was killed between its two renames: this is the checkpoint (recover)
     if not p.is_dir():
         raise PolygptError(f"checkpoint directory {p} does not exist")
     cfg = _read_json(p / CONFIG_FILE)
     if "spec" not in cfg or not isinstance(cfg["spec"], dict):
         raise PolygptError(f"{p / CONFIG_FILE} has no 'spec' object")
     spec = ModelSpec.from_dict(cfg["spec"])
+    _check_config_types(p / CONFIG_FILE, cfg)
     tokenizer = _read_json(p / TOKENIZER_FILE)
     if not (p / MODEL_FILE).exists():
         raise PolygptError(f"{p / MODEL_FILE} is missing")
     return Checkpoint(path=p, spec=spec, tokenizer=tokenizer, config=cfg)
+
+
+# config.json fields other modules read, and the type each must have when present
+_CONFIG_TYPES = {
+    "step": int,
+    "precision": str,
+    "backend": str,
+    "device": str,
+    "metrics": dict,
+    "run": dict,
+    "train_state": dict,
+}
+
+
+def _check_config_types(path: Path, cfg: dict) -> None:
+    for key, typ in _CONFIG_TYPES.items():
+        if key not in cfg:
+            continue
+        v = cfg[key]
+        if not isinstance(v, typ) or isinstance(v, bool) or (typ is int and v < 0):
+            what = "a non-negative integer" if typ is int else f"a JSON {typ.__name__}"
+            raise PolygptError(f"{path}: {key!r} must be {what}, got {_short(v)}")
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def write_checkpoint(
@@ -262,14 +293,36 @@ def write_checkpoint(
     save_optimizer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (see `atomic_directory`); run files
-    (metrics.jsonl) are carried over from the directory being replaced."""
-    with atomic_directory(out, carry=_CARRIED) as tmp:
-        save_model(tmp / MODEL_FILE)
-        if save_optimizer is not None:
-            save_optimizer(tmp / OPTIMIZER_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False))
+    (metrics.jsonl) are carried over from the directory being replaced.
+
+    A failed write (disk full, no permission, a file size limit) is one PolygptError that
+    says so and what `out` still holds: the previous checkpoint, untouched."""
+    try:
+        with atomic_directory(out, carry=_CARRIED) as tmp:
+            save_model(tmp / MODEL_FILE)
+            faults.point("model", tmp / MODEL_FILE)
+            if save_optimizer is not None:
+                save_optimizer(tmp / OPTIMIZER_FILE)
+                faults.point("optimizer", tmp / OPTIMIZER_FILE)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+            faults.point("config", tmp / CONFIG_FILE)
+            (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # how the writers report a failed write: Python, safetensors, mlx respectively
+        step = config.get("step")
+        what = f"the step {step} checkpoint to {out}" if step is not None else f"{out}"
+        raise PolygptError(_failed_write(out, what, e)) from None
     return Path(out)
+
+
+def _failed_write(out: str | Path, what: str, e: BaseException) -> str:
+    reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    reason = reason.strip().splitlines()[0]
+    try:
+        prev = f"{out} still holds its step {read_checkpoint(out).step} checkpoint, unchanged"
+    except PolygptError:
+        prev = f"no checkpoint was saved in {out}"
+    return f"could not write {what} ({reason}): {prev}"
 
 
 @contextmanager
@@ -295,12 +348,15 @@ def atomic_directory(out: str | Path, carry: tuple[str, ...] = ()) -> Iterator[P
             if old.exists():
                 shutil.rmtree(old)
             os.replace(out, old)
+            faults.point("swap")
             os.replace(tmp, out)
+            faults.point("swapped")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover(out)  # a failure between the two renames: the old directory goes back
         raise
 
 
@@ -319,23 +375,71 @@ def recover(out: str | Path) -> None:
 
 
 def append_metrics(out: str | Path, record: dict) -> None:
-    with open(Path(out) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    p = Path(out) / METRICS_FILE
+    try:
+        with open(p, "a") as f:
+            start = f.tell()
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise PolygptError(_failed_write(out, f"to {p}", e)) from None
+    faults.point("metrics", p, start)
 
 
 def read_metrics(out: str | Path) -> list[dict]:
     p = Path(out) / METRICS_FILE
     if not p.exists():
         return []
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise PolygptError(f"cannot read {p}: {e.strerror}") from None
     rows = []
-    for line in p.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line cut short by a crash, or not ours
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
+
+
+def trim_metrics(out: str | Path, step: int) -> None:
+    """Keep the records of steps up to `step` (the checkpoint a run resumes from): a killed
+    run appended records past its last checkpoint, and maybe half a line, that the resumed run
+    writes again."""
+    p = Path(out) / METRICS_FILE
+    if not p.exists():
+        return
+    keep = [r for r in read_metrics(out) if isinstance(r.get("step"), int) and r["step"] <= step]
+    tmp = p.with_name(f".{METRICS_FILE}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, p)
+
+
+def clean_stale(out: str | Path) -> list[Path]:
+    """Remove what a killed writer of `out` left beside it: temporary directories, an old
+    directory already replaced, and a metrics.jsonl that no checkpoint belongs to (a run killed
+    before its first). Call it only while holding the run lock (rundir.run_lock): a live
+    writer's temporary directory looks the same. Returns what was removed."""
+    out = Path(out)
+    recover(out)
+    removed = []
+    if out.parent.is_dir():
+        stale = list(out.parent.glob(f".{out.name}.tmp-*"))
+        old = out.parent / f".{out.name}.old"
+        if out.exists() and old.exists():
+            stale.append(old)
+        for d in stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    orphan = out / METRICS_FILE
+    if orphan.exists() and not (out / CONFIG_FILE).exists():
+        orphan.unlink()
+        removed.append(orphan)
+    return removed
 
 
 def dir_size(path: str | Path) -> dict[str, int]:

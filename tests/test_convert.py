@@ -129,3 +129,50 @@ def test_convert_cli_detects_formats(tiny_ckpt, tmp_path, char_data):
     assert r.exit_code == 0 and "(polygpt)" in r.output, r.output
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "nothing"), str(tmp_path / "x")])
     assert r.exit_code == 1 and r.output.startswith("error: cannot tell"), r.output
+
+
+def _hf_gpt2(tmp_path, **shape):
+    """A randomly initialised GPT2LMHeadModel saved as a user's downloaded directory would be."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
+    hf.save_pretrained(tmp_path / "hf_src")
+    return hf, tmp_path / "hf_src"
+
+
+def _check_hf_import(hf, hf_dir, tmp_path, x, backends):
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(x)).logits.numpy()
+    ck = convert.from_hf(hf_dir, tmp_path / "ck")
+    assert weights.read_checkpoint(ck).tokenizer["type"] == "tiktoken"  # vocab 50257: GPT-2 BPE
+    for b in backends:
+        lm = inference.load(ck, backend=b, device="cpu")
+        diff = np.abs(lm.backend.logits(lm.model, x) - ref)
+        assert diff.max() <= 1e-4, f"{b}: max {diff.max():.2e} mean {diff.mean():.2e}"
+        del lm
+    back = convert.to_hf(ck, tmp_path / "hf_back")  # and out again
+    hf2 = type(hf).from_pretrained(back).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(hf2(torch.from_numpy(x)).logits.numpy(), ref, atol=1e-5)
+
+
+def _available(*names):
+    from polygpt.backends import available_backends
+
+    return [n for n in names if n in available_backends()]
+
+
+@requires("torch")
+def test_hf_gpt2_import_matches_transformers_in_both_backends(tmp_path):
+    """A tiny GPT-2 (vocab 50257, like the real one) from save_pretrained, both directions."""
+    hf, d = _hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    x = np.random.default_rng(0).integers(0, 50257, size=(2, 48))
+    _check_hf_import(hf, d, tmp_path, x, _available("torch", "mlx"))
+
+
+@requires("torch")
+def test_hf_gpt2_124m_shape_imports_exactly(tmp_path):
+    """Once at GPT-2 small's real shape (124M parameters, ~0.5 GB per copy)."""
+    hf, d = _hf_gpt2(tmp_path)
+    x = np.random.default_rng(1).integers(0, 50257, size=(1, 64))
+    _check_hf_import(hf, d, tmp_path, x, _available("torch", "mlx"))

@@ -19,6 +19,7 @@ import functools
 import math
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class Optimizer:
     # {"exp_avg": {name: m}, "exp_avg_sq": {name: v}}: a mutable tree mx.compile updates
     state: dict = field(default_factory=dict)
     compiled: dict = field(default_factory=dict)  # (n_micro, autocast, clip) -> step fn
+    # a distributed run's cross-rank gradient mean (nn.average_gradients; distributed.py)
+    grad_average: Callable | None = None
 
 
 class Backend:
@@ -261,6 +264,8 @@ class Backend:
             flat = dict(tree_flatten(grads))
             if n_micro > 1:
                 flat = {k: g / n_micro for k, g in flat.items()}
+            if opt.grad_average is not None:  # before clipping, as DDP
+                flat = opt.grad_average(flat)
             if clip:  # torch.nn.utils.clip_grad_norm_
                 norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in flat.values()))
                 coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)

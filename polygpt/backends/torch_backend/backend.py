@@ -14,11 +14,13 @@ scripts/bench_train.py; see docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,13 @@ from polygpt.backends.torch_backend import quantize
 from polygpt.backends.torch_backend.decode import LeanStep
 from polygpt.backends.torch_backend.decode import supports as lean_supports
 from polygpt.backends.torch_backend.model import GPT, KVCache, make_cache
-from polygpt.backends.torch_backend.threads import ThreadTuner, cpu_threads, make_thread_tuner
+from polygpt.backends.torch_backend.threads import (
+    DEFAULT_THREADS,
+    MULTITHREAD_GENERATION_BYTES,
+    ThreadTuner,
+    cpu_threads,
+    make_thread_tuner,
+)
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
@@ -59,6 +67,7 @@ class Optimizer:
     compile_ok: bool = False  # the compiled loss has run a whole step
     compile_error: str | None = None
     threads: ThreadTuner | None = None
+    ddp: Any = None  # DistributedDataParallel over loss_fn, in a distributed run (distributed.py)
 
 
 def _resolve_device(device: str) -> str:
@@ -85,7 +94,8 @@ class Backend:
     precisions = ("fp32", "fp16", "bf16", "int8")  # int4 files load dequantized (fp32/16)
     train_dtypes = ("fp32", "bf16")  # bf16: autocast
     native_quantized = False
-    decode_threads = 1  # CPU threads of prefill/decode (generation): see threads.cpu_threads
+    # CPU threads of prefill/decode for small models: see threads.cpu_threads
+    decode_threads = 1
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
@@ -213,13 +223,17 @@ class Backend:
     def _forward_backward(self, model, opt: Optimizer, batches, autocast: str) -> torch.Tensor:
         n = len(batches)
         total = None
-        for x, y in batches:
-            if autocast == "bf16":
-                with torch.autocast(self._dev.type, dtype=torch.bfloat16):
-                    loss = opt.loss_fn(self._tensor(x), self._tensor(y))
-            else:
-                loss = opt.loss_fn(self._tensor(x), self._tensor(y))
-            (loss / n if n > 1 else loss).backward()
+        fn = opt.ddp or opt.loss_fn
+        for i, (x, y) in enumerate(batches):
+            # DDP averages the gradients across ranks in the last micro-step's backward only
+            local = opt.ddp is not None and i < n - 1
+            with opt.ddp.no_sync() if local else contextlib.nullcontext():
+                if autocast == "bf16":
+                    with torch.autocast(self._dev.type, dtype=torch.bfloat16):
+                        loss = fn(self._tensor(x), self._tensor(y))
+                else:  # (no autocast context to build every step)
+                    loss = fn(self._tensor(x), self._tensor(y))
+                (loss / n if n > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total / n if n > 1 else total
 
@@ -304,6 +318,16 @@ class Backend:
         )
         return lp.view(y.shape).double().cpu().numpy()
 
+    def generation_threads(self, model) -> int:
+        """CPU threads for prefill/decode, by model size: 1 (decode_threads) while per-op
+        overhead dominates, torch's default count once streaming the weights does."""
+        n = getattr(model, "_generation_threads", None)
+        if n is None:
+            big = self.model_bytes(model) >= MULTITHREAD_GENERATION_BYTES
+            n = DEFAULT_THREADS if big else self.decode_threads
+            model._generation_threads = n  # per model object: model_bytes walks every tensor
+        return n
+
     @torch.inference_mode()
     def prefill(self, model, tokens, pad, cache=None):
         if model.training:  # (eval() walks every module: not once per slid window)
@@ -311,7 +335,7 @@ class Backend:
         any_pad = bool(np.any(pad))
         # LayerNorm weights stay float in every precision, so they carry the compute dtype
         dtype = model.transformer.ln_f.weight.dtype
-        with cpu_threads(self.decode_threads, self.device):
+        with cpu_threads(self.generation_threads(model), self.device):
             # a slid window's re-prefill reuses the previous cache's buffers and views
             old = cache.kv if isinstance(cache, Generation) and cache.model is model else None
             pad_t = self._tensor(pad) if any_pad else None
@@ -330,7 +354,7 @@ class Backend:
             t = t.long()
         if self.device != "cpu":
             t = t.to(self._dev, non_blocking=True)
-        with cpu_threads(self.decode_threads, self.device):
+        with cpu_threads(self.generation_threads(model), self.device):
             if cache.step is not None:
                 return self._logits_numpy(cache.step(t))
             return self._logits_numpy(model(t[:, None], cache.kv)[:, -1])

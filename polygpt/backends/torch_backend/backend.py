@@ -318,7 +318,7 @@ class Backend:
         )
         return lp.view(y.shape).double().cpu().numpy()
 
-    def generation_threads(self, model) -> int:
+    def _generation_threads(self, model) -> int:
         """CPU threads for prefill/decode, by model size: 1 (decode_threads) while per-op
         overhead dominates, torch's default count once streaming the weights does."""
         n = getattr(model, "_generation_threads", None)
@@ -335,7 +335,7 @@ class Backend:
         any_pad = bool(np.any(pad))
         # LayerNorm weights stay float in every precision, so they carry the compute dtype
         dtype = model.transformer.ln_f.weight.dtype
-        with cpu_threads(self.generation_threads(model), self.device):
+        with cpu_threads(self._generation_threads(model), self.device):
             # a slid window's re-prefill reuses the previous cache's buffers and views
             old = cache.kv if isinstance(cache, Generation) and cache.model is model else None
             pad_t = self._tensor(pad) if any_pad else None
@@ -354,7 +354,7 @@ class Backend:
             t = t.long()
         if self.device != "cpu":
             t = t.to(self._dev, non_blocking=True)
-        with cpu_threads(self.generation_threads(model), self.device):
+        with cpu_threads(self._generation_threads(model), self.device):
             if cache.step is not None:
                 return self._logits_numpy(cache.step(t))
             return self._logits_numpy(model(t[:, None], cache.kv)[:, -1])

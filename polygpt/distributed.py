@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from polygpt.backends import available_backends
 from polygpt.errors import PolygptError
 
 TIMEOUT_ENV = "POLYGPT_DIST_TIMEOUT"
@@ -264,8 +265,6 @@ def join(backend, train_cfg) -> World:
 
 def environment_lines() -> list[str]:
     """`polygpt info`: the distributed backends each installed framework offers here."""
-    from polygpt.backends import available_backends
-
     lines = []
     for name in available_backends():
         try:

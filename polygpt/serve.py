@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -38,15 +39,18 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from polygpt import inference
 from polygpt.errors import PolygptError
 from polygpt.generate import ContextWindows, TextStream
 from polygpt.sampling import RowStreams, make_sampler
@@ -650,13 +654,6 @@ def serve(
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Load the checkpoint, serve until Ctrl-C / SIGTERM. The model runs in this thread."""
-    import signal
-    from pathlib import Path
-
-    import uvicorn
-
-    from polygpt import inference
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
     engine = Engine(lm, max_batch=max_batch)

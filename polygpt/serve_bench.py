@@ -1,8 +1,9 @@
 """`polygpt bench-serve`: load-test `polygpt serve` on localhost, in each backend.
 
 For each backend a server is started in a subprocess (its own process, as in production), then
-closed-loop clients stream completions for a fixed time: first one client at a time (the
-sequential baseline), then N at once. Reported: requests/s, aggregate generated tokens/s,
+closed-loop clients stream completions for a fixed time: one client at a time (the sequential
+baseline) and N at once, alternating in rounds so that a change in the machine's load hits
+both. Reported: requests/s, aggregate generated tokens/s,
 time to first token and the gap between streamed tokens (p50/p99), and the speedup of N
 concurrent clients over one. The clients are plain `http.client` threads (light, so they steal
 little CPU from the server on a small machine) reading the server-sent events line by line.
@@ -17,11 +18,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from polygpt import weights
 from polygpt.errors import PolygptError
 
 
@@ -142,9 +145,18 @@ class Result:
     batch_max: int
 
 
+@dataclass
+class Run:
+    """The raw record of one or more timed runs at one concurrency."""
+
+    requests: list[Request]
+    seconds: float
+    steps: Counter  # decode steps by batch size, from the server
+
+
 def run_clients(
-    server: ServerProcess, backend: str, clients: int, duration: float, body: dict
-) -> Result:
+    server: ServerProcess, clients: int, duration: float, body: dict, seed: int = 0
+) -> Run:
     """`clients` closed-loop streaming clients for `duration` seconds (requests started before
     the deadline are finished and counted)."""
     before = server.stats()["batch_sizes"]
@@ -159,12 +171,12 @@ def run_clients(
         k = 0
         try:
             while time.perf_counter() < deadline:
-                req = stream_once(server.host, server.port, {**body, "seed": 1000 * i + k}, conn)
+                req = {**body, "seed": seed + 1000 * i + k}
+                results.append(stream_once(server.host, server.port, req, conn))
                 k += 1
-                with lock:
-                    results.append(req)
         except (OSError, PolygptError, ValueError) as e:
-            errors.append(f"client {i}: {e}")
+            with lock:
+                errors.append(f"client {i}: {e}")
         finally:
             conn.close()
 
@@ -175,19 +187,26 @@ def run_clients(
         t.join()
     if errors:
         raise PolygptError(f"{len(errors)} clients failed, e.g. {errors[0]}")
-    seconds = max(r.done for r in results) - start
-    ttft = np.array([r.first - r.sent for r in results if r.first is not None]) * 1e3
-    gaps = np.concatenate([np.diff(r.times) for r in results if len(r.times) > 1] or [[0.0]]) * 1e3
     after = server.stats()["batch_sizes"]
-    steps = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    steps = Counter({int(k): v - before.get(k, 0) for k, v in after.items()})
+    return Run(results, max(r.done for r in results) - start, +steps)
+
+
+def summarize(backend: str, clients: int, runs: list[Run]) -> Result:
+    """One row from interleaved runs: totals over their summed time, percentiles over all."""
+    reqs = [r for run in runs for r in run.requests]
+    seconds = sum(run.seconds for run in runs)
+    ttft = np.array([r.first - r.sent for r in reqs if r.first is not None] or [0.0]) * 1e3
+    gaps = np.concatenate([np.diff(r.times) for r in reqs if len(r.times) > 1] or [[0.0]]) * 1e3
+    steps = sum((run.steps for run in runs), Counter())
     sizes = np.repeat(list(steps), list(steps.values())) if steps else np.zeros(1)
     return Result(
         backend=backend,
         clients=clients,
         seconds=seconds,
-        requests=len(results),
-        requests_per_s=len(results) / seconds,
-        tokens_per_s=sum(r.tokens for r in results) / seconds,
+        requests=len(reqs),
+        requests_per_s=len(reqs) / seconds,
+        tokens_per_s=sum(r.tokens for r in reqs) / seconds,
         ttft_p50_ms=float(np.percentile(ttft, 50)),
         ttft_p99_ms=float(np.percentile(ttft, 99)),
         token_p50_ms=float(np.percentile(gaps, 50)),
@@ -206,11 +225,11 @@ def bench_serve(
     prompt: str = "\n",
     temperature: float = 0.8,
     device: str = "cpu",
+    rounds: int = 4,
     log=print,
 ) -> list[Result]:
-    """Sequential (1 client) then `clients` concurrent clients, per backend."""
-    from polygpt import weights
-
+    """One client at a time and `clients` at once, per backend, alternating in `rounds`
+    rounds of duration / rounds seconds each (so a change in the machine's load hits both)."""
     weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens}
     body["temperature"] = temperature
@@ -220,11 +239,14 @@ def bench_serve(
             checkpoint, backend, "-d", device, "--max-batch", str(max(clients, 1))
         )
         try:
-            stream_once(server.host, server.port, {**body, "seed": 0})  # warm up
-            for n in dict.fromkeys([1, clients]):
-                r = run_clients(server, backend, n, duration, body)
-                log(format_row(r))
-                out.append(r)
+            run_clients(server, clients, 1.0, body, seed=10**6)  # warm up every batch size
+            runs: dict[int, list[Run]] = {n: [] for n in dict.fromkeys([1, clients])}
+            for i in range(rounds):
+                for n, done in runs.items():
+                    done.append(run_clients(server, n, duration / rounds, body, seed=10**7 * i))
+            for n, done in runs.items():
+                out.append(summarize(backend, n, done))
+                log(format_row(out[-1]))
         finally:
             server.close()
     return out

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from polygpt import distributed, weights
+from polygpt import distributed, rundir, weights
 from polygpt.errors import PolygptError
 from polygpt.train import config_for_resume, train
 
@@ -138,7 +138,7 @@ def runs(tmp_path_factory, char_data):
         for n in (20, 30):
             d = root / f"{backend}-1proc-{n}"
             cfg = tiny_config(char_data, d, *RUN, f"max_iters={n}", backend=backend)
-            train(cfg, progress=False, log=_quiet)
+            train(cfg)
             out[backend, n] = d
     return root, out
 
@@ -198,7 +198,9 @@ def test_only_rank0_writes_the_one_process_checkpoint(
     _, ref = runs
     out, _, cwd = launched(launcher)
     one = ref[backend, 20]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run"]  # no temporaries left over
+    # no temporaries left over (the run lock, rank 0's, lives beside the directory)
+    lock = rundir.lock_path(out).name
+    assert sorted(p.name for p in out.parent.iterdir() if p.name != lock) == ["run"]
     assert list(cwd.iterdir()) == []  # nothing written where the processes ran
     assert weights.dir_size(out).keys() == weights.dir_size(one).keys()
     assert (out / weights.TOKENIZER_FILE).read_bytes() == (
@@ -234,7 +236,7 @@ def test_two_process_checkpoint_resumes_in_one_process(
     shutil.copytree(out, part)
     cfg = config_for_resume(part, ["max_iters=30"])
     cfg.train.backend = resume_in
-    train(cfg, resume=True, progress=False, log=_quiet)
+    train(cfg, resume=True)
     # the same backend continues the one-process run to 1e-5; the other one to its parity
     # tolerance (DESIGN.md: 1e-4 relative per step)
     tol = 1e-5 if resume_in == backend else 5e-4
@@ -290,7 +292,7 @@ def test_launcher_for_the_other_framework_is_an_error(
         monkeypatch.setenv(k, v)
     cfg = tiny_config(char_data, tmp_path / "out", backend=backend)
     with pytest.raises(PolygptError, match=match):
-        train(cfg, progress=False, log=_quiet)
+        train(cfg)
     assert not (tmp_path / "out").exists()
 
 
@@ -392,4 +394,5 @@ def test_a_dead_or_stopped_peer_is_an_error_not_a_hang(
     # the last checkpoint is whole: it loads and resumes
     ckpt = weights.read_checkpoint(out)
     assert ckpt.step % 20 == 0 and ckpt.optimizer_file.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    lock = rundir.lock_path(out).name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) in ([], [lock])

@@ -50,3 +50,20 @@ def test_bpe_sample_cli_offline(bpe_ckpt):
     args = ["sample", str(bpe_ckpt), "--temperature", "0", "-n", "20", "--prompt", "ROMEO:"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and r.output.startswith("ROMEO:"), r.output
+
+
+@requires("torch")
+def test_large_model_decode_uses_views_and_matches(bpe_ckpt, monkeypatch):
+    """Above TRANSPOSE_COPY_MAX_BYTES the torch decoder keeps no transposed weight copies
+    (memory at 124M); it computes the same tokens."""
+    from polygpt.backends.torch_backend import decode, model
+
+    cfg = GenerationConfig(max_new_tokens=70, temperature=0.0)
+    lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
+    copies = lm.generate(["ROMEO:", "Hello"], cfg)
+    monkeypatch.setattr(decode, "TRANSPOSE_COPY_MAX_BYTES", 0)
+    lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
+    step = decode.LeanStep(lm.model, model.make_cache(lm.model.spec, 1))
+    w = lm.model.transformer.h[0].mlp.c_fc.weight
+    assert step.layers[0].c_fc[0].data_ptr() == w.data_ptr()  # a view of the weight, not a copy
+    assert lm.generate(["ROMEO:", "Hello"], cfg) == copies

@@ -26,7 +26,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from polygpt.serve import Engine, Job, Params  # noqa: E402
-from polygpt.serve_bench import ServerProcess, format_row, run_clients  # noqa: E402
+from polygpt.serve_bench import ServerProcess, format_row, run_clients, summarize  # noqa: E402
 
 PROMPTS = ["ROMEO:", "\n", "First Citizen:\nBefore we", "KING", "O, ", "JULIET:\nAh"]
 
@@ -201,8 +201,9 @@ def test_a_client_that_goes_away_frees_its_slot_and_health_answers(server):
 def test_bench_serve_clients_measure_the_server(server, backend):
     """bench-serve's closed-loop clients, briefly: counts come from the server's usage."""
     body = {"model": "x", "prompt": "\n", "max_tokens": 8, "temperature": 0.8}
-    r = run_clients(server, backend, clients=3, duration=0.5, body=body)
-    assert r.requests >= 3 and r.clients == 3 and r.batch_max >= 1
+    runs = [run_clients(server, clients=3, duration=0.3, body=body, seed=s) for s in (0, 9)]
+    r = summarize(backend, 3, runs)
+    assert r.requests >= 6 and r.clients == 3 and r.batch_max >= 1
     assert r.tokens_per_s * r.seconds == pytest.approx(8 * r.requests)
     assert 0 < r.ttft_p50_ms <= r.ttft_p99_ms and backend in format_row(r)
 

@@ -1,7 +1,6 @@
 """The GPT-2 path on a tiny model: a BPE checkpoint (converted from a random Hugging Face GPT-2)
 samples the same greedy text in torch and MLX, offline, from the API and the CLI."""
 
-import numpy as np
 import pytest
 
 from polygpt import convert, inference, weights
@@ -57,14 +56,14 @@ def test_bpe_sample_cli_offline(bpe_ckpt):
 def test_large_model_decode_uses_views_and_matches(bpe_ckpt, monkeypatch):
     """Above TRANSPOSE_COPY_MAX_BYTES the torch decoder keeps no transposed weight copies
     (memory at 124M); it computes the same tokens."""
-    from polygpt.backends.torch_backend import decode
+    from polygpt.backends.torch_backend import decode, model
 
     cfg = GenerationConfig(max_new_tokens=70, temperature=0.0)
     lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
     copies = lm.generate(["ROMEO:", "Hello"], cfg)
     monkeypatch.setattr(decode, "TRANSPOSE_COPY_MAX_BYTES", 0)
     lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
-    gen, _ = lm.backend.prefill(lm.model, np.array([[1, 2]]), np.array([0]))
+    step = decode.LeanStep(lm.model, model.make_cache(lm.model.spec, 1))
     w = lm.model.transformer.h[0].mlp.c_fc.weight
-    assert gen.step.layers[0].c_fc[0].data_ptr() == w.data_ptr()  # a view, not a copy
+    assert step.layers[0].c_fc[0].data_ptr() == w.data_ptr()  # a view of the weight, not a copy
     assert lm.generate(["ROMEO:", "Hello"], cfg) == copies

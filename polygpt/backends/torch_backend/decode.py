@@ -41,14 +41,18 @@ class _Layer:
 
 
 # The transposed copies cost a second copy of every Linear weight: nothing at 0.8M parameters,
-# but 340 MB next to GPT-2 124M's 500 MB of weights, where a batch-1 step is bound by reading the
-# weights anyway and the (out, in) view reads them just as well. Above this many bytes of Linear
-# weights the step uses views (no copy).
+# but 340 MB next to GPT-2 124M's 500 MB of weights, where a batch-1 step is bound by reading
+# the weights anyway and the (out, in) view reads them just as well. Above this many bytes of
+# Linear weights the step uses views (no copy).
 TRANSPOSE_COPY_MAX_BYTES = 32 << 20
 
 
-def _wt(m: nn.Linear, copy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return (m.weight.t().contiguous() if copy else m.weight.t()), m.bias
+def _transposer(linears: list[nn.Linear]):
+    """W^T as a contiguous copy for small models, a plain view for large ones."""
+    total = sum(m.weight.nbytes for m in linears)
+    if total <= TRANSPOSE_COPY_MAX_BYTES:
+        return lambda m: (m.weight.t().contiguous(), m.bias)
+    return lambda m: (m.weight.t(), m.bias)
 
 
 def supports(model: GPT) -> bool:
@@ -69,20 +73,17 @@ class LeanStep:
         self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, (tr.ln_f.weight, tr.ln_f.bias)
         self.pe = self.wpe.unbind(0)  # one view per position row
         self.head = self.wte.t()  # the tied head, (C, V)
-        linear_bytes = sum(
-            m.weight.nbytes
-            for b in tr.h
-            for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+        _wt = _transposer(
+            [m for b in tr.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         )
-        copy = linear_bytes <= TRANSPOSE_COPY_MAX_BYTES
         self.layers = [
             _Layer(
                 (b.ln_1.weight, b.ln_1.bias),
-                _wt(b.attn.c_attn, copy),
-                _wt(b.attn.c_proj, copy),
+                _wt(b.attn.c_attn),
+                _wt(b.attn.c_proj),
                 (b.ln_2.weight, b.ln_2.bias),
-                _wt(b.mlp.c_fc, copy),
-                _wt(b.mlp.c_proj, copy),
+                _wt(b.mlp.c_fc),
+                _wt(b.mlp.c_proj),
             )
             for b in tr.h
         ]

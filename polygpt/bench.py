@@ -635,7 +635,7 @@ def markdown(result: dict) -> str:
         "size MB",
         "peak RSS MB",
         "prefill b1",
-        f"prefill b{big}",
+        *([f"prefill b{big}"] if big != 1 else []),
     ]
     for B in bs:
         head.append(f"KV decode b{B}")
@@ -655,7 +655,7 @@ def markdown(result: dict) -> str:
             _fmt(r.get("size_mb"), 2),
             _fmt((r.get("memory") or {}).get("peak_rss_mb")),
             _rate_cell(r["prefill"].get("b1")),
-            _rate_cell(r["prefill"].get(f"b{big}")),
+            *([_rate_cell(r["prefill"].get(f"b{big}"))] if big != 1 else []),
         ]
         cells += [_rate_cell(r["decode_kv"].get(f"b{B}")) for B in bs]
         cells += [_rate_cell(r["decode_nocache"].get(f"b{B}")) for B in bs]

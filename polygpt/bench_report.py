@@ -77,7 +77,8 @@ def markdown(result: BenchResult) -> str:
         "",
     ]
     head = ["backend", "device", "precision", "size MB", "peak RSS MB", "prefill b1"]
-    head.append(f"prefill b{big}")
+    if big != 1:  # (--batch-sizes 1: one prefill column)
+        head.append(f"prefill b{big}")
     head += [f"KV decode b{B}" for B in bs]
     head += [f"no-cache b{B}" for B in bs]
     head += ["KV speed-up b1", "train tok/s", "ppl"]
@@ -93,7 +94,7 @@ def markdown(result: BenchResult) -> str:
             _fmt(r.size_mb, 2),
             _fmt(r.memory.get("peak_rss_mb")),
             _rate_cell(r.prefill.get("b1")),
-            _rate_cell(r.prefill.get(f"b{big}")),
+            *([_rate_cell(r.prefill.get(f"b{big}"))] if big != 1 else []),
         ]
         cells += [_rate_cell(r.decode_kv.get(f"b{B}")) for B in bs]
         cells += [_rate_cell(r.decode_nocache.get(f"b{B}")) for B in bs]

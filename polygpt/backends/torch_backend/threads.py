@@ -23,8 +23,8 @@ WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
 # A decode step reads every weight once. Below this size that is a few dozen tiny ops, and
 # threads only add barrier waits (cpu_threads); above it (GPT-2 124M: 0.5 GB at fp32) the step
-# is bound by memory bandwidth, which one core cannot saturate: measured at 124M on the 2-core
-# box, 2 threads decode ~1.6x faster than 1 (docs/BENCHMARKS.md, "GPT-2 124M").
+# is bound by memory bandwidth, which one core cannot saturate (the issue measured 19 tokens/s
+# on 1 thread against a ~45 tokens/s bound; docs/BENCHMARKS.md, "GPT-2 124M").
 MULTITHREAD_GENERATION_BYTES = 64 << 20
 
 

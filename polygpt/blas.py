@@ -181,8 +181,12 @@ def blas_in_use() -> str:
     return f"bundled reference BLAS (slow: {INSTALL_HINT})"
 
 
-def advice() -> str | None:
-    """A one-line hint when MLX on this Linux machine would run on the slow bundled BLAS."""
-    if sys.platform != "linux" or find_openblas() is not None:
-        return None
-    return f"MLX on CPU runs ~7x faster with OpenBLAS: {INSTALL_HINT}"
+def set_openblas_threads(n: int) -> bool:
+    """Set the loaded OpenBLAS's thread count; False when there is none (or no setter)."""
+    if _loaded is None:
+        return False
+    try:
+        ctypes.CDLL(_loaded).openblas_set_num_threads(int(n))
+    except (AttributeError, OSError):
+        return False
+    return True

@@ -1,15 +1,44 @@
-"""The `polygpt` command line: parse, call a workflow, format. No model code here."""
+"""The `polygpt` command line: parse, call a workflow, format. No model code here.
+
+Workflows (train, sweep, evaluate, bench) print nothing: they report typed events, and this
+module turns them into lines and progress bars. A bar is drawn only when stderr is a terminal
+(a log file or a pipe gets the lines alone).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
-from polygpt import __version__
+from polygpt import (
+    __version__,
+    bench,
+    bench_measure,
+    bench_report,
+    config,
+    data,
+    distributed,
+    evaluate,
+    inference,
+    plot,
+    quantize,
+    serve_bench,
+    sweep,
+    weights,
+)
+from polygpt import convert as convert_mod
+from polygpt import train as train_mod
+from polygpt.backends import available_backends, get_backend, known_backends
+from polygpt.backends.base import PRECISIONS
 from polygpt.errors import PolygptError
+from polygpt.generate import GenerationConfig
 
 
 class _Group(click.Group):
@@ -33,14 +62,94 @@ def main() -> None:
     safetensors checkpoint format."""
 
 
+# ---- options shared by several commands: one definition each --------------------------------
 BACKEND = click.option("--backend", "-b", default=None, help="torch or mlx.")
 DEVICE = click.option(
-    "--device",
-    "-d",
-    default="auto",
-    show_default=True,
-    help="auto, cpu, cuda, mps (torch) or gpu (mlx).",
+    "--device", "-d", default=None, help="auto, cpu, cuda, mps (torch) or gpu (mlx) [auto]."
 )
+DATA = click.option(
+    "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
+)
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
+
+def precision_option(choices: list[str] | None = None, **kw):
+    """--precision; without `choices` the backend judges it (one line naming what it can do)."""
+    return click.option(
+        "--precision",
+        "-p",
+        default=None,
+        type=click.Choice(choices) if choices else None,
+        help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx) [the checkpoint's; torch "
+        "computes an int8/int4 checkpoint in fp32].",
+        **kw,
+    )
+
+
+def _bar_wanted(quiet: bool) -> bool:
+    """Progress bars only on a terminal: in a file or pipe they are carriage-return frames."""
+    return not quiet and sys.stderr.isatty()
+
+
+class TrainView:
+    """Draws training events: the lines on stdout, the progress bar on stderr."""
+
+    def __init__(self, bar: bool):
+        self.want_bar, self.bar = bar, None
+
+    def __call__(self, ev) -> None:
+        if isinstance(ev, train_mod.TrainStart):
+            if ev.resumed:
+                click.echo(f"resuming {ev.out} at step {ev.step} with {ev.backend} on {ev.device}")
+            d = ev.describe
+            click.echo(
+                f"{ev.params / 1e6:.2f}M parameters (non-embedding; {ev.params_total:,} "
+                f"total) | {d['framework']} on {d['device']} ({d['device_name']}) "
+                f"| BLAS: {d['blas']} | {ev.processes}"
+            )
+            if self.want_bar:
+                self.bar = tqdm(
+                    total=ev.max_iters, initial=ev.step, unit="it", dynamic_ncols=True, leave=True
+                )
+        elif isinstance(ev, train_mod.TrainStep):
+            if self.bar is not None:
+                if ev.loss is not None:
+                    self.bar.set_postfix(loss=f"{ev.loss:.4f}", lr=f"{ev.lr:.2e}", refresh=False)
+                self.bar.update(1)
+        elif isinstance(ev, train_mod.Evaluated):
+            msg = (
+                f"step {ev.step}: train loss {ev.train_loss:.4f}, val loss "
+                f"{ev.val_loss:.4f}, val ppl {ev.val_ppl:.3f}"
+            )
+            (self.bar.write if self.bar is not None else click.echo)(msg)
+        elif isinstance(ev, train_mod.TrainEnd):
+            self.close()
+            r = ev.result
+            if ev.timed_iters:
+                click.echo(
+                    f"trained {ev.timed_iters} iterations: {r.ms_per_iter:.1f} ms/iter, "
+                    f"{r.tokens_per_s:,.0f} tokens/s (evaluation and the first step, "
+                    f"{ev.first_step_s:.1f}s, excluded), {r.wall_s:.1f}s wall"
+                )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _interrupted(e: train_mod.TrainInterrupted, resume_hint: str) -> str:
+    """The one line Ctrl-C during training leaves: where it stopped, what is on disk."""
+    try:
+        held = f"{e.out} holds the checkpoint of step {weights_step(e.out)}; resume with: "
+        held += resume_hint
+    except PolygptError:
+        held = f"no checkpoint was saved in {e.out} yet"
+    return f"interrupted at step {e.step}: {held}"
+
+
+def weights_step(out: Path) -> int:
+    return weights.read_checkpoint(out).step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,8 +183,6 @@ def prepare(dataset, files, input_path, out, tokenizer, val_fraction) -> None:
 
     shakespeare-char: character level (vocab 65); shakespeare: GPT-2 BPE, split as nanoGPT;
     text FILE...: your own UTF-8 text files (`--tokenizer gpt2|char`, `--out DIR`)."""
-    from polygpt import data
-
     if dataset == "text":
         if not files or not out or input_path:
             raise PolygptError("usage: polygpt prepare text FILE... --out DIR [--tokenizer ...]")
@@ -98,9 +205,7 @@ def _byte_bar(min_bytes: int = 32 << 20):
 
     def update(done: int, total: int) -> None:
         nonlocal bar
-        if bar is None and total >= min_bytes and sys.stderr.isatty():
-            from tqdm import tqdm
-
+        if bar is None and total >= min_bytes and _bar_wanted(False):
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing")
         if bar is not None:
             bar.update(done - bar.n)
@@ -115,39 +220,47 @@ def _byte_bar(min_bytes: int = 32 << 20):
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @BACKEND
-@click.option("--device", "-d", default=None, help="auto, cpu, cuda, mps (torch) or gpu (mlx).")
+@DEVICE
 @click.option("--out", "-o", default=None, help="Checkpoint directory (train.out).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (any backend).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@QUIET
 def train(config_file, overrides, backend, device, out, resume, overwrite, quiet) -> None:
     """Train (or --resume) a model. CONFIG_FILE is TOML; OVERRIDES are key=value pairs.
 
     \b
     polygpt train configs/shakespeare_char.toml max_iters=500
     polygpt train --resume --out weights/shakespeare_char --backend mlx max_iters=3000
-    """
-    from polygpt import config as config_mod
-    from polygpt import train as train_mod
 
+    Ctrl-C stops a run with the checkpoint of its last evaluation on disk (nothing is saved on
+    interrupt: the model may be mid-step), and `--resume` continues from there.
+    """
     if config_file and "=" in config_file and not Path(config_file).exists():
         overrides, config_file = (config_file, *overrides), None
     if resume:
-        target = out or (config_mod.load(config_file).train.out if config_file else None)
+        target = out or (config.load(config_file).train.out if config_file else None)
         if target is None:
             raise PolygptError("--resume needs --out DIR (or a config whose train.out is set)")
         cfg = train_mod.config_for_resume(target, list(overrides))
     else:
-        cfg = config_mod.load(config_file, list(overrides))
+        cfg = config.load(config_file, list(overrides))
     if backend:
         cfg.train.backend = backend
     if device:
         cfg.train.device = device
     if out:
         cfg.train.out = out
-    res = train_mod.train(
-        cfg, resume=resume, overwrite=overwrite, progress=not quiet, log=click.echo
-    )
+    view = TrainView(bar=_bar_wanted(quiet))
+    try:
+        res = train_mod.train(cfg, resume=resume, overwrite=overwrite, on_event=view)
+    except train_mod.TrainInterrupted as e:
+        view.close()
+        click.echo(
+            _interrupted(e, f"polygpt train --resume --out {shlex.quote(str(e.out))}"), err=True
+        )
+        sys.exit(130)
+    if not res.is_main:  # another rank of a distributed run: rank 0 reports
+        return
     vl = "n/a" if res.val_loss is None else f"{res.val_loss:.4f}"
     click.echo(f"checkpoint: {res.out} (step {res.step}, val loss {vl})")
 
@@ -162,30 +275,20 @@ def _unescape(s: str) -> str:
 @click.argument("checkpoint", type=click.Path())
 @BACKEND
 @DEVICE
-@click.option(
-    "--precision",
-    "-p",
-    default=None,
-    help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx) [the checkpoint's; "
-    "torch computes an int8/int4 checkpoint in fp32].",
-)
-@click.option("--prompt", default=None, help="Prompt text [a newline].")
+@precision_option()
+@click.option("--prompt", default=None, help="Prompt text [sample.prompt, a newline].")
 @click.option(
     "--prompt-file",
     type=click.Path(dir_okay=False),
     default=None,
     help="Read the prompt from a file.",
 )
-@click.option("--max-new-tokens", "-n", default=500, show_default=True, type=int)
-@click.option(
-    "--temperature", "-t", default=0.8, show_default=True, type=float, help="0 is greedy decoding."
-)
-@click.option("--top-k", default=0, show_default=True, type=int, help="0 disables.")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="1 disables.")
-@click.option("--seed", default=1337, show_default=True, type=int)
-@click.option(
-    "--num-samples", default=1, show_default=True, type=int, help="Samples drawn as one batch."
-)
+@click.option("--max-new-tokens", "-n", default=None, type=int, help="[sample.max_new_tokens]")
+@click.option("--temperature", "-t", default=None, type=float, help="0 is greedy decoding.")
+@click.option("--top-k", default=None, type=int, help="0 disables.")
+@click.option("--top-p", default=None, type=float, help="1 disables.")
+@click.option("--seed", default=None, type=int)
+@click.option("--num-samples", default=None, type=int, help="Samples drawn as one batch.")
 @click.option(
     "--stop",
     multiple=True,
@@ -212,10 +315,11 @@ def sample(
     no_stream,
     stats,
 ) -> None:
-    """Generate text from a checkpoint (KV cache, streaming)."""
-    from polygpt import inference
-    from polygpt.generate import GenerationConfig, check_prompts
+    """Generate text from a checkpoint (KV cache, streaming).
 
+    Options not given come from the [sample] section of the run's config (stored in the
+    checkpoint), then from config.SampleConfig's defaults (500 tokens, temperature 0.8, seed
+    1337). A prompt longer than the context keeps its last block_size tokens (with a note)."""
     if prompt is not None and prompt_file is not None:
         raise PolygptError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
@@ -223,41 +327,60 @@ def sample(
             prompt = Path(prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise PolygptError(f"cannot read prompt file {prompt_file}: {e}") from None
-    if prompt is None:
-        prompt = "\n"
-    if num_samples < 1 or max_new_tokens < 0:
-        raise PolygptError("--num-samples must be >= 1 and --max-new-tokens >= 0")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise PolygptError("--temperature must be >= 0 and --top-p in (0, 1]")
-    lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
-    gcfg = GenerationConfig(
+    lm = inference.load(checkpoint, backend=backend, device=device or "auto", precision=precision)
+    sc = inference.sample_config(lm.checkpoint)
+    given = dict(
+        prompt=prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
+        num_samples=num_samples,
+    )
+    for key, value in given.items():
+        if value is not None:
+            setattr(sc, key, value)
+    if sc.num_samples < 1 or sc.max_new_tokens < 0:
+        raise PolygptError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if sc.temperature < 0 or not 0 < sc.top_p <= 1:
+        raise PolygptError("--temperature must be >= 0 and --top-p in (0, 1]")
+    gcfg = GenerationConfig(
+        max_new_tokens=sc.max_new_tokens,
+        temperature=sc.temperature,
+        top_k=sc.top_k,
+        top_p=sc.top_p,
+        seed=sc.seed,
         stop=[_unescape(s) for s in stop],
     )
-    check_prompts([lm.encode(prompt)], lm.spec.block_size)  # fail before printing anything
-    stream = not no_stream and num_samples == 1
+    n_prompt = len(lm.encode(sc.prompt))  # fails (unknown character) before printing anything
+    if n_prompt == 0:
+        raise PolygptError("the prompt is empty: give at least one token (e.g. a newline)")
+    if n_prompt > lm.spec.block_size:
+        click.echo(
+            f"note: the prompt is {n_prompt} tokens, longer than the context: generating from "
+            f"its last {lm.spec.block_size} (block_size)",
+            err=True,
+        )
+    stream = not no_stream and sc.num_samples == 1
     on_text = None
     if stream:
-        click.echo(prompt, nl=False)
+        click.echo(sc.prompt, nl=False)
 
         def on_text(row: int, text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
     t0 = time.perf_counter()
-    texts = lm.generate([prompt] * num_samples, gcfg, on_text=on_text)
+    texts = lm.generate([sc.prompt] * sc.num_samples, gcfg, on_text=on_text)
     seconds = time.perf_counter() - t0
     if stream:
         click.echo()
     else:
         for i, text in enumerate(texts):
-            if num_samples > 1:
-                click.echo(f"--- sample {i + 1}/{num_samples} ---")
-            click.echo(prompt + text)
+            if sc.num_samples > 1:
+                click.echo(f"--- sample {i + 1}/{sc.num_samples} ---")
+            click.echo(sc.prompt + text)
     if stats:
         size = lm.sizes()
         n = sum(len(lm.encode(t)) for t in texts)
@@ -270,12 +393,10 @@ def sample(
 
 
 # ---------------------------------------------------------------------------------------------
-@main.command()
+@main.command("quantize")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory.")
-@click.option(
-    "--precision", "-p", required=True, type=click.Choice(["int8", "int4", "fp16", "bf16"])
-)
+@precision_option(required=True, choices=["int8", "int4", "fp16", "bf16"])
 @click.option(
     "--group-size",
     default=None,
@@ -284,7 +405,7 @@ def sample(
 )
 @BACKEND
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None:
+def quantize_(checkpoint, out, precision, group_size, backend, overwrite) -> None:
     """Write CHECKPOINT at a lower precision, as safetensors every backend loads.
 
     int8/int4 use one format for both frameworks (MLX's affine group quantization): MLX
@@ -294,9 +415,7 @@ def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None
     polygpt quantize weights/shakespeare_char --out weights/shakespeare_char_int4 -p int4
     polygpt sample weights/shakespeare_char_int4 --backend mlx
     """
-    from polygpt import quantize as quant
-
-    res = quant.quantize_checkpoint(
+    res = quantize.quantize_checkpoint(
         checkpoint,
         out,
         precision,
@@ -313,21 +432,55 @@ def quantize(checkpoint, out, precision, group_size, backend, overwrite) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+def eval_lines(res: evaluate.EvalResult) -> list[str]:
+    """`polygpt eval`'s report."""
+    bits = (
+        f"{res.bits_per_char:.4f} bits/char"
+        if res.bits_per_char is not None
+        else f"{res.bits_per_token:.4f} bits/token"
+    )
+    where = f"{res.backend} on {res.device}, {res.precision}".strip(", ")
+    return [
+        f"perplexity  {res.perplexity:.4f}  (95% interval {res.ppl_low:.4f} .. {res.ppl_high:.4f})",
+        f"nll         {res.nll:.5f} ± {res.nll_se:.5f} nats/token (standard error), {bits}",
+        f"scored      {res.tokens:,} tokens of the {res.split or '?'} split, {res.method}, "
+        f"stride {res.stride}, block {res.block_size}, {res.n_windows:,} windows "
+        f"in batches of {res.batch_size}",
+        f"speed       {res.tokens_per_s:,.0f} tokens/s, {res.wall_s:.2f} s ({where})",
+    ]
+
+
+class EvalBar:
+    """A tqdm bar for evaluation progress; only runs longer than a second get one."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, ev: evaluate.EvalProgress) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=ev.total,
+                unit="tok",
+                unit_scale=True,
+                leave=False,
+                dynamic_ncols=True,
+                desc="eval",
+                delay=1.0,
+            )
+        self.bar.update(ev.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @BACKEND
 @DEVICE
-@click.option(
-    "--precision",
-    "-p",
-    default="fp32",
-    show_default=True,
-    help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx).",
-)
+@precision_option()
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]))
-@click.option(
-    "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
-)
+@DATA
 @click.option(
     "--method",
     default="sliding",
@@ -360,29 +513,30 @@ def eval_(
 ) -> None:
     """Perplexity of a checkpoint over a whole split: every token scored once, with as much
     left context as the block allows (sliding windows, batched)."""
-    import json
-
-    from polygpt import evaluate
-
-    res = evaluate.evaluate_checkpoint(
-        checkpoint,
-        backend=backend,
-        device=device,
-        precision=precision,
-        split=split,
-        data_dir=data_dir,
-        max_tokens=max_tokens,
-        method=method,
-        stride=stride,
-        batch_size=batch_size,
-        progress=not as_json,
-    )
+    bar = EvalBar() if _bar_wanted(as_json) else None
+    try:
+        res = evaluate.evaluate_checkpoint(
+            checkpoint,
+            backend=backend,
+            device=device or "auto",
+            precision=precision,
+            split=split,
+            data_dir=data_dir,
+            max_tokens=max_tokens,
+            method=method,
+            stride=stride,
+            batch_size=batch_size,
+            on_progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     if save:
         evaluate.save_result(checkpoint, res)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
     else:
-        for line in evaluate.format_result(res):
+        for line in eval_lines(res):
             click.echo(line)
 
 
@@ -394,7 +548,7 @@ def _csv(value: str, what: str, cast=str) -> list:
         raise PolygptError(f"--{what} takes a comma-separated list, got {value!r}") from None
 
 
-@main.command()
+@main.command("bench")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
 @click.option(
@@ -433,15 +587,13 @@ def _csv(value: str, what: str, cast=str) -> list:
     help="CPU threads per framework: N, 0 (the frameworks' defaults) or auto (the "
     "cores the machine's load leaves free; defaults when idle).",
 )
-@click.option(
-    "--data", "data_dir", default=None, help="Prepared data directory [the checkpoint's data.dir]."
-)
+@DATA
 @click.option(
     "--quick",
     is_flag=True,
     help="Batch 1, KV decode, short runs, no training rate: GPT-2 124M in minutes on a CPU.",
 )
-def bench(
+def bench_(
     checkpoint,
     backends,
     devices,
@@ -463,19 +615,15 @@ def bench(
     polygpt bench weights/shakespeare_char
     polygpt bench weights/shakespeare_char --backends torch --precisions fp32,int8 --threads 1
     """
-    from polygpt import bench as bench_mod
-
     try:
         n_threads = -1 if threads == "auto" else int(threads)
     except ValueError:
         raise PolygptError(f"--threads takes a number or auto, got {threads!r}") from None
-    cfg = bench_mod.BenchConfig(
+    cfg = bench_measure.BenchConfig(
         checkpoint=checkpoint,
         backends=None if backends == "all" else _csv(backends, "backends"),
         devices=None if devices == "auto" else _csv(devices, "devices"),
-        precisions=list(bench_mod.PRECISIONS)
-        if precisions == "all"
-        else _csv(precisions, "precisions"),
+        precisions=list(PRECISIONS) if precisions == "all" else _csv(precisions, "precisions"),
         batch_sizes=_csv(batch_sizes, "batch-sizes", int),
         full_ppl=full_ppl,
         ppl_tokens=ppl_tokens,
@@ -485,66 +633,138 @@ def bench(
         data_dir=data_dir,
     )
     if quick:
-        cfg = bench_mod.quick(cfg)
-    result = bench_mod.run_bench(cfg, out, log=lambda s: click.echo(s, err=True))
-    click.echo(bench_mod.markdown(result))
+        cfg = bench.quick(cfg)
+    result = bench.run_bench(cfg, out, on_event=_bench_line)
+    click.echo(bench_report.markdown(result))
     click.echo(
         f"wrote {out}/results.json, results.csv, results.md, tokens_per_s.png, "
-        f"ppl_vs_size.png ({result['wall_s']:.0f}s)"
+        f"ppl_vs_size.png ({result.wall_s:.0f}s)"
     )
 
 
+def _bench_line(ev) -> None:
+    if isinstance(ev, bench.LimitsStart):
+        click.echo("measuring memory bandwidth and matmul peak ...", err=True)
+    elif isinstance(ev, bench.ConfigStart):
+        click.echo(f"{ev.backend}/{ev.device}/{ev.precision} ...", err=True)
+    elif isinstance(ev, bench.ConfigDone):
+        r = ev.row
+        how = f" ({r.reason})" if r.reason else f" in {r.wall_s:.0f}s"
+        click.echo(f"{r.name}: {r.status}{how}", err=True)
+
+
 # ---------------------------------------------------------------------------------------------
+def checkpoint_lines(path: str | Path) -> list[str]:
+    """`polygpt info CHECKPOINT`: spec, parameters, step, metrics, recorded evaluations, files."""
+    ckpt = weights.read_checkpoint(path)
+    s, cfg = ckpt.spec, ckpt.config
+    dtype = weights.check_model_file(ckpt.model_file, s)
+    lines = [
+        f"checkpoint  {ckpt.path}",
+        f"spec        vocab {s.vocab_size}, block {s.block_size}, {s.n_layer} layers, "
+        f"{s.n_head} heads, {s.n_embd} embd, bias={str(s.bias).lower()}, "
+        f"dropout {s.dropout}, {s.activation}",
+        f"parameters  {s.num_params():,} non-embedding, {s.num_params(False):,} total",
+        f"flops       {s.flops_per_token(training=False):,}/token forward at full context",
+        f"weights     {dtype}, trained with {cfg.get('backend', '?')} on {cfg.get('device', '?')}",
+        f"step        {ckpt.step}",
+    ]
+    m = cfg.get("metrics") or {}
+    if m:
+        parts = [f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, (int, float))]
+        lines.append(f"metrics     {', '.join(parts)}")
+    for key, rec in sorted(m.items()):  # full-split perplexity from `polygpt eval --save`
+        if key.startswith("eval_") and isinstance(rec, dict) and "perplexity" in rec:
+            lines.append(
+                f"perplexity  {rec['perplexity']:.4f} [{rec['ppl_low']:.4f}, {rec['ppl_high']:.4f}]"
+                f" on {rec['tokens']:,} {rec.get('split', key[5:])} tokens ({rec['method']}, "
+                f"stride {rec['stride']}, {rec.get('backend', '?')} {rec.get('precision', '')})"
+            )
+    files = weights.dir_size(ckpt.path)
+    lines.append("files       " + ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in files.items()))
+    return lines
+
+
+def environment_lines() -> list[str]:
+    """`polygpt info`: each framework, its default device, BLAS and threads."""
+    lines = []
+    avail = set(available_backends())
+    for name in known_backends():
+        if name not in avail:
+            lines.append(f"{name:<6}  not installed (pip install 'polygpt[{name}]')")
+            continue
+        try:
+            d = get_backend(name, "auto").describe()
+        except PolygptError as e:
+            lines.append(f"{name:<6}  unavailable: {e}")
+            continue
+        lines.append(
+            f"{name:<6}  {d['framework']}, device {d['device']} ({d['device_name']}), "
+            f"BLAS: {d['blas']}, threads {d['threads']}"
+        )
+    return lines
+
+
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path())
 def info(checkpoint) -> None:
     """Show a checkpoint (spec, parameters, step, losses, files) and the frameworks here."""
-    from polygpt import inference
-
     if checkpoint:
-        for line in inference.checkpoint_info_lines(checkpoint):
+        for line in checkpoint_lines(checkpoint):
             click.echo(line)
         click.echo("")
-    for line in inference.environment_lines():
+    for line in environment_lines() + distributed.environment_lines():
         click.echo(line)
 
 
 # ---------------------------------------------------------------------------------------------
-@main.command()
+@main.command("sweep")
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @click.option("--only", multiple=True, help="Run only this run (repeatable).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def sweep(sweep_file, only, quiet) -> None:
+@QUIET
+def sweep_(sweep_file, only, quiet) -> None:
     """Train, evaluate and sample every run of a sweep file; finished runs are skipped.
 
     \b
     polygpt sweep experiments/shakespeare.toml
     polygpt sweep experiments/shakespeare.toml --only 0.8M-500
     """
-    from polygpt import sweep as sweep_mod
+    sw = sweep.load_sweep(sweep_file)
+    view = TrainView(bar=_bar_wanted(quiet))
 
-    sw = sweep_mod.load_sweep(sweep_file)
-    results = sweep_mod.run_sweep(sw, only=list(only) or None, progress=not quiet, log=click.echo)
-    click.echo(sweep_mod.results_table(results))
+    def on_event(ev) -> None:
+        if isinstance(ev, sweep.RunSkipped):
+            click.echo(f"[{ev.name}] finished earlier: skipped")
+        elif isinstance(ev, sweep.RunStart):
+            what = "resuming" if ev.resumed else "training"
+            click.echo(f"[{ev.name}] {what} ({ev.backend}) -> {ev.out}")
+        else:
+            view(ev)
+
+    try:
+        results = sweep.run_sweep(sw, only=list(only) or None, on_event=on_event)
+    except train_mod.TrainInterrupted as e:
+        view.close()
+        click.echo(_interrupted(e, f"polygpt sweep {shlex.quote(sweep_file)}"), err=True)
+        sys.exit(130)
+    click.echo(sweep.results_table(results))
     click.echo(f"results: {sw.results}/results.json, {sw.results}/results.md")
 
 
-@main.command()
+@main.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file.")
 @click.option(
     "--kind",
-    type=click.Choice(["loss", "ppl-iters", "ppl-params"]),
+    type=click.Choice(list(plot.KINDS)),
     default="loss",
     show_default=True,
     help="Loss curves, or perplexity vs iterations / vs size.",
 )
 @click.option("--title", default=None)
-def plot(runs, out, kind, title) -> None:
+def plot_(runs, out, kind, title) -> None:
     """Plot one or more runs (checkpoint directories) to a PNG."""
-    from polygpt import plot as plot_mod
-
-    click.echo(f"wrote {plot_mod.plot(list(runs), out, kind, title)}")
+    click.echo(f"wrote {plot.plot(list(runs), out, kind, title)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +774,7 @@ def plot(runs, out, kind, title) -> None:
 @click.option(
     "--from",
     "src_format",
-    type=click.Choice(["auto", "nanogpt", "hf", "polygpt"]),
+    type=click.Choice(["auto", *convert_mod.FORMATS]),
     default="auto",
     show_default=True,
     help="nanogpt: a ckpt.pt; hf: a Hugging Face GPT-2 directory; polygpt: ours.",
@@ -581,28 +801,56 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     polygpt convert weights/shakespeare_char exported_hf --to hf
     polygpt convert path/to/hf-gpt2 weights/gpt2
     """
-    from polygpt import convert as conv
+    done, fmt = convert_mod.convert(source, out, src_format, dst_format, tokenizer_dir)
+    click.echo(f"wrote {done} ({fmt})")
 
-    src = Path(source)
-    if src_format == "auto":
-        if src.is_file() and src.suffix in (".pt", ".pth"):
-            src_format = "nanogpt"
-        elif (src / "tokenizer.json").exists() and (src / "model.safetensors").exists():
-            src_format = "polygpt"
-        elif (src / "config.json").exists():
-            src_format = "hf"
-        else:
-            raise PolygptError(f"cannot tell what {src} is: pass --from nanogpt|hf|polygpt")
-    dst_format = dst_format or ("hf" if src_format == "polygpt" else "polygpt")
-    if src_format == "polygpt" and dst_format == "hf":
-        done = conv.to_hf(src, out)
-    elif src_format == "nanogpt" and dst_format == "polygpt":
-        done = conv.from_nanogpt(src, out, tokenizer_dir)
-    elif src_format == "hf" and dst_format == "polygpt":
-        done = conv.from_hf(src, out, tokenizer_dir)
-    else:
-        raise PolygptError(f"no conversion from {src_format} to {dst_format}")
-    click.echo(f"wrote {done} ({dst_format})")
+
+# ---------------------------------------------------------------------------------------------
+def _needs_serve_extra() -> None:
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise PolygptError("serving needs fastapi and uvicorn: pip install 'polygpt[serve]'")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@BACKEND
+@DEVICE
+@precision_option()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Rows decoded at once.")
+@click.option("--max-tokens-limit", default=2048, show_default=True, type=int)
+def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
+    _needs_serve_extra()
+    from polygpt.serve import serve as run  # the optional [serve] extra (fastapi, uvicorn)
+
+    run(checkpoint, backend, device or "auto", precision, host, port, max_batch, max_tokens_limit)
+
+
+@main.command("bench-serve")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--backends", default="all", show_default=True, help="all, or e.g. torch,mlx.")
+@DEVICE
+@click.option("--clients", default=16, show_default=True, type=int, help="Concurrent clients.")
+@click.option("--duration", default=20.0, show_default=True, type=float, help="Seconds per run.")
+@click.option("--max-tokens", default=64, show_default=True, type=int, help="Per request.")
+@click.option("--rounds", default=4, show_default=True, type=int, help="Alternations of 1 and N.")
+@click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, rounds, as_json):
+    """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
+    _needs_serve_extra()
+    names = available_backends() if backends == "all" else backends.split(",")
+    if min(clients, max_tokens, rounds) < 1 or duration <= 0:
+        raise PolygptError("--clients, --duration, --max-tokens and --rounds must be positive")
+    click.echo(serve_bench.HEADER)
+    res = serve_bench.bench_serve(
+        checkpoint, names, clients, duration, max_tokens, device=device or "auto", rounds=rounds
+    )
+    for line in serve_bench.speedups(res):
+        click.echo(line)
+    if as_json:
+        Path(as_json).write_text(serve_bench.to_json(res) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":  # pragma: no cover

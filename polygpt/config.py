@@ -43,7 +43,6 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "shakespeare_char"
     dir: str = "data/shakespeare_char"  # holds train.bin, val.bin, tokenizer.json
 
 
@@ -95,6 +94,10 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def set(self, section: str, key: str, value: Any) -> None:
+        """Set one key, type-checked (a one-line PolygptError naming a bad key or value)."""
+        _apply(self, section, key, value)
+
 
 _SECTION_TYPES = {
     "model": ModelConfig,
@@ -128,13 +131,19 @@ def _apply(cfg: RunConfig, section: str, key: str, value: Any) -> None:
     setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
+# Keys earlier versions had and that never changed a run (read from old files, then dropped),
+# with the value they always held: sweep.fingerprint hashes them, so old runs keep their hash.
+REMOVED_KEYS = {("data", "dataset"): "shakespeare_char"}
+
+
 def from_dict(d: dict, cfg: RunConfig | None = None) -> RunConfig:
     cfg = cfg or RunConfig()
     for section, values in d.items():
         if not isinstance(values, dict):
             raise PolygptError(f"config key {section!r} must be a [section] table")
         for key, value in values.items():
-            _apply(cfg, section, key, value)
+            if (section, key) not in REMOVED_KEYS:
+                _apply(cfg, section, key, value)
     return cfg
 
 
@@ -166,6 +175,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def apply_override(cfg: RunConfig, item: str) -> None:
+    cfg.set(*parse_override(item))
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`key=value` -> (section, key, value); a bare key must belong to one section only."""
     if "=" not in item:
         raise PolygptError(f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
@@ -181,7 +195,7 @@ def apply_override(cfg: RunConfig, item: str) -> None:
             opts = " or ".join(f"{s}.{key}" for s in owners)
             raise PolygptError(f"config key {key!r} is ambiguous: write {opts}")
         section, name = owners[0], key
-    _apply(cfg, section, name, value)
+    return section, name, value
 
 
 def _parse_value(raw: str) -> Any:

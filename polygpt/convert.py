@@ -27,6 +27,8 @@ _DROP = ("lm_head.weight", ".attn.bias", ".attn.masked_bias")  # tied head; caus
 
 
 def _torch():
+    # torch is imported here, not at module top: convert is the one module above backends/
+    # that needs it (torch.load of nanoGPT pickles, safetensors.torch), and only when called.
     try:
         import torch
         from safetensors.torch import load_file, save_file
@@ -130,7 +132,7 @@ def from_nanogpt(
 def from_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     torch, load_file, save_file = _torch()
     d = Path(hf_dir)
-    cfg = weights._read_json(d / "config.json")
+    cfg = weights.read_json(d / "config.json")
     if cfg.get("model_type") != "gpt2":
         raise PolygptError(f"{d}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
     act = {v: k for k, v in HF_ACT.items()}.get(cfg.get("activation_function", "gelu_new"))
@@ -222,3 +224,39 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "polygpt_tokenizer.json").write_text(json.dumps(ckpt.tokenizer))
     return Path(out)
+
+
+FORMATS = ("nanogpt", "hf", "polygpt")
+
+
+def detect_format(src: str | Path) -> str:
+    """What `src` is: a nanoGPT ckpt.pt, a polygpt checkpoint or a Hugging Face GPT-2 dir."""
+    src = Path(src)
+    if src.is_file() and src.suffix in (".pt", ".pth"):
+        return "nanogpt"
+    if (src / weights.TOKENIZER_FILE).exists() and (src / weights.MODEL_FILE).exists():
+        return "polygpt"
+    if (src / "config.json").exists():
+        return "hf"
+    raise PolygptError(f"cannot tell what {src} is: pass --from nanogpt|hf|polygpt")
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    src_format: str = "auto",
+    dst_format: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> tuple[Path, str]:
+    """Convert `src` to `out`; returns (out, the format written). Default target: polygpt, or
+    hf when the source is a polygpt checkpoint."""
+    if src_format == "auto":
+        src_format = detect_format(src)
+    dst_format = dst_format or ("hf" if src_format == "polygpt" else "polygpt")
+    if src_format == "polygpt" and dst_format == "hf":
+        return to_hf(src, out), dst_format
+    if src_format == "nanogpt" and dst_format == "polygpt":
+        return from_nanogpt(src, out, tokenizer_dir), dst_format
+    if src_format == "hf" and dst_format == "polygpt":
+        return from_hf(src, out, tokenizer_dir), dst_format
+    raise PolygptError(f"no conversion from {src_format} to {dst_format}")

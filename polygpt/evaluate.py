@@ -28,11 +28,9 @@ leaves the framework. NumPy is used for token ids and those log-probs.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from polygpt import data, inference, weights
 from polygpt.errors import PolygptError
 
 METHODS = ("sliding", "last-token")
@@ -93,6 +92,14 @@ def default_batch_size(block_size: int, vocab_size: int) -> int:
     return max(1, min(by_positions, by_logits))
 
 
+@dataclass
+class EvalProgress:
+    """Reported after each batch of windows: `done` of `total` targets scored."""
+
+    done: int
+    total: int
+
+
 def token_nll(
     backend: Any,
     model: Any,
@@ -100,7 +107,7 @@ def token_nll(
     block_size: int,
     stride: int,
     batch_size: int,
-    progress: bool = False,
+    on_progress: Callable[[EvalProgress], None] | None = None,
 ) -> np.ndarray:
     """Negative log-likelihood (nats, float64) of targets 1..N-1 of `tokens`, in order."""
     if batch_size < 1:
@@ -110,19 +117,6 @@ def token_nll(
     offsets = np.arange(L + 1)
     pos = np.arange(L)
     out = np.empty(plan.n_targets, dtype=np.float64)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=plan.n_targets,
-            unit="tok",
-            unit_scale=True,
-            leave=False,
-            dynamic_ncols=True,
-            desc="eval",
-            delay=1.0,  # only runs longer than a second get a bar
-        )
     filled = 0
     for i in range(0, plan.n_windows, batch_size):
         starts = plan.starts[i : i + batch_size]
@@ -133,10 +127,8 @@ def token_nll(
         vals = -np.asarray(lp, dtype=np.float64)[keep]  # row-major: in target order
         out[filled : filled + len(vals)] = vals
         filled += len(vals)
-        if bar is not None:
-            bar.update(len(vals))
-    if bar is not None:
-        bar.close()
+        if on_progress is not None:
+            on_progress(EvalProgress(filled, plan.n_targets))
     if filled != plan.n_targets:  # pragma: no cover - the plan guarantees it
         raise RuntimeError(f"scored {filled} targets, expected {plan.n_targets}")
     return out
@@ -201,7 +193,7 @@ def perplexity(
     batch_size: int | None = None,
     vocab_size: int = 0,
     char_level: bool = False,
-    progress: bool = False,
+    on_progress: Callable[[EvalProgress], None] | None = None,
     keep_per_token: bool = False,
 ) -> EvalResult:
     """Perplexity of `tokens` (1-D ints) under `model`; see the module docstring."""
@@ -217,7 +209,7 @@ def perplexity(
         batch_size = default_batch_size(block_size, vocab_size)
     plan = plan_windows(len(tokens), block_size, stride)  # validates before any work
     t0 = time.perf_counter()
-    nll = token_nll(backend, model, tokens, block_size, stride, batch_size, progress)
+    nll = token_nll(backend, model, tokens, block_size, stride, batch_size, on_progress)
     wall = time.perf_counter() - t0
     s = summarize(nll)
     return EvalResult(
@@ -242,19 +234,17 @@ def evaluate_checkpoint(
     *,
     backend: str | None = None,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str | None = None,
     split: str = "val",
     data_dir: str | Path | None = None,
     max_tokens: int | None = None,
     method: str = "sliding",
     stride: int | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    on_progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvalResult:
     """Load a checkpoint and its prepared data (the run's data.dir unless `data_dir`) and
     evaluate the first `max_tokens` tokens of `split` (all of it by default)."""
-    from polygpt import data, inference
-
     if split not in SPLITS:
         raise PolygptError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if max_tokens is not None and max_tokens < 2:
@@ -286,9 +276,9 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         vocab_size=lm.spec.vocab_size,
         char_level=ckpt.tokenizer.get("type") == "char",
-        progress=progress,
+        on_progress=on_progress,
     )
-    res.split, res.precision, res.checkpoint, res.step = split, precision, str(path), ckpt.step
+    res.split, res.precision, res.checkpoint, res.step = split, lm.precision, str(path), ckpt.step
     return res
 
 
@@ -296,52 +286,9 @@ def save_result(path: str | Path, res: EvalResult) -> None:
     """Record `res` in the checkpoint's config.json as metrics["eval_<split>"], atomically
     (a temporary sibling renamed over it). Training rewrites config.json without it, so a
     recorded evaluation never outlives the weights it measured."""
-    p = Path(path) / "config.json"
-    try:
-        cfg = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PolygptError(f"cannot read {p}: {e}") from None
+    p = Path(path) / weights.CONFIG_FILE
+    cfg = weights.read_json(p)
     rec = {k: v for k, v in res.to_dict().items() if k not in ("checkpoint",)}
     rec["evaluated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     cfg.setdefault("metrics", {})[f"eval_{res.split}"] = rec
-    fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(cfg, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def recorded_lines(config: dict) -> list[str]:
-    """`polygpt info` lines for evaluations saved by `polygpt eval --save`."""
-    lines = []
-    for key, rec in sorted((config.get("metrics") or {}).items()):
-        if key.startswith("eval_") and isinstance(rec, dict) and "perplexity" in rec:
-            lines.append(
-                f"perplexity  {rec['perplexity']:.4f} [{rec['ppl_low']:.4f}, {rec['ppl_high']:.4f}]"
-                f" on {rec['tokens']:,} {rec.get('split', key[5:])} tokens ({rec['method']}, "
-                f"stride {rec['stride']}, {rec.get('backend', '?')} {rec.get('precision', '')})"
-            )
-    return lines
-
-
-def format_result(res: EvalResult) -> list[str]:
-    """Human-readable lines for the CLI."""
-    bits = (
-        f"{res.bits_per_char:.4f} bits/char"
-        if res.bits_per_char is not None
-        else f"{res.bits_per_token:.4f} bits/token"
-    )
-    where = f"{res.backend} on {res.device}, {res.precision}".strip(", ")
-    return [
-        f"perplexity  {res.perplexity:.4f}  (95% interval {res.ppl_low:.4f} .. {res.ppl_high:.4f})",
-        f"nll         {res.nll:.5f} ± {res.nll_se:.5f} nats/token (standard error), {bits}",
-        f"scored      {res.tokens:,} tokens of the {res.split or '?'} split, {res.method}, "
-        f"stride {res.stride}, block {res.block_size}, {res.n_windows:,} windows "
-        f"in batches of {res.batch_size}",
-        f"speed       {res.tokens_per_s:,.0f} tokens/s, {res.wall_s:.2f} s ({where})",
-    ]
+    weights.write_json(p, cfg)

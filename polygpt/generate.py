@@ -74,7 +74,12 @@ class ContextWindows:
         prompts: list[list[int]],
         keep: int = 0,
         max_new_tokens: int = 0,
+        caches: dict | None = None,
     ):
+        """`caches`: spare caches of this model by batch size, shared with other
+        ContextWindows (a server's many batches): a prefill takes one of its batch size from
+        there, and a cache left behind when the batch size changes goes back. Saves
+        allocating caches (and MLX's trace of the decode step over each)."""
         check_prompts(prompts, block_size)
         keep = keep or max(1, block_size // 2)
         if not 1 <= keep <= block_size:
@@ -88,7 +93,8 @@ class ContextWindows:
         self.end = self.t0 = T0  # every row's first new token goes to column T0
         self.rows = np.arange(B)
         self.finished = np.zeros(B, dtype=bool)
-        self.cache = None
+        self.caches = caches
+        self.cache, self.cache_rows = None, 0
         self._prefill()
 
     def window(self, b: int) -> np.ndarray:
@@ -106,9 +112,13 @@ class ContextWindows:
         tokens = self.buf[rows, self.end - T : self.end].copy()
         pad = T - width
         tokens[np.arange(T)[None, :] < pad[:, None]] = 0  # padding (masked out anyway)
-        reuse = self.cache if self.cache is not None and len(rows) == self._cache_rows else None
+        reuse = self.cache if len(rows) == self.cache_rows else None
+        if reuse is None and self.caches is not None:
+            if self.cache is not None:
+                self.caches.setdefault(self.cache_rows, self.cache)
+            reuse = self.caches.pop(len(rows), None)
         self.cache, self.logits = self.backend.prefill(self.model, tokens, pad, cache=reuse)
-        self._cache_rows = len(rows)
+        self.cache_rows = len(rows)
         self._first_full = int(self.start[rows].min()) + self.block_size
 
     def step(self, tokens: np.ndarray) -> None:
@@ -128,7 +138,7 @@ class ContextWindows:
             self.logits = self.backend.decode(self.model, self.cache, tokens)
 
 
-class _TextStream:
+class TextStream:
     """Incremental text of one row: finds stop strings and streams only text that is final.
 
     Text that could still become the start of a stop string, and a trailing incomplete UTF-8
@@ -232,7 +242,7 @@ def generate(
     texts = None
     if cfg.stop or on_text is not None:
         texts = [
-            _TextStream(
+            TextStream(
                 decode_text, cfg.stop, None if on_text is None else (lambda s, b=b: on_text(b, s))
             )
             for b in range(B)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polygpt import config, weights
 from polygpt import tokenizer as tok
-from polygpt import weights
-from polygpt.backends import available_backends, get_backend, known_backends
+from polygpt.backends import available_backends, get_backend
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig, generate
 from polygpt.spec import ModelSpec
@@ -41,8 +41,10 @@ class LanguageModel:
         cfg: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
     ) -> list[str]:
-        """New text per prompt; `on_text(row, text)` streams it as it becomes final."""
-        ids = [self.encode(p) for p in prompts]
+        """New text per prompt; `on_text(row, text)` streams it as it becomes final. A prompt
+        longer than the context is cropped to its last block_size tokens (as nanoGPT and
+        llama.cpp do)."""
+        ids = [self.encode(p)[-self.spec.block_size :] for p in prompts]
         out = generate(
             self.backend,
             self.model,
@@ -58,6 +60,13 @@ class LanguageModel:
         return texts
 
 
+def sample_config(ckpt: weights.Checkpoint) -> config.SampleConfig:
+    """The [sample] section of the run that made `ckpt` (SampleConfig's defaults for keys it
+    does not set, or for a checkpoint without a run config)."""
+    stored = (ckpt.config.get("run") or {}).get("sample") or {}
+    return config.from_dict({"sample": stored}).sample
+
+
 def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
     avail = available_backends()
     if not avail:
@@ -66,60 +75,26 @@ def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
     return trained if trained in avail else avail[0]
 
 
+def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: str) -> str:
+    """The compute precision to load a checkpoint at. Asked for: that (the backend says if it
+    can't). Not asked for: the checkpoint's own, where the backend computes at it; torch
+    dequantizes int8/int4 files to fp32 (their rounded weights, exactly)."""
+    if requested not in (None, "auto"):
+        return requested
+    have = weights.check_model_file(ckpt.model_file, ckpt.spec)
+    own = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have)
+    if own.startswith("int") and backend != "mlx":  # TODO(backend facts): ask the backend
+        return "fp32"
+    return own
+
+
 def load(
     path: str | Path, backend: str | None = None, device: str = "auto", precision: str | None = None
 ) -> LanguageModel:
     """Load a checkpoint for inference. precision None: the checkpoint's own where the backend
-    computes at it (see quantize.resolve_precision), else fp32/fp16/bf16/int8/int4."""
-    from polygpt.quantize import resolve_precision
-
+    computes at it (see resolve_precision), else fp32/fp16/bf16/int8/int4."""
     ckpt = weights.read_checkpoint(path)
     be = get_backend(backend or default_backend(ckpt), device)
     precision = resolve_precision(precision, ckpt, be.name)
     model = be.load_model(ckpt.spec, ckpt.model_file, precision)
     return LanguageModel(be, model, ckpt.spec, tok.from_dict(ckpt.tokenizer), ckpt, precision)
-
-
-def checkpoint_info_lines(path: str | Path) -> list[str]:
-    ckpt = weights.read_checkpoint(path)
-    s, cfg = ckpt.spec, ckpt.config
-    dtype = weights.check_model_file(ckpt.model_file, s)
-    lines = [
-        f"checkpoint  {ckpt.path}",
-        f"spec        vocab {s.vocab_size}, block {s.block_size}, {s.n_layer} layers, "
-        f"{s.n_head} heads, {s.n_embd} embd, bias={str(s.bias).lower()}, "
-        f"dropout {s.dropout}, {s.activation}",
-        f"parameters  {s.num_params():,} non-embedding, {s.num_params(False):,} total",
-        f"flops       {s.flops_per_token(training=False):,}/token forward at full context",
-        f"weights     {dtype}, trained with {cfg.get('backend', '?')} on {cfg.get('device', '?')}",
-        f"step        {ckpt.step}",
-    ]
-    m = cfg.get("metrics") or {}
-    if m:
-        parts = [f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, (int, float))]
-        lines.append(f"metrics     {', '.join(parts)}")
-    from polygpt.evaluate import recorded_lines  # full-split perplexity from `eval --save`
-
-    lines.extend(recorded_lines(cfg))
-    files = weights.dir_size(ckpt.path)
-    lines.append("files       " + ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in files.items()))
-    return lines
-
-
-def environment_lines() -> list[str]:
-    lines = []
-    avail = set(available_backends())
-    for name in known_backends():
-        if name not in avail:
-            lines.append(f"{name:<6}  not installed (pip install 'polygpt[{name}]')")
-            continue
-        try:
-            d = get_backend(name, "auto").describe()
-        except PolygptError as e:
-            lines.append(f"{name:<6}  unavailable: {e}")
-            continue
-        lines.append(
-            f"{name:<6}  {d['framework']}, device {d['device']} ({d['device_name']}), "
-            f"BLAS: {d['blas']}, threads {d['threads']}"
-        )
-    return lines

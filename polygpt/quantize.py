@@ -21,6 +21,7 @@ from pathlib import Path
 from polygpt import weights
 from polygpt.backends import get_backend
 from polygpt.errors import PolygptError
+from polygpt.inference import default_backend
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 FLOATS = ("fp32", "fp16", "bf16")
@@ -45,8 +46,6 @@ def quantize_checkpoint(
     overwrite: bool = False,
 ) -> QuantizeResult:
     """Write `src` (a float checkpoint) at `precision` to the checkpoint directory `out`."""
-    from polygpt.inference import default_backend
-
     if precision not in QUANT_BITS and precision not in FLOATS:
         raise PolygptError(
             f"unknown precision {precision!r} (choose from {', '.join([*QUANT_BITS, *FLOATS])})"
@@ -95,16 +94,3 @@ def quantize_checkpoint(
         bytes_before=ckpt.model_file.stat().st_size,
         bytes_after=(out / weights.MODEL_FILE).stat().st_size,
     )
-
-
-def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: str) -> str:
-    """The compute precision to load a checkpoint at. Asked for: that (the backend says if it
-    can't). Not asked for: the checkpoint's own, where the backend computes at it; torch
-    dequantizes int8/int4 files to fp32 (their rounded weights, exactly)."""
-    if requested not in (None, "auto"):
-        return requested
-    have = weights.check_model_file(ckpt.model_file, ckpt.spec)
-    own = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have)
-    if own in QUANT_BITS and backend != "mlx":
-        return "fp32"
-    return own

@@ -6,15 +6,14 @@ nothing). The kernel drops the lock when its process dies, however it dies, so a
 never leaves a stale lock: the file stays, but the next run takes it over. The file holds the
 holder's pid for the error message.
 
-`owned_run` wraps the training loop: lock, remove what a killed writer left (weights.clean_stale),
+`owned` wraps the training loop: lock, remove what a killed writer left (weights.clean_stale),
 and on --resume drop the metrics the killed run wrote past its last checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,22 +69,18 @@ def run_lock(out: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def owned_run(train: Callable) -> Callable:
-    """Decorate `train(cfg, *, resume=False, ...)`: run it holding the lock of cfg.train.out,
-    after cleaning what a killed run left there."""
-
-    @functools.wraps(train)
-    def wrapper(cfg, *args, **kwargs):
-        out = Path(cfg.train.out)
-        with run_lock(out):
-            weights.clean_stale(out)
-            if kwargs.get("resume"):
-                try:
-                    step = weights.read_checkpoint(out).step
-                except PolygptError:
-                    step = None  # train() itself says what is wrong with the checkpoint
-                if step is not None:
-                    weights.trim_metrics(out, step)
-            return train(cfg, *args, **kwargs)
-
-    return wrapper
+@contextmanager
+def owned(out: str | Path, resume: bool) -> Iterator[None]:
+    """Hold the lock of `out` after cleaning what a killed run left there (and, on resume,
+    the metrics it wrote past its last checkpoint). Rank 0 alone does this under a launcher."""
+    out = Path(out)
+    with run_lock(out):
+        weights.clean_stale(out)
+        if resume:
+            try:
+                step = weights.read_checkpoint(out).step
+            except PolygptError:
+                step = None  # train() itself says what is wrong with the checkpoint
+            if step is not None:
+                weights.trim_metrics(out, step)
+        yield

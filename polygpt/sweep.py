@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polygpt import __version__, config, weights
+from polygpt import __version__, config, evaluate, inference, weights
 from polygpt.errors import PolygptError
+from polygpt.generate import GenerationConfig
+from polygpt.train import TrainEvent, train
 
 RESULT_FILE = "sweep.json"
+# Config keys added since the first sweeps ran, with the default that means "as before".
+ADDED_KEYS = {("train", "init_from"): ""}
 
 
 @dataclass
@@ -38,12 +41,11 @@ class Sweep:
     results: str
     runs: list[RunSpec]
     sample_tokens: int = 300
-    sample_temperature: float = 0.8
-    seed: int = 1337
+    sample_temperature: float = config.SampleConfig.temperature
+    seed: int = config.SampleConfig.seed
     eval_stride: int = 0  # 0: evaluate.py's default (block_size // 2)
     eval_max_tokens: int = 0  # 0: the whole val split
     device: str = "auto"
-    base: Path = Path(".")  # paths in the sweep file are relative to the working directory
 
 
 _SWEEP_KEYS = {
@@ -134,6 +136,14 @@ def fingerprint(cfg: config.RunConfig) -> str:
     for k in ("out", "log_interval", "save_checkpoints", "device"):
         d["train"].pop(k, None)
     d.pop("sample", None)
+    # the hashes of runs trained before a key was added or removed stay what they were:
+    # a removed key is hashed at the value it always had, an added key at its default (the
+    # behaviour from before it existed) is left out
+    for (section, key), value in config.REMOVED_KEYS.items():
+        d[section][key] = value
+    for (section, key), default in ADDED_KEYS.items():
+        if d[section].get(key) == default:
+            del d[section][key]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,30 +169,52 @@ def _resumable(run_dir: Path, fp: str) -> bool:
     return ck.config.get("sweep_fingerprint") == fp and ck.optimizer_file.exists()
 
 
-def run_one(sweep: Sweep, run: RunSpec, *, progress: bool, log: Callable[[str], None]) -> dict:
-    from polygpt import evaluate, inference
-    from polygpt.generate import GenerationConfig
-    from polygpt.train import train
+@dataclass
+class RunSkipped:
+    """A run whose result is already there (same fingerprint, all steps done)."""
 
+    name: str
+
+
+@dataclass
+class RunStart:
+    name: str
+    resumed: bool
+    backend: str
+    out: Path
+
+
+@dataclass
+class RunDone:
+    name: str
+    result: dict
+
+
+SweepEvent = RunSkipped | RunStart | RunDone | TrainEvent
+
+
+def run_one(
+    sweep: Sweep, run: RunSpec, on_event: Callable[[SweepEvent], None] = lambda ev: None
+) -> dict:
+    """Train (or resume, or skip) one run, evaluate it on the full val split, sample it."""
     cfg = run_config(sweep, run)
     run_dir = Path(cfg.train.out)
     fp = fingerprint(cfg)
     done = _finished(run_dir, fp, cfg.train.max_iters)
     if done is not None:
-        log(f"[{run.name}] finished earlier: skipped")
+        on_event(RunSkipped(run.name))
         return done
     weights.recover(run_dir)
     resume = _resumable(run_dir, fp)
-    log(f"[{run.name}] {'resuming' if resume else 'training'} ({run.backend}) -> {run_dir}")
+    on_event(RunStart(run.name, resume, run.backend, run_dir))
     t0 = time.perf_counter()
     # the fingerprint travels in every checkpoint, so an interrupted run is recognised
     res = train(
         cfg,
         resume=resume,
         overwrite=not resume,
-        progress=progress,
-        log=log,
         extra_config={"sweep_fingerprint": fp},
+        on_event=on_event,
     )
     train_wall = time.perf_counter() - t0
     ev = evaluate.evaluate_checkpoint(
@@ -227,9 +259,8 @@ def run_one(sweep: Sweep, run: RunSpec, *, progress: bool, log: Callable[[str], 
         "fingerprint": fp,
         "polygpt_version": __version__,
     }
-    tmp = run_dir / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, run_dir / RESULT_FILE)
+    weights.write_json(run_dir / RESULT_FILE, result)
+    on_event(RunDone(run.name, result))
     return result
 
 
@@ -237,8 +268,7 @@ def run_sweep(
     sweep: Sweep,
     *,
     only: list[str] | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    on_event: Callable[[SweepEvent], None] = lambda ev: None,
 ) -> list[dict]:
     runs = sweep.runs
     if only:
@@ -246,7 +276,7 @@ def run_sweep(
         if unknown:
             raise PolygptError(f"no run named {unknown[0]!r} in the sweep")
         runs = [r for r in runs if r.name in only]
-    results = [run_one(sweep, r, progress=progress, log=log) for r in runs]
+    results = [run_one(sweep, r, on_event) for r in runs]
     # the table covers every finished run of the sweep, not only the ones run this time
     table = []
     for r in sweep.runs:
@@ -277,9 +307,10 @@ def results_table(results: list[dict]) -> str:
 def write_results(sweep: Sweep, results: list[dict]) -> Path:
     out = Path(sweep.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    weights.write_json(out / "results.json", results)
     lines = [f"# {sweep.name}: results\n", results_table(results), "\n## Samples\n"]
     for r in results:
         lines.append(f"\n### {r['name']}\n\n```\n{r['sample'].strip()}\n```\n")
-    (out / "results.md").write_text("".join(lines))
+    with weights.atomic_file(out / "results.md") as tmp:
+        tmp.write_text("".join(lines))
     return out

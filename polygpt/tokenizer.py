@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -18,8 +19,6 @@ from polygpt.errors import PolygptError
 
 
 class CharTokenizer:
-    kind = "char"
-
     def __init__(self, chars: list[str]):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
@@ -65,8 +64,6 @@ GPT2_VOCAB_INSTALL = "pip install --no-deps mlx-whisper"
 
 def gpt2_vocab_candidates() -> list[Path]:
     """Where the GPT-2 vocabulary may be, in order; nothing is imported or downloaded."""
-    import importlib.util
-
     found = [Path(os.environ[GPT2_VOCAB_ENV])] if os.environ.get(GPT2_VOCAB_ENV) else []
     for name in GPT2_VOCAB_PACKAGES:
         try:
@@ -120,8 +117,6 @@ def gpt2_encoding():
 
 
 class TiktokenTokenizer:
-    kind = "tiktoken"
-
     def __init__(self, name: str = "gpt2"):
         if name != "gpt2":
             raise PolygptError(f"unknown BPE tokenizer {name!r} (polygpt knows 'gpt2')")

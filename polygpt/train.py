@@ -4,23 +4,35 @@ nanoGPT's recipe: AdamW with weight decay on 2-D tensors, linear warmup then cos
 min_lr, gradient clipping, periodic train/val loss estimates on fixed batches, a checkpoint at
 each evaluation. Batches come from a seeded NumPy generator whose state is saved with the
 checkpoint, so a resumed run (in either backend) sees the same batch stream as an unbroken one.
+
+`train()` joins the process group when a launcher started it (torchrun, mlx.launch; see
+distributed.py), takes the run lock, then runs `setup` (new run, fine-tuning init or resume)
+and `loop`; the loop's parts are small functions of one `Run` (`draw_batches`, `evaluate`,
+`save`). Every rank draws the same global batch and trains on its slice; rank 0 alone
+evaluates, writes and reports. It prints nothing: it reports typed events (TrainStart,
+TrainStep, Evaluated, Saved, TrainEnd) to `on_event`, and the caller (cli.py) draws them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from polygpt import __version__, data, rundir, weights
+from polygpt import __version__, data, distributed, rundir, weights
 from polygpt.backends import get_backend
-from polygpt.config import RunConfig, TrainConfig, from_dict
+from polygpt.config import RunConfig, TrainConfig, from_dict, parse_override
 from polygpt.errors import PolygptError
+from polygpt.finetune import load_init
+from polygpt.spec import ModelSpec
+from polygpt.tokenizer import Tokenizer
 
 # estimate_loss stacks batches into forwards of at most this many positions and logits
 _EVAL_POSITIONS = 8192
@@ -48,6 +60,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     backend: dict
+    is_main: bool = True  # False on the other ranks of a distributed run (they write nothing)
 
 
 def estimate_loss(
@@ -82,26 +95,117 @@ def estimate_loss(
     return out
 
 
-@rundir.owned_run  # one writer per --out; a killed run's leftovers cleaned first
-def train(
-    cfg: RunConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    extra_config: dict | None = None,
-) -> TrainResult:
-    """Train (or resume) the run described by `cfg`; `extra_config` entries are stored in
-    every checkpoint's config.json (e.g. a sweep's fingerprint)."""
-    tc = cfg.train
-    out = Path(tc.out)
-    weights.recover(out)
+# ---- events: what a run reports (cli.py turns them into lines and a progress bar) --------------
+
+
+@dataclass
+class TrainStart:
+    out: Path
+    step: int  # the step training starts from: 0, or the resumed checkpoint's
+    max_iters: int
+    resumed: bool
+    params: int  # non-embedding
+    params_total: int
+    backend: str
+    device: str
+    describe: dict[str, str]  # Backend.describe(): framework, device name, BLAS, threads
+    processes: str  # distributed.World.describe(): "1 process", or how many and over what
+
+
+@dataclass
+class TrainStep:
+    step: int  # optimizer steps done
+    lr: float  # the rate this step used
+    loss: float | None  # the step's loss at log_interval steps (a host sync), else None
+
+
+@dataclass
+class Evaluated:
+    step: int
+    train_loss: float
+    val_loss: float
+    val_ppl: float
+    lr: float
+
+
+@dataclass
+class Saved:
+    step: int
+    out: Path
+
+
+@dataclass
+class TrainEnd:
+    result: TrainResult
+    timed_iters: int  # iterations in ms_per_iter (the first step and evaluations excluded)
+    first_step_s: float | None
+
+
+TrainEvent = TrainStart | TrainStep | Evaluated | Saved | TrainEnd
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the run stopped at `step`; what is on disk is the checkpoint
+    of the last evaluation (nothing is saved on interrupt: see `loop`)."""
+
+    def __init__(self, out: Path, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.out, self.step = out, step
+
+
+# ---- one run: setup, batches, evaluation, saving, the loop ------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: RunConfig
+    backend: Any
+    model: Any
+    opt: Any
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    splits: dict[str, np.ndarray]
+    rng: np.random.Generator  # the batch stream; its state is saved in every checkpoint
+    start: int  # the step this process starts from
+    resumed: bool
+    history: dict = field(default_factory=dict)  # the last evaluation's losses
+    extra_config: dict = field(default_factory=dict)
+    world: distributed.World = field(default_factory=distributed.World)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.out)
+
+
+def _check(tc: TrainConfig) -> None:
     if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
         raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
     if tc.dtype not in ("fp32", "bf16"):
         raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
-    backend = get_backend(tc.backend, tc.device)
+
+
+def setup(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_config: dict | None = None,
+    backend: Any = None,
+    world: distributed.World | None = None,
+) -> Run:
+    """A new run (fresh weights at cfg.train.seed, or a checkpoint's with train.init_from) or,
+    with `resume`, the run saved in cfg.train.out: its weights, AdamW state, batch stream and
+    step. `backend` and `world` default to cfg's backend in one process."""
+    tc = cfg.train
+    _check(tc)
+    out = Path(tc.out)
+    backend = backend or get_backend(tc.backend, tc.device)
+    world = world or distributed.World()
+    if world.is_main:
+        weights.recover(out)
+    world.barrier("waiting for rank 0 to recover the checkpoint directory")
     tokenizer = data.load_tokenizer(cfg.data.dir)
     splits = {name: data.load_split(cfg.data.dir, name) for name in ("train", "val")}
 
@@ -115,8 +219,13 @@ def train(
         model = backend.load_model(spec, ckpt.model_file, "fp32")
         opt = backend.make_optimizer(model, tc)
         backend.load_optimizer(opt, ckpt.optimizer_file)
-        start = ckpt.step
         state = ckpt.config.get("train_state", {})
+        sizes = {name: len(arr) for name, arr in splits.items()}
+        if state.get("data_tokens", sizes) != sizes:  # (older checkpoints lack it)
+            raise PolygptError(
+                f"data.dir {cfg.data.dir} holds other token files than {out} was trained on "
+                f"({state['data_tokens']} tokens, now {sizes})"
+            )
         rng = np.random.default_rng()
         try:
             rng.bit_generator.state = state["rng"]
@@ -124,8 +233,7 @@ def train(
             raise PolygptError(
                 f"{out}: no valid train_state.rng in config.json to resume"
             ) from None
-        history = dict(ckpt.config.get("metrics", {}))
-        log(f"resuming {out} at step {start} with {backend.name} on {backend.device}")
+        start, history = ckpt.step, dict(ckpt.config.get("metrics", {}))
     else:
         if (out / weights.CONFIG_FILE).exists() and not overwrite:
             raise PolygptError(
@@ -133,8 +241,6 @@ def train(
                 "--overwrite to replace it, or --out to train elsewhere"
             )
         if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
-            from polygpt.finetune import load_init
-
             spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
         else:
             spec = cfg.model.to_spec(tokenizer.vocab_size)
@@ -144,153 +250,239 @@ def train(
                 )
             model = backend.init_model(spec, tc.seed)
         opt = backend.make_optimizer(model, tc)
-        start = 0
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if overwrite and (out / weights.METRICS_FILE).exists():
+                (out / weights.METRICS_FILE).unlink()
         rng = np.random.default_rng(tc.seed)
-        history = {}
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and (out / weights.METRICS_FILE).exists():
-            (out / weights.METRICS_FILE).unlink()
-
-    desc = backend.describe()
-    log(
-        f"{spec.num_params() / 1e6:.2f}M parameters (non-embedding; {spec.num_params(False):,} "
-        f"total) | {desc['framework']} on {desc['device']} ({desc['device_name']}) "
-        f"| BLAS: {desc['blas']}"
+        start, history = 0, {}
+    world.prepare(backend, model, opt)  # rank 0's weights; gradients averaged across ranks
+    return Run(
+        cfg=cfg,
+        backend=backend,
+        model=model,
+        opt=opt,
+        spec=spec,
+        tokenizer=tokenizer,
+        splits=splits,
+        rng=rng,
+        start=start,
+        resumed=resume,
+        history=history,
+        extra_config=dict(extra_config or {}),
+        world=world,
     )
 
-    def save(step: int, metrics: dict) -> None:
-        if not tc.save_checkpoints:
-            return
-        run_cfg = cfg.to_dict()
-        run_cfg["model"] = {k: v for k, v in spec.to_dict().items()}
-        config = {
-            "polygpt_version": __version__,
-            "spec": spec.to_dict(),
-            "tokenizer": {k: v for k, v in tokenizer.to_dict().items() if k != "chars"},
-            "run": run_cfg,
-            "step": step,
-            "precision": "fp32",
-            "backend": backend.name,
-            "device": backend.device,
-            "metrics": metrics,
-            "train_state": {"rng": rng.bit_generator.state},
-            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **(extra_config or {}),
-        }
-        meta = weights.model_metadata(spec, step=str(step))
-        weights.write_checkpoint(
-            out,
-            config=config,
-            tokenizer=tokenizer.to_dict(),
-            save_model=lambda p: backend.save_model(model, p, meta),
-            save_optimizer=lambda p: backend.save_optimizer(opt, p, {"format": "polygpt-adamw"}),
-        )
 
-    def evaluate(step: int) -> dict:
-        losses = estimate_loss(
-            backend,
-            model,
-            splits,
-            spec.block_size,
-            tc.batch_size,
-            tc.eval_iters,
-            tc.seed,
-            spec.vocab_size,
-        )
-        rec = {
-            "event": "eval",
-            "step": step,
-            "train_loss": losses["train"],
-            "val_loss": losses["val"],
-            "val_ppl": math.exp(losses["val"]),
-            "lr": get_lr(step, tc),
-            "time": time.time(),
-        }
-        weights.append_metrics(out, rec)
-        return rec
+def draw_batches(run: Run) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One optimizer step's global batch: grad_accum micro-batches from the run's stream."""
+    tc = run.cfg.train
+    return [
+        data.get_batch(run.splits["train"], run.spec.block_size, tc.batch_size, run.rng)
+        for _ in range(tc.grad_accum)
+    ]
 
+
+def evaluate(run: Run, step: int) -> Evaluated:
+    """Train/val loss estimates on fixed batches, recorded in metrics.jsonl."""
+    tc = run.cfg.train
+    losses = estimate_loss(
+        run.backend,
+        run.model,
+        run.splits,
+        run.spec.block_size,
+        tc.batch_size,
+        tc.eval_iters,
+        tc.seed,
+        run.spec.vocab_size,
+    )
+    ev = Evaluated(
+        step=step,
+        train_loss=losses["train"],
+        val_loss=losses["val"],
+        val_ppl=math.exp(losses["val"]),
+        lr=get_lr(step, tc),
+    )
+    weights.append_metrics(run.out, {"event": "eval", **vars(ev), "time": time.time()})
+    run.history = {"train_loss": ev.train_loss, "val_loss": ev.val_loss, "val_ppl": ev.val_ppl}
+    return ev
+
+
+def save(run: Run, step: int) -> Saved | None:
+    """Write the checkpoint (weights, AdamW state, batch-stream state, last metrics)."""
+    if not run.cfg.train.save_checkpoints or not run.world.is_main:
+        return None
+    spec, backend = run.spec, run.backend
+    run_cfg = run.cfg.to_dict()
+    run_cfg["model"] = spec.to_dict()
+    config = {
+        "polygpt_version": __version__,
+        "spec": spec.to_dict(),
+        "tokenizer": {k: v for k, v in run.tokenizer.to_dict().items() if k != "chars"},
+        "run": run_cfg,
+        "step": step,
+        "precision": "fp32",
+        "backend": backend.name,
+        "device": backend.device,
+        "metrics": run.history,
+        "train_state": {
+            "rng": run.rng.bit_generator.state,
+            "data_tokens": {name: len(arr) for name, arr in run.splits.items()},
+        },
+        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run.extra_config,
+    }
+    meta = weights.model_metadata(spec, step=str(step))
+    weights.write_checkpoint(
+        run.out,
+        config=config,
+        tokenizer=run.tokenizer.to_dict(),
+        save_model=lambda p: backend.save_model(run.model, p, meta),
+        save_optimizer=lambda p: backend.save_optimizer(run.opt, p, {"format": "polygpt-adamw"}),
+    )
+    return Saved(step, run.out)
+
+
+def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> TrainResult:
+    """Train from run.start to max_iters, evaluating and saving every eval_interval steps.
+
+    Ctrl-C raises TrainInterrupted and saves nothing: the interrupt can land inside a step
+    (between parameter updates), and a checkpoint of that state is one no unbroken run passes
+    through, which would break "a resumed run equals the unbroken run". The checkpoint on disk
+    stays the last evaluated one (at most eval_interval steps behind)."""
+    tc, spec, backend, world = run.cfg.train, run.spec, run.backend, run.world
+    if not world.is_main:  # rank 0 alone reports
+        on_event = lambda ev: None  # noqa: E731
+    desc = backend.describe()
+    on_event(
+        TrainStart(
+            out=run.out,
+            step=run.start,
+            max_iters=tc.max_iters,
+            resumed=run.resumed,
+            params=spec.num_params(),
+            params_total=spec.num_params(False),
+            backend=backend.name,
+            device=backend.device,
+            describe=desc,
+            processes=world.describe(),
+        )
+    )
+    if world.is_main:  # each run segment says how many processes ran it, and over what
+        weights.append_metrics(
+            run.out, {"event": "start", "step": run.start, **world.record(), "time": time.time()}
+        )
     tokens_per_iter = tc.batch_size * tc.grad_accum * spec.block_size
     train_time, timed_iters = 0.0, 0
     first_step_s = None
-    last = history
     t_start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.max_iters, initial=start, unit="it", dynamic_ncols=True, leave=True)
-    it = start
+    it = run.start
     t0 = time.perf_counter()
     loss = None
-    while True:
-        at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
-        if at_eval and (it > start or not resume):  # a resumed run was evaluated when saved
-            if loss is not None:
-                float(loss)  # finish queued work before the clock stops
-            train_time += time.perf_counter() - t0
-            rec = evaluate(it)
-            last = {k: rec[k] for k in ("train_loss", "val_loss", "val_ppl")}
-            msg = (
-                f"step {it}: train loss {rec['train_loss']:.4f}, val loss "
-                f"{rec['val_loss']:.4f}, val ppl {rec['val_ppl']:.3f}"
-            )
-            (bar.write if bar else log)(msg)
-            if it > 0:
-                save(it, last)
-            t0 = time.perf_counter()
-        if it >= tc.max_iters:
-            break
-        lr = get_lr(it, tc)
-        batches = [
-            data.get_batch(splits["train"], spec.block_size, tc.batch_size, rng)
-            for _ in range(tc.grad_accum)
-        ]
-        loss = backend.train_step(model, opt, batches, lr, tc.grad_clip, tc.dtype)
-        it += 1
-        if first_step_s is None:
-            # the first step allocates and, with train.compile, compiles: not part of ms/iter
-            float(loss)
-            first_step_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        else:
-            timed_iters += 1
-        if it % tc.log_interval == 0 or it == tc.max_iters:
-            lossf = float(loss)  # the only host sync between evaluations
-            weights.append_metrics(out, {"event": "train", "step": it, "loss": lossf, "lr": lr})
-            if bar:
-                bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
+    try:
+        while True:
+            at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
+            if at_eval and (it > run.start or not run.resumed):  # resumed: evaluated when saved
+                if loss is not None:
+                    world.sync(loss)  # finish queued work before the clock stops
+                train_time += time.perf_counter() - t0
+                if world.is_main:
+                    on_event(evaluate(run, it))
+                    if it > 0 and (saved := save(run, it)) is not None:
+                        on_event(saved)
+                world.barrier("waiting for rank 0 to evaluate and save")
+                t0 = time.perf_counter()
+            if it >= tc.max_iters:
+                break
+            lr = get_lr(it, tc)
+            batches = world.shard(draw_batches(run))  # every rank draws the global batch
+            with world.deadline("in a training step"):  # (its collectives wait for the peers)
+                loss = backend.train_step(run.model, run.opt, batches, lr, tc.grad_clip, tc.dtype)
+            it += 1
+            if first_step_s is None:
+                # the first step allocates and, with train.compile, compiles: not in ms/iter
+                world.sync(loss)
+                first_step_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            else:
+                timed_iters += 1
+            lossf = None
+            if it % tc.log_interval == 0 or it == tc.max_iters:
+                lossf = world.mean(loss)  # the only host sync between evaluations
+                if world.is_main:
+                    weights.append_metrics(
+                        run.out, {"event": "train", "step": it, "loss": lossf, "lr": lr}
+                    )
+            on_event(TrainStep(it, lr, lossf))
+    except KeyboardInterrupt:
+        raise TrainInterrupted(run.out, it) from None
     wall = time.perf_counter() - t_start
     ms = 1000 * train_time / max(1, timed_iters)
     tps = tokens_per_iter / (ms / 1000) if ms > 0 else 0.0
-    if timed_iters:
-        log(
-            f"trained {timed_iters} iterations: {ms:.1f} ms/iter, {tps:,.0f} tokens/s "
-            f"(evaluation and the first step, {first_step_s:.1f}s, excluded), {wall:.1f}s wall"
-        )
-    return TrainResult(
-        out=out,
+    result = TrainResult(
+        out=run.out,
         step=it,
-        train_loss=last.get("train_loss"),
-        val_loss=last.get("val_loss"),
+        train_loss=run.history.get("train_loss"),
+        val_loss=run.history.get("val_loss"),
         ms_per_iter=ms,
         tokens_per_s=tps,
         wall_s=wall,
         backend=desc,
+        is_main=world.is_main,
     )
+    on_event(TrainEnd(result, timed_iters, first_step_s))
+    return result
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_config: dict | None = None,
+    on_event: Callable[[TrainEvent], None] = lambda ev: None,
+) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; `extra_config` entries are stored in
+    every checkpoint's config.json (e.g. a sweep's fingerprint)."""
+    tc = cfg.train
+    _check(tc)
+    backend = get_backend(tc.backend, tc.device)
+    # under torchrun / mlx.launch: join the group (or fail); rank 0 alone writes and reports
+    world = distributed.join(backend, tc)
+    try:
+        # one writer per --out (rank 0's lock); a killed run's leftovers cleaned first
+        owner = rundir.owned(tc.out, resume) if world.is_main else contextlib.nullcontext()
+        with world.guard(), owner:
+            run = setup(
+                cfg,
+                resume=resume,
+                overwrite=overwrite,
+                extra_config=extra_config,
+                backend=backend,
+                world=world,
+            )
+            return loop(run, on_event)
+    finally:
+        world.close()
+
+
+# Keys an override cannot change on --resume: the checkpoint's weights fix the model.
+_FIXED_ON_RESUME = ("model",)
 
 
 def config_for_resume(out: str | Path, overrides: list[str]) -> RunConfig:
-    """The run config stored in a checkpoint, with command-line overrides on top."""
-    from polygpt.config import apply_override
-
+    """The run config stored in a checkpoint, with command-line overrides on top; an override
+    of a model key to another value is an error naming it (the weights fix the model)."""
     ckpt = weights.read_checkpoint(out)
-    stored = dict(ckpt.config.get("run", {}))
-    cfg = from_dict(stored)
+    cfg = from_dict(dict(ckpt.config.get("run", {})))
     cfg.train.out = str(out)
     for item in overrides:
-        apply_override(cfg, item)
+        section, key, value = parse_override(item)
+        before = cfg.to_dict()[section] if section in _FIXED_ON_RESUME else None
+        cfg.set(section, key, value)
+        if before is not None and getattr(getattr(cfg, section), key) != before[key]:
+            raise PolygptError(
+                f"{section}.{key} cannot change on --resume (the checkpoint's model has "
+                f"{key}={before[key]!r}): train a new run with --out DIR instead"
+            )
     return cfg

@@ -58,17 +58,14 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.config.get("step") or 0)  # type checked by read_checkpoint
 
-    @property
-    def precision(self) -> str:
-        return self.config.get("precision", "fp32")
-
 
 def model_metadata(spec: ModelSpec, **extra: str) -> dict[str, str]:
     """safetensors metadata values must be strings, so the spec goes in as a JSON string."""
     return {"format": "polygpt", "polygpt_version": __version__, "spec": spec.to_json(), **extra}
 
 
-def _read_json(p: Path) -> dict:
+def read_json(p: Path) -> dict:
+    """A JSON object from a file; anything else is a one-line PolygptError."""
     try:
         d = json.loads(p.read_text())
     except FileNotFoundError:
@@ -246,12 +243,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         p = old  # a writer was killed between its two renames: this is the checkpoint (recover)
     if not p.is_dir():
         raise PolygptError(f"checkpoint directory {p} does not exist")
-    cfg = _read_json(p / CONFIG_FILE)
+    cfg = read_json(p / CONFIG_FILE)
     if "spec" not in cfg or not isinstance(cfg["spec"], dict):
         raise PolygptError(f"{p / CONFIG_FILE} has no 'spec' object")
     spec = ModelSpec.from_dict(cfg["spec"])
     _check_config_types(p / CONFIG_FILE, cfg)
-    tokenizer = _read_json(p / TOKENIZER_FILE)
+    tokenizer = read_json(p / TOKENIZER_FILE)
     if not (p / MODEL_FILE).exists():
         raise PolygptError(f"{p / MODEL_FILE} is missing")
     return Checkpoint(path=p, spec=spec, tokenizer=tokenizer, config=cfg)
@@ -323,6 +320,32 @@ def _failed_write(out: str | Path, what: str, e: BaseException) -> str:
     except PolygptError:
         prev = f"no checkpoint was saved in {out}"
     return f"could not write {what} ({reason}): {prev}"
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over
+    `path` (readers see the old file or the new one, never half of one); on an exception it
+    is removed and `path` is untouched."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: object, indent: int | None = 2) -> None:
+    """Write `obj` as JSON atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        text = json.dumps(obj, indent=indent, ensure_ascii=False)
+        tmp.write_text(text + ("\n" if indent else ""), encoding="utf-8")
 
 
 @contextmanager

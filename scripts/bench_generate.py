@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="torch intra-op threads for nanoGPT's method (0: torch's default); polygpt's "
-        "generation runs 1 thread on CPU (decode.cpu_threads), so 1 compares like for like",
+        "generation runs 1 thread on CPU (torch_backend/threads.py), so 1 compares like for like",
     )
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=1337)

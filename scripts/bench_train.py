@@ -268,6 +268,13 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=100, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="split the timed iterations into this many rounds; the speed-up reported is the "
+        "median of the rounds' (each round's median step time against the baseline's)",
+    )
+    ap.add_argument(
         "--variants",
         default="nanogpt,polygpt",
         help="comma list of nanogpt|polygpt, then +compile, +bf16 (polygpt), @N "
@@ -332,20 +339,26 @@ def main(argv=None) -> None:
         for n in names:
             val_loss[n] = float(np.mean([steps[n].eval_loss(x, y) for x, y in batches]))
     base = names[0]
-    base_ms = 1000 * float(np.median(wall[base]))
+    rounds = max(1, min(args.rounds, args.iters))
+    per_round = {n: [float(np.median(c)) for c in np.array_split(wall[n], rounds)] for n in names}
     print(
         f"{'variant':<22}{'ms/iter':>9}{'p10':>8}{'p90':>8}{'cpu ms':>8}{'tokens/s':>10}"
-        f"{'vs ' + base:>14}{'loss@' + str(n_total):>11}" + ("  val loss" if val_loss else "")
+        f"{'vs ' + base:>14}{'rounds':>22}{'loss@' + str(n_total):>11}"
+        + ("  val loss" if val_loss else "")
     )
     for n in names:
         ms = 1000 * np.asarray(wall[n])
         med = float(np.median(ms))
+        # speed-up: median over rounds of (baseline's median / this variant's median)
+        ratios = [b / v for b, v in zip(per_round[base], per_round[n])]
         print(
             f"{n:<22}{med:9.2f}{np.percentile(ms, 10):8.2f}{np.percentile(ms, 90):8.2f}"
             f"{1000 * np.median(cpu[n]):8.2f}{bs * T / (med / 1000):10,.0f}"
-            f"{base_ms / med:13.2f}x{losses[n]:11.6f}"
+            f"{float(np.median(ratios)):13.2f}x"
+            f"{' '.join(f'{r:.2f}' for r in ratios):>22}{losses[n]:11.6f}"
             + (f"{val_loss[n]:10.4f}" if val_loss else "")
         )
+    print(f"speed-up: median of {rounds} interleaved rounds (each round's ratio listed)")
     for n in names:
         note = steps[n].note() if isinstance(steps[n], PolyStep) else ""
         if note:

@@ -101,7 +101,7 @@ def run_seed(seed: int, cfg, splits, out: Path) -> dict:
             g["lr"] = lr
         if it % tc.eval_interval == 0:
             losses = estimate_loss()
-            history.append({"step": it, **losses})
+            history.append({"step": it, **losses, "time": time.perf_counter()})
             print(f"seed {seed} step {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
         if it >= tc.max_iters:
             break

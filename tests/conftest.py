@@ -82,5 +82,19 @@ def tiny_ckpt(tmp_path_factory, char_data) -> Path:
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     cfg = tiny_config(char_data, out, "max_iters=60", "eval_interval=30")
-    train(cfg, progress=False, log=lambda s: None)
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tmp_path_factory, char_data) -> Path:
+    """A torch checkpoint of the tiny model at initialization (no training step): for tests of
+    formats and plumbing, where what the weights learned does not matter."""
+    if "torch" not in available_backends():
+        pytest.skip("torch is not installed")
+    from polygpt import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "random"
+    run = train.setup(tiny_config(char_data, out, "max_iters=0"))
+    train.save(run, 0)
     return out

@@ -14,7 +14,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from polygpt import bench, weights
+from polygpt import bench, bench_measure, weights
 from polygpt.cli import main
 
 from .conftest import backends_under_test
@@ -26,59 +26,55 @@ QUICK = dict(
     repeats=1,
     warmup=0,
     budget_s=1.0,
+    config_budget_s=3.0,  # past it, decode rates come from short probe runs: still measured
     train_steps=2,
     train_warmup=1,
     ppl_tokens=300,
 )
 
 
-def _rate_ok(v: dict) -> None:
-    assert set(v) >= {"median", "min", "max", "n", "spread_pct"}
-    assert v["n"] >= 1 and 0 < v["min"] <= v["median"] <= v["max"] and math.isfinite(v["max"])
+def _rate_ok(v: bench_measure.Rate) -> None:
+    assert v.n >= 1 and 0 < v.min <= v.median <= v.max and math.isfinite(v.max)
 
 
 def test_stats_and_timed_rate():
-    s = bench.stats([2.0, 4.0, 3.0])
-    assert s == {
-        "median": 3.0,
-        "min": 2.0,
-        "max": 4.0,
-        "n": 3,
-        "spread_pct": pytest.approx(200 / 3),
-    }
+    s = bench_measure.stats([2.0, 4.0, 3.0])
+    assert (s.median, s.min, s.max, s.n) == (3.0, 2.0, 4.0, 3)
+    assert s.spread_pct == pytest.approx(200 / 3) and not s.probe
     calls = []
-    r = bench.timed_rate(lambda: calls.append(1), work=10, repeats=3, warmup=1, budget_s=60)
-    assert len(calls) == 4 and r["n"] == 3  # one warm-up, three timed
+    r = bench_measure.timed_rate(lambda: calls.append(1), work=10, repeats=3, warmup=1, budget_s=60)
+    assert len(calls) == 4 and r.n == 3  # one warm-up, three timed
     _rate_ok(r)
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_run_config_measures_everything(tiny_ckpt, backend):
-    cfg = bench.BenchConfig(checkpoint=str(tiny_ckpt), **QUICK)
-    row = bench.run_config(cfg, backend, "cpu", "fp32")
-    assert row["status"] == "ok", row.get("reason")
-    for group in ("prefill", "decode_kv", "decode_nocache"):
-        assert set(row[group]) == {"b1", "b2"}
-        for v in row[group].values():
+    cfg = bench_measure.BenchConfig(checkpoint=str(tiny_ckpt), **QUICK)
+    row = bench_measure.measure(cfg, backend, "cpu", "fp32")
+    assert row.status == "ok", row.reason
+    for group in (row.prefill, row.decode_kv, row.decode_nocache):
+        assert set(group) == {"b1", "b2"}
+        for v in group.values():
             _rate_ok(v)
-    _rate_ok(row["train"])
-    assert row["train"]["dtype"] == "fp32" and row["train"]["batch"] == "8x32"
+    _rate_ok(row.train)
+    assert row.train.dtype == "fp32" and row.train.batch == "8x32"
     # fp32 size is the checkpoint's own model.safetensors
     ckpt = weights.read_checkpoint(tiny_ckpt)
-    assert row["size_mb"] == pytest.approx(ckpt.model_file.stat().st_size / 1e6)
-    assert row["memory"]["peak_rss_mb"] > 0 and row["memory"]["weights_mb"] > 0
+    assert row.size_mb == pytest.approx(ckpt.model_file.stat().st_size / 1e6)
+    assert row.memory["peak_rss_mb"] > 0 and row.memory["weights_mb"] > 0
     # perplexity of a 60-step model on 300 val tokens: worse than a good model, far better
     # than uniform over the 65 characters
-    assert 3 < row["ppl"]["perplexity"] < 65 and row["ppl"]["tokens"] == 299
-    assert row["describe"]["backend"] == backend
+    assert 3 < row.ppl.perplexity < 65 and row.ppl.tokens == 299
+    assert row.describe["backend"] == backend
+    assert bench_measure.Row.from_dict(row.to_dict()) == row  # the worker's JSON round trip
 
 
 def test_unavailable_precision_and_device_are_skipped_with_reasons(tiny_ckpt):
-    cfg = bench.BenchConfig(checkpoint=str(tiny_ckpt), **QUICK)
-    row = bench.run_config(cfg, "torch", "cpu", "int4")  # torch has no 4-bit compute
-    assert row["status"] == "skipped" and row["scope"] == "precision" and row["reason"]
-    row = bench.run_config(cfg, "torch", "nodevice", "fp32")
-    assert row["status"] == "skipped" and row["scope"] == "device" and "nodevice" in row["reason"]
+    cfg = bench_measure.BenchConfig(checkpoint=str(tiny_ckpt), **QUICK)
+    row = bench_measure.measure(cfg, "torch", "cpu", "int4")  # torch has no 4-bit compute
+    assert row.status == "skipped" and row.scope == "precision" and row.reason
+    row = bench_measure.measure(cfg, "torch", "nodevice", "fp32")
+    assert row.status == "skipped" and row.scope == "device" and "nodevice" in row.reason
 
 
 def test_cli_writes_every_output(tiny_ckpt, tmp_path):

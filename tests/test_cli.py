@@ -84,9 +84,6 @@ def test_sample_errors(tiny_ckpt):
     assert_one_line_error(
         run("sample", tiny_ckpt, "--prompt", "caf\u00e9", ok=False), "not in the model's vocabulary"
     )
-    assert_one_line_error(
-        run("sample", tiny_ckpt, "--prompt", "x" * 33, ok=False), "longer than the model's context"
-    )
     assert_one_line_error(run("sample", tiny_ckpt, "--precision", "fp8", ok=False), "fp8")
     assert_one_line_error(
         run("sample", tiny_ckpt, "--device", "cuda", "--backend", "torch", ok=False),
@@ -118,3 +115,68 @@ def test_missing_framework_is_one_line(tiny_ckpt, monkeypatch):
     assert_one_line_error(
         run("sample", tiny_ckpt, "--backend", "mlx", ok=False), "pip install 'polygpt[mlx]'"
     )
+
+
+def test_long_prompt_keeps_its_last_block_size_tokens(tiny_ckpt):
+    """nanoGPT and llama.cpp behaviour: crop to the context, with one note on stderr."""
+    args = ("sample", tiny_ckpt, "-n", "20", "--temperature", "0")
+    long = run(*args, "--prompt", "ab" * 16 + "x" * 32)
+    assert "note: the prompt is 64 tokens, longer than the context" in long.stderr
+    assert long.stdout.startswith("ab" * 16 + "x" * 32)
+    tail = run(*args, "--prompt", "x" * 32)
+    assert long.stdout[64:] == tail.stdout[32:]  # the same text as from the last 32 tokens alone
+    assert "note:" not in tail.stderr
+
+
+def test_resume_refuses_model_overrides(tiny_ckpt):
+    res = run("train", "--resume", "--out", tiny_ckpt, "n_layer=3", ok=False)
+    assert_one_line_error(res, "model.n_layer cannot change on --resume")
+    res = run("train", "--resume", "--out", tiny_ckpt, "model.n_embd=64", ok=False)
+    assert_one_line_error(res, "model.n_embd cannot change on --resume")
+
+
+def test_sample_uses_the_run_config_sample_section(tiny_ckpt, tmp_path):
+    """Options not given come from the checkpoint's [sample] section."""
+    import json
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["run"]["sample"].update(prompt="KING:", max_new_tokens=7, temperature=0.0)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = run("sample", ck).stdout
+    assert out.startswith("KING:")
+    assert out == run("sample", ck, "--prompt", "KING:", "-n", "7", "-t", "0").stdout
+    explicit = run("sample", ck, "-n", "3", "--prompt", "KING:", "-t", "0").stdout
+    assert run("sample", ck, "-n", "3").stdout == explicit  # the other keys still from [sample]
+
+
+def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, char_data, monkeypatch):
+    """Exit 130 with one line (the step reached, the step on disk, the resume command) and no
+    traceback; nothing is saved on interrupt, and --resume finishes the run."""
+    from polygpt import train as train_mod
+
+    draw, calls = train_mod.draw_batches, []
+
+    def interrupt_at_step_13(run_):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return draw(run_)
+
+    monkeypatch.setattr(train_mod, "draw_batches", interrupt_at_step_13)
+    ck = tmp_path / "ck"
+    args = [ROOT / "configs/shakespeare_char.toml", *TINY, f"data.dir={char_data}"]
+    res = run("train", *args, "max_iters=20", "eval_interval=10", "--out", ck, ok=False)
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"interrupted at step 12: {ck} holds the checkpoint of step 10; "
+        f"resume with: polygpt train --resume --out {ck}"
+    )
+    assert "step 10: train loss" in res.stdout  # no bar: stderr is not a terminal here
+    assert "\r" not in res.stderr
+    monkeypatch.setattr(train_mod, "draw_batches", draw)
+    out = run("train", "--resume", "--out", ck).stdout
+    assert "resuming" in out and "(step 20," in out

@@ -19,24 +19,24 @@ def _logits(path, backend="torch"):
 
 
 @requires("torch")
-def test_export_to_hf_matches_transformers(tiny_ckpt, tmp_path):
+def test_export_to_hf_matches_transformers(random_ckpt, tmp_path):
     transformers = pytest.importorskip("transformers")
-    out = convert.to_hf(tiny_ckpt, tmp_path / "hf")
+    out = convert.to_hf(random_ckpt, tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         ref = hf(torch.from_numpy(X)).logits.numpy()
-    ours = _logits(tiny_ckpt)
+    ours = _logits(random_ckpt)
     diff = np.abs(ref - ours)
     assert diff.max() <= 1e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
 
 
 @requires("torch")
-def test_hf_round_trip(tiny_ckpt, tmp_path, char_data):
-    hf_dir = convert.to_hf(tiny_ckpt, tmp_path / "hf")
+def test_hf_round_trip(random_ckpt, tmp_path, char_data):
+    hf_dir = convert.to_hf(random_ckpt, tmp_path / "hf")
     back = convert.from_hf(hf_dir, tmp_path / "back", tokenizer_dir=char_data)
     ck = weights.read_checkpoint(back)
     assert ck.spec.bias and ck.spec.activation == "gelu_tanh"  # GPT-2 always has biases
-    np.testing.assert_allclose(_logits(back), _logits(tiny_ckpt), atol=1e-5)
+    np.testing.assert_allclose(_logits(back), _logits(random_ckpt), atol=1e-5)
 
 
 def _nanogpt_ckpt(path, spec, compiled=True):
@@ -115,12 +115,12 @@ def test_nanogpt_import_never_executes_code(tmp_path, char_data):
 
 
 @requires("torch")
-def test_convert_cli_detects_formats(tiny_ckpt, tmp_path, char_data):
+def test_convert_cli_detects_formats(random_ckpt, tmp_path, char_data):
     from click.testing import CliRunner
 
     from polygpt.cli import main
 
-    r = CliRunner().invoke(main, ["convert", str(tiny_ckpt), str(tmp_path / "hf")])
+    r = CliRunner().invoke(main, ["convert", str(random_ckpt), str(tmp_path / "hf")])
     assert r.exit_code == 0 and "(hf)" in r.output, r.output
     r = CliRunner().invoke(
         main,

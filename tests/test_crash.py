@@ -113,7 +113,13 @@ def _steps(path) -> tuple[str, str]:
 
 
 def _log(rows: list[dict]) -> list[tuple]:
-    return [(r["event"], r["step"], r.get("loss", r.get("val_loss"))) for r in rows]
+    """The training record: losses per step (each run segment's `start` record, which names its
+    world size and distributed backend, is not part of it: a resumed run has one more)."""
+    return [
+        (r["event"], r["step"], r.get("loss", r.get("val_loss")))
+        for r in rows
+        if r["event"] != "start"
+    ]
 
 
 def _loads_everywhere(out) -> int:

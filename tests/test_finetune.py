@@ -23,7 +23,7 @@ def test_finetune_from_checkpoint_loss_falls(backend, tiny_ckpt, char_data, tmp_
         "warmup_iters=0",
         backend=backend,
     )
-    train(cfg, progress=False, log=lambda s: None)
+    train(cfg)
     rows = [r for r in weights.read_metrics(out) if r["event"] == "eval"]
     # step 0 is the checkpoint itself: the same eval batches give its last val loss again
     assert rows[0]["val_loss"] == pytest.approx(base.config["metrics"]["val_loss"], abs=1e-4)
@@ -40,7 +40,7 @@ def test_finetune_needs_the_checkpoints_vocabulary(tiny_ckpt, tmp_path):
     data.prepare_char("abcabcabc " * 200, other)
     cfg = tiny_config(other, tmp_path / "ft", f"init_from={str(tiny_ckpt)!r}")
     with pytest.raises(PolygptError, match="uses another vocabulary"):
-        train(cfg, progress=False, log=lambda s: None)
+        train(cfg)
     cfg = tiny_config(other, tmp_path / "ft", f"init_from={str(tmp_path / 'none')!r}")
     with pytest.raises(PolygptError):
-        train(cfg, progress=False, log=lambda s: None)
+        train(cfg)

@@ -224,7 +224,7 @@ def mlx_ckpt(tmp_path_factory, char_data):
     """An MLX checkpoint of the tiny model trained for 60 real steps."""
     out = tmp_path_factory.mktemp("mlxckpt") / "tiny"
     cfg = tiny_config(char_data, out, "max_iters=60", "eval_interval=30", backend="mlx")
-    res = train(cfg, progress=False, log=lambda s: None)
+    res = train(cfg)
     assert res.val_loss < 3.6  # it learned (initial loss is ln 65 = 4.17)
     return out
 
@@ -267,7 +267,7 @@ def _train_losses(out) -> dict[int, float]:
 def test_resume_in_the_other_backend_continues_the_run(char_data, tmp_path, first, second):
     """Steps 0-30 in one backend, 30-60 resumed in the other == 0-60 unbroken in the first."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    quiet = dict(progress=False, log=lambda s: None)
+    quiet = {}
     train(tiny_config(char_data, whole, "max_iters=60", "eval_interval=30", backend=first), **quiet)
     train(tiny_config(char_data, split, "max_iters=30", "eval_interval=30", backend=first), **quiet)
     cfg = config_for_resume(split, ["max_iters=60"])

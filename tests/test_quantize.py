@@ -71,9 +71,10 @@ def test_each_precision_loads_and_samples(tiny_ckpt, backend, precision):
     ctx = ContextWindows(lm.backend, lm.model, 32, prompts, max_new_tokens=30)
     worst = 0.0
     for t in range(30):
-        for i, b in enumerate(ctx.rows):
-            full = lm.backend.logits(lm.model, ctx.window(b)[None])[0, -1]
-            worst = max(worst, float(np.abs(full - ctx.logits[i]).max()))
+        if t in (0, 1, 2, 17, 18, 19, 26, 27, 28, 29):  # the start and around both slides
+            for i, b in enumerate(ctx.rows):
+                full = lm.backend.logits(lm.model, ctx.window(b)[None])[0, -1]
+                worst = max(worst, float(np.abs(full - ctx.logits[i]).max()))
         ctx.step(np.full(len(ctx.rows), 1 + t % 50))
     tol = (
         TORCH_INT8_CACHE_TOL if (backend, precision) == ("torch", "int8") else CACHE_TOL[precision]

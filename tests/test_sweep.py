@@ -32,7 +32,7 @@ overrides = {json.dumps([*TINY, f"max_iters={n}", "eval_interval=4", f"data.dir=
 def test_sweep_trains_evaluates_skips_and_plots(tmp_path, char_data):
     sw = sweep.load_sweep(_sweep_file(tmp_path, char_data))
     logs = []
-    results = sweep.run_sweep(sw, progress=False, log=logs.append)
+    results = sweep.run_sweep(sw, on_event=logs.append)
     assert [r["name"] for r in results] == ["r8", "r12"]
     for r in results:
         assert r["val_ppl"] > 1 and r["eval_tokens"] == 3000  # N tokens, N - 1 targets
@@ -48,11 +48,11 @@ def test_sweep_trains_evaluates_skips_and_plots(tmp_path, char_data):
     # run again: everything is skipped, nothing rewritten
     before = (tmp_path / "runs" / "r8" / "model.safetensors").stat().st_mtime_ns
     logs.clear()
-    again = sweep.run_sweep(sw, progress=False, log=logs.append)
-    assert again == results and sum("skipped" in m for m in logs) == 2
+    again = sweep.run_sweep(sw, on_event=logs.append)
+    assert again == results and sum(isinstance(m, sweep.RunSkipped) for m in logs) == 2
     assert (tmp_path / "runs" / "r8" / "model.safetensors").stat().st_mtime_ns == before
     # running one run alone still tabulates every finished run
-    sweep.run_sweep(sw, only=["r12"], progress=False, log=logs.append)
+    sweep.run_sweep(sw, only=["r12"], on_event=logs.append)
     assert json.loads((tmp_path / "res" / "results.json").read_text()) == results
 
     from polygpt import plot
@@ -71,15 +71,15 @@ def test_interrupted_run_resumes_and_changed_run_retrains(tmp_path, char_data):
     cfg = sweep.run_config(sw, run)
     fp = sweep.fingerprint(cfg)
     cfg.train.max_iters = 4  # as if stopped after the first checkpoint
-    train(cfg, progress=False, log=lambda s: None, extra_config={"sweep_fingerprint": fp})
+    train(cfg, extra_config={"sweep_fingerprint": fp})
     logs = []
-    (res,) = sweep.run_sweep(sw, progress=False, log=logs.append)
-    assert res["resumed"] and any("resuming" in m for m in logs)
+    (res,) = sweep.run_sweep(sw, on_event=logs.append)
+    assert res["resumed"] and any(isinstance(m, sweep.RunStart) and m.resumed for m in logs)
     assert weights.read_checkpoint(tmp_path / "runs" / "r12").step == 12
     # a changed config no longer matches the fingerprint: retrained from scratch
     run.overrides.append("lr=5e-4")
     logs.clear()
-    (res2,) = sweep.run_sweep(sw, progress=False, log=logs.append)
+    (res2,) = sweep.run_sweep(sw, on_event=logs.append)
     assert not res2["resumed"] and res2["fingerprint"] != res["fingerprint"]
 
 
@@ -106,3 +106,21 @@ def test_plot_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PolygptError, match="metrics.jsonl"):
         plot.plot([tmp_path / "empty"], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(
+    "sweep_file, name, fp",
+    [
+        ("experiments/shakespeare.toml", "0.8M-500", "2cb4aa88e3c4d20b"),
+        ("experiments/shakespeare.toml", "6.3M-4000", "8ca700e63846cd43"),
+        ("experiments/shakespeare.toml", "0.8M-2000-mlx", "8b23afd028186c6b"),
+        ("experiments/seeds.toml", "torch-seed1", "a2c4026bb7f5d11a"),
+    ],
+)
+def test_fingerprints_of_trained_runs_do_not_move(sweep_file, name, fp, monkeypatch):
+    """Runs already trained are recognised by these hashes: a config change that does not
+    change a run's numbers (a removed key, a new default elsewhere) must keep them."""
+    monkeypatch.chdir(ROOT)
+    sw = sweep.load_sweep(sweep_file)
+    (run,) = [r for r in sw.runs if r.name == name]
+    assert sweep.fingerprint(sweep.run_config(sw, run)) == fp

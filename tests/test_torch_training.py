@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from polygpt import config, data  # noqa: E402
 from polygpt.backends import get_backend  # noqa: E402
-from polygpt.backends.torch_backend import backend as tb  # noqa: E402
+from polygpt.backends.torch_backend import threads as tb  # noqa: E402
 
 from .conftest import ROOT, TINY  # noqa: E402
 

@@ -46,12 +46,12 @@ def test_sampling_is_in_vocab_and_seeded(tiny_ckpt):
 
 def test_resume_continues_from_saved_step(tmp_path, char_data):
     full = tiny_config(char_data, tmp_path / "full", "max_iters=20", "eval_interval=10")
-    train(full, progress=False, log=lambda s: None)
+    train(full)
     part = tiny_config(char_data, tmp_path / "part", "max_iters=10", "eval_interval=10")
-    train(part, progress=False, log=lambda s: None)
+    train(part)
     assert weights.read_checkpoint(tmp_path / "part").step == 10
     cfg = config_for_resume(tmp_path / "part", ["max_iters=20"])
-    res = train(cfg, resume=True, progress=False, log=lambda s: None)
+    res = train(cfg, resume=True)
     assert res.step == 20
     # same batches, same schedule, same optimizer state: the resumed run is the unbroken run
     a = weights.read_checkpoint(tmp_path / "full").config["metrics"]
@@ -68,6 +68,6 @@ def test_resume_continues_from_saved_step(tmp_path, char_data):
 def test_refuses_to_clobber_and_resume_needs_a_run(tmp_path, char_data, tiny_ckpt):
     cfg = tiny_config(char_data, tiny_ckpt, "max_iters=5")
     with pytest.raises(PolygptError, match="already holds a checkpoint"):
-        train(cfg, progress=False, log=lambda s: None)
+        train(cfg)
     with pytest.raises(PolygptError, match="does not exist"):
         config_for_resume(tmp_path / "nothing", [])

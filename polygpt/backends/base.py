@@ -33,10 +33,24 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 class Backend(Protocol):
-    """What every backend implements. Model, optimizer and cache objects are opaque to callers."""
+    """What every backend implements. Model, optimizer and cache objects are opaque to callers.
+
+    The framework facts are class attributes, so a caller can read them without a device
+    (`backend_class(name).devices`) and never needs to compare a backend's name to a string.
+    """
 
     name: str
-    device: str  # resolved: "cpu", "cuda", "mps" (torch) or "cpu", "gpu" (mlx)
+    devices: tuple[str, ...]  # every device name it knows, "auto" excluded
+    precisions: tuple[str, ...]  # compute precisions (load_model/set_precision) on some device
+    train_dtypes: tuple[str, ...]  # what train_step's `autocast` takes
+    # True: computes on the shared quantized format as stored (an int8/int4 file loads as it
+    # is); False: a quantized file is dequantized to a float precision on load
+    native_quantized: bool
+    device: str  # resolved: one of `devices`
+
+    def device_precisions(self, device: str | None = None) -> tuple[str, ...]:
+        """The precisions `device` (default: this backend's) computes at; a subset of
+        `precisions` (torch's int8 is CPU-only)."""
 
     def describe(self) -> dict[str, str]:
         """Framework version, device name, BLAS and threads, for logs and benchmarks."""
@@ -49,6 +63,10 @@ class Backend(Protocol):
         """Load model.safetensors, float or quantized (validated against the spec), at the
         compute precision `precision` (one of PRECISIONS); a one-line PolygptError for a
         precision this backend/device cannot compute at."""
+
+    def set_precision(self, model: Any, precision: str) -> Any:
+        """The model converted to compute at `precision` (the same object or a new one); a
+        one-line PolygptError where this backend/device cannot."""
 
     def save_model(self, model: Any, path: Path, metadata: dict[str, str]) -> None:
         """Write canonical names (tied head stored once) to one safetensors file."""
@@ -75,9 +93,11 @@ class Backend(Protocol):
         batches: list[tuple[np.ndarray, np.ndarray]],
         lr: float,
         grad_clip: float,
+        autocast: str = "fp32",
     ) -> Any:
-        """Forward+backward over the micro-batches, clip, one AdamW step at `lr`. Returns the
-        mean loss as a lazy scalar: `float()` it only when logging (avoids a host sync)."""
+        """Forward+backward over the micro-batches, clip, one AdamW step at `lr`, computing in
+        `autocast` (one of train_dtypes; fp32 master weights either way). Returns the mean
+        loss as a lazy scalar: `float()` it only when logging (avoids a host sync)."""
 
     def eval_loss(self, model: Any, x: np.ndarray, y: np.ndarray) -> float:
         """Mean cross-entropy without dropout or gradients."""
@@ -121,6 +141,12 @@ def available_backends() -> list[str]:
 
 def get_backend(name: str, device: str = "auto") -> Backend:
     """Import and construct a backend; a one-line PolygptError if it can't be had."""
+    return backend_class(name)(device=device)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """A backend's class, for its facts (devices, precisions, ...) without choosing a device;
+    imports the framework. A one-line PolygptError if it can't be had."""
     if name not in _REGISTRY:
         raise PolygptError(f"unknown backend {name!r} (choose from {', '.join(_REGISTRY)})")
     module_name, framework, extra = _REGISTRY[name]
@@ -133,4 +159,4 @@ def get_backend(name: str, device: str = "auto") -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise PolygptError(f"the {name} backend failed to import: {e}") from None
-    return module.Backend(device=device)
+    return module.Backend

@@ -15,9 +15,11 @@ The twin of backends/torch_backend/backend.py, method for method. Three things d
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from polygpt import weights  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
-from polygpt.backends.mlx_backend import quantize  # noqa: E402
-from polygpt.backends.mlx_backend.decode import Decoder  # noqa: E402
-from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
+from polygpt.backends.mlx_backend import quantize, threads  # noqa: E402
+from polygpt.backends.mlx_backend.decode import CompiledStep  # noqa: E402
+from polygpt.backends.mlx_backend.model import GPT, KVCache, make_cache  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402
 from polygpt.spec import ModelSpec  # noqa: E402
 
@@ -61,6 +63,27 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _on_device(method):
+    """Run a Backend method's MLX ops on the backend's device (its stream), without touching
+    MLX's process-wide default device."""
+
+    @functools.wraps(method)
+    def on_device(self, *args, **kwargs):
+        with mx.stream(self._mx_device):
+            return method(self, *args, **kwargs)
+
+    return on_device
+
+
+@dataclass
+class Generation:
+    """What prefill hands the caller: the per-layer KV cache and the compiled decode step."""
+
+    model: GPT
+    kv: list[KVCache]
+    step: CompiledStep
+
+
 @dataclass
 class Optimizer:
     """AdamW state under canonical names, plus the hyper-parameters torch keeps in groups."""
@@ -76,15 +99,25 @@ class Optimizer:
     # {"exp_avg": {name: m}, "exp_avg_sq": {name: v}}: a mutable tree mx.compile updates
     state: dict = field(default_factory=dict)
     compiled: dict = field(default_factory=dict)  # (n_micro, autocast, clip) -> step fn
+    # a distributed run's cross-rank gradient mean (nn.average_gradients; distributed.py)
+    grad_average: Callable | None = None
 
 
 class Backend:
     name = "mlx"
+    devices = ("cpu", "gpu")
+    precisions = ("fp32", "fp16", "bf16", "int8", "int4")
+    train_dtypes = ("fp32", "bf16")
+    native_quantized = True
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
-        # MLX has one default device per process; every array below is created on it.
-        mx.set_default_device(mx.gpu if self.device == "gpu" else mx.cpu)
+        # MLX's default device is process-wide: rather than change it (and every other
+        # backend's in this process), each public method runs its ops on this one's stream
+        self._mx_device = mx.gpu if self.device == "gpu" else mx.cpu
+
+    def device_precisions(self, device: str | None = None) -> tuple[str, ...]:
+        return self.precisions
 
     def describe(self) -> dict[str, str]:
         if self.device == "gpu":
@@ -100,23 +133,24 @@ class Backend:
             blas_name = blas.blas_in_use()
         else:
             blas_name = "bundled"
-        threads = blas.openblas_threads()
         return {
             "backend": "mlx",
             "framework": f"mlx {mx.__version__}",
             "device": self.device,
             "device_name": dev_name,
-            "threads": str(threads) if threads else "auto",
+            "threads": threads.describe(),
             "blas": blas_name,
         }
 
     # -- models ------------------------------------------------------------------------------
+    @_on_device
     def init_model(self, spec: ModelSpec, seed: int) -> GPT:
         model = GPT(spec)
         model.init_weights(mx.random.key(seed))
         mx.eval(model.parameters())
         return model
 
+    @_on_device
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
         """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16 (a quantized
         file is dequantized), or int8/int4 (a float file is quantized with nn.quantize; a file
@@ -152,6 +186,7 @@ class Backend:
         model.eval()
         return self.set_precision(model, precision)
 
+    @_on_device
     def set_precision(self, model: GPT, precision: str) -> GPT:
         if precision in DTYPES:
             model.set_dtype(DTYPES[precision])
@@ -168,6 +203,7 @@ class Backend:
     def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
         mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())), metadata=metadata)
 
+    @_on_device
     def save_quantized(
         self, model: GPT, path: Path, metadata: dict[str, str], bits: int, group_size: int
     ) -> None:
@@ -185,6 +221,7 @@ class Backend:
         return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
     # -- training ----------------------------------------------------------------------------
+    @_on_device
     def make_optimizer(self, model: GPT, cfg) -> Optimizer:
         params = dict(tree_flatten(model.trainable_parameters()))
         opt = Optimizer(
@@ -227,6 +264,8 @@ class Backend:
             flat = dict(tree_flatten(grads))
             if n_micro > 1:
                 flat = {k: g / n_micro for k, g in flat.items()}
+            if opt.grad_average is not None:  # before clipping, as DDP
+                flat = opt.grad_average(flat)
             if clip:  # torch.nn.utils.clip_grad_norm_
                 norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in flat.values()))
                 coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)
@@ -250,6 +289,7 @@ class Backend:
         opt.compiled[key] = step
         return step
 
+    @_on_device
     def train_step(
         self,
         model: GPT,
@@ -275,6 +315,7 @@ class Backend:
         mx.async_eval(loss, model.parameters(), opt.state)
         return loss
 
+    @_on_device
     def eval_loss(self, model: GPT, x: np.ndarray, y: np.ndarray) -> float:
         model.eval()
         return float(model.loss(self._tokens(x), self._tokens(y)))
@@ -286,6 +327,7 @@ class Backend:
             tensors[f"exp_avg_sq/{name}"] = opt.state["exp_avg_sq"][name].astype(mx.float32)
         mx.save_safetensors(str(path), tensors, metadata={**metadata, "step": str(opt.step)})
 
+    @_on_device
     def load_optimizer(self, opt: Optimizer, path: Path) -> int:
         _, meta = weights.read_header(Path(path))
         step = int(meta.get("step", 0))
@@ -306,10 +348,12 @@ class Backend:
         return step
 
     # -- inference ---------------------------------------------------------------------------
+    @_on_device
     def logits(self, model: GPT, x: np.ndarray) -> np.ndarray:
         model.eval()
         return np.array(model(self._tokens(x)).astype(mx.float32))
 
+    @_on_device
     def target_logprobs(self, model: GPT, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         model.eval()
         logits = model(self._tokens(x)).astype(mx.float32)
@@ -317,20 +361,25 @@ class Backend:
         lp = picked - mx.logsumexp(logits, axis=-1)  # (B, T)
         return np.array(lp).astype(np.float64)
 
+    @_on_device
     def prefill(
         self, model: GPT, tokens: np.ndarray, pad: np.ndarray, cache: Any = None
     ) -> tuple[Any, np.ndarray]:
-        model.eval()
+        if model.training:
+            model.eval()
         B = tokens.shape[0]
-        # reuse the cache (and its compiled step) when the caller hands it back for this model
-        # and batch size, as torch does
-        dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
-        dec = dec or Decoder(model, B)
-        logits = dec.prefill(self._tokens(tokens), self._tokens(pad), bool(np.any(pad)))
-        return dec, np.array(logits.astype(mx.float32))
+        # LayerNorm weights are never quantized, so they carry the compute dtype
+        dtype = model.transformer.ln_f.weight.dtype
+        kv = make_cache(model.spec, B, self._tokens(pad) if np.any(pad) else None, dtype)
+        logits = model(self._tokens(tokens), kv, last_only=True)[:, -1]
+        # a slid window's re-prefill keeps the compiled step (traced once per batch size)
+        same = isinstance(cache, Generation) and cache.model is model
+        step = cache.step if same else CompiledStep(model)
+        return Generation(model, kv, step), np.array(logits.astype(mx.float32))
 
-    def decode(self, model: GPT, cache: Decoder, tokens: np.ndarray) -> np.ndarray:
-        logits = cache.step(mx.array(tokens.astype(np.int32, copy=False)))
+    @_on_device
+    def decode(self, model: GPT, cache: Generation, tokens: np.ndarray) -> np.ndarray:
+        logits = cache.step(cache.kv, mx.array(tokens.astype(np.int32, copy=False)))
         return np.array(logits.astype(mx.float32))
 
     def synchronize(self) -> None:

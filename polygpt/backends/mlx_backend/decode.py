@@ -1,72 +1,70 @@
-"""The KV-cached decode step in MLX, compiled: the twin of backends/torch_backend/decode.py.
+"""The KV-cached decode step in MLX: `GPT.__call__` itself, compiled (mx.compile).
 
-`Decoder` has the torch one's interface (prefill / step over a cache reused across
-re-prefills). The step is one `mx.compile`d function of (tokens, position, pads, cache), so MLX
-traces it once per batch size and then runs it as one fused graph: LayerNorms, GELU, residual
-adds and the mask are fused, and no Python runs per op. For the shapes to stay fixed it
-attends over the whole preallocated cache with a mask (keys past the position, and left
-padding, masked out: exactly zero weight, so the logits equal the uncached ones to float
-rounding), and writes the new key/value with `mx.slice_update` at a traced position. On the
-2-core Linux CPU this halved the time per token at batch 1 against the eager model call.
-Quantized models (nn.quantize) run the same step through their QuantizedLinear layers.
+`CompiledStep` traces the model's one forward over `StepCache`s (the fixed-shape form of the
+per-layer cache: the new key/value written at a traced position, attention over every slot
+with the later slots and the rows' padding masked out), once per batch size, and then runs it
+as one fused graph: LayerNorms, GELU, residual adds and the mask are fused and no Python runs
+per op. On the 2-core Linux CPU this halved the time per token at batch 1 against the eager
+call. Quantized models (nn.quantize) run the same step through their QuantizedLinear layers.
+The torch twin is backends/torch_backend/decode.py (there a lean eager step: torch.compile
+takes too long to start for sampling).
 """
 
 from __future__ import annotations
-
-import math
 
 import mlx.core as mx
 
 from polygpt.backends.mlx_backend.model import GPT, KVCache
 
 
-class Decoder:
-    """A KV cache for `batch` rows plus the compiled decode step over it."""
+class StepCache:
+    """A KVCache for one decode step under mx.compile, whose shapes must not depend on the
+    offset: the new key/value is written at a traced position `pos` (an array) and attention
+    runs over every slot, with the slots past `pos` (and each row's padding) masked out. Masked
+    slots get exactly zero weight, so this equals the KVCache step to float rounding."""
 
-    def __init__(self, model: GPT, batch: int):
-        spec = model.spec
-        self.model, self.batch = model, batch
-        # LayerNorm weights are never quantized, so they carry the compute dtype
-        dtype = model.transformer.ln_f.weight.dtype
-        self.cache = KVCache(spec, batch, spec.block_size, dtype)
-        self.nh, self.hs, self.C = spec.n_head, spec.head_dim, spec.n_embd
-        self.scale = 1.0 / math.sqrt(spec.head_dim)
-        self.keys = mx.arange(spec.block_size)
-        # the model's weights are constants of the compiled graph (a Decoder lives for one
-        # generation; a model that trains on gets a new one)
-        self._step = mx.compile(self._step_graph)
+    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, pad: mx.array):
+        self.keys, self.values, self.pos, self.pad = keys, values, pos, pad
 
-    def matches(self, model: GPT, batch: int) -> bool:
-        return self.model is model and self.batch == batch
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, k, self.pos.reshape(1), axes=(2,))
+        self.values = mx.slice_update(self.values, v, self.pos.reshape(1), axes=(2,))
+        return self.keys, self.values
 
-    def prefill(self, tokens: mx.array, pad: mx.array, any_pad: bool) -> mx.array:
-        """Fill the cache from left-padded tokens (B, T); next-token logits (B, V)."""
-        self.cache.reset(pad, any_pad)
-        return self.model(tokens, self.cache, last_only=True)[:, -1]
+    def positions(self, t: int) -> mx.array:
+        return mx.maximum(self.pos - self.pad, 0)[:, None]  # (B, 1)
 
-    def step(self, tokens: mx.array) -> mx.array:
-        """Append tokens (B,) at the next position; next-token logits (B, V)."""
-        c = self.cache
-        if c.offset >= c.max_len:
+    def mask(self, t: int) -> mx.array:
+        keys = mx.arange(self.keys.shape[2])
+        valid = (keys[None, :] <= self.pos) & (keys[None, :] >= self.pad[:, None])  # (B, L)
+        return valid[:, None, None, :]  # (B, 1, 1, L)
+
+
+class CompiledStep:
+    """`step(cache, tokens)`: append tokens (B,) to a KVCache list, return logits (B, V)."""
+
+    def __init__(self, model: GPT):
+        # the model's weights are constants of the compiled graph: a CompiledStep lives for
+        # one generation (a model that trains on gets a new one)
+        self.model = model
+        self._step = mx.compile(self._graph)
+
+    def _graph(self, tokens, pos, pad, keys, values):
+        cache = [StepCache(k, v, pos, pad) for k, v in zip(keys, values)]
+        logits = self.model(tokens[:, None], cache)[:, -1]
+        return logits, [c.keys for c in cache], [c.values for c in cache]
+
+    def __call__(self, cache: list[KVCache], tokens: mx.array) -> mx.array:
+        first = cache[0]
+        if first.offset >= first.max_len:
             raise RuntimeError("KV cache is full: the caller must slide the window first")
-        logits, c.kv = self._step(tokens, mx.array(c.offset, dtype=mx.int32), c.pad, c.kv)
-        c.offset += 1
+        logits, keys, values = self._step(
+            tokens,
+            mx.array(first.offset, dtype=mx.int32),
+            first.rows.pad,
+            [c.keys for c in cache],
+            [c.values for c in cache],
+        )
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values, c.offset = k, v, c.offset + 1
         return logits
-
-    def _step_graph(self, tokens, pos, pad, kv):
-        tr = self.model.transformer
-        B, nh, hs = tokens.shape[0], self.nh, self.hs
-        x = tr.wte(tokens) + tr.wpe(mx.maximum(pos - pad, 0))  # (B, C)
-        # (B, 1, 1, L): keys written so far, minus the row's left padding
-        mask = ((self.keys[None, :] <= pos) & (self.keys[None, :] >= pad[:, None]))[:, None, None]
-        new_kv = []
-        for block, cache in zip(tr.h, kv):
-            qkv = block.attn.c_attn(block.ln_1(x)).reshape(B, 3, nh, 1, hs)
-            cache = mx.slice_update(cache, qkv[:, 1:], pos.reshape(1), axes=(3,))
-            y = mx.fast.scaled_dot_product_attention(
-                qkv[:, 0], cache[:, 0], cache[:, 1], scale=self.scale, mask=mask
-            )  # (B, nh, 1, hs)
-            x = x + block.attn.c_proj(y.reshape(B, self.C))
-            x = x + block.mlp(block.ln_2(x))
-            new_kv.append(cache)
-        return tr.wte.as_linear(tr.ln_f(x)), new_kv

@@ -5,11 +5,11 @@ keys (`transformer.h.0.attn.c_attn.weight`, ...) equal torch's state_dict keys a
 `spec.param_shapes()` with no renaming table. MLX's Linear stores weights (out, in) as torch
 does; the LM head is `wte.as_linear(x)` (mlx-lm's gpt2), so no `lm_head` parameter exists.
 
-KV cache: one preallocated (B, 2, nh, max_len, hs) array per layer (keys at [:, 0], values at
-[:, 1], as torch's), written with slice assignment. Rows may be left-padded exactly as in torch:
-`KVCache.pad[b]` leading positions of row b are padding, masked out of every attention and
-excluded from position ids (positions are `arange - pad`, clamped at 0); a padding query sees
-only itself, so no softmax row is empty. The compiled one-token decode step lives in decode.py.
+One forward path, as torch's (and mlx-lm's): `GPT.__call__(idx, cache=None)` serves training,
+prefill and decode. `cache` is a list with one `KVCache` per layer (`make_cache`), which owns
+the offset, each row's left padding and therefore the position ids and the attention mask
+(`positions`, `mask`); a padding query sees only itself, so no softmax row is empty. The
+compiled decode step (decode.py) runs this same forward over a fixed-shape form of the cache.
 """
 
 from __future__ import annotations
@@ -36,34 +36,83 @@ class LayerNorm(nn.Module):
         return mx.fast.layer_norm(x, self.weight, self.get("bias"), LAYER_NORM_EPS)
 
 
+class _Rows:
+    """What the layers of one cache share: each row's padding, position ids, valid keys."""
+
+    def __init__(self, batch: int, max_len: int, pad: mx.array | None):
+        keys = mx.arange(max_len)
+        self.pad = mx.zeros((batch,), dtype=mx.int32) if pad is None else pad  # (B,)
+        if pad is None:  # no row is padded
+            self.pos, self.valid = keys, None  # (L,)
+        else:
+            self.pos = mx.maximum(keys[None, :] - pad[:, None], 0)  # (B, L)
+            self.valid = keys[None, :] >= pad[:, None]  # (B, L)
+
+
 class KVCache:
-    """Per-layer preallocated keys/values; `offset` positions are filled (pads included)."""
+    """One layer's keys and values, preallocated for `max_len` positions (mlx-lm's KVCache).
 
-    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype):
-        shape = (batch, 2, spec.n_head, max_len, spec.head_dim)
-        self.kv = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
-        self.max_len = max_len
-        self.reset(mx.zeros((batch,), dtype=mx.int32), any_pad=False)
+    `update_and_fetch(k, v)` writes the new positions at `offset` and returns every key and
+    value so far. Row b's first `pad[b]` positions are padding, masked out of every attention
+    and excluded from position ids; the layers of one cache share those facts (`make_cache`)
+    and the model asks the first layer's cache for positions and mask before any layer writes.
+    """
 
-    def reset(self, pad: mx.array, any_pad: bool) -> None:
-        """Empty the cache for new rows with `pad` (B,) leading pads (`any_pad`: pad.any(),
-        passed in because the caller knows it without evaluating anything)."""
+    def __init__(self, keys: mx.array, values: mx.array, rows: _Rows):
+        self.keys, self.values = keys, values  # (B, nh, max_len, hs)
+        self.rows = rows
         self.offset = 0
-        self.pad = pad  # (B,) int32
-        self.any_pad = any_pad
 
-    def key_mask(self, t: int) -> mx.array | None:
-        """(B, t, offset+t) boolean attention mask (True = attend) for t new queries."""
-        L = self.offset + t
-        if not self.any_pad and (t == 1 or self.offset == 0):
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Append k, v (B, nh, T, hs); returns all keys and values so far (B, nh, offset, hs)."""
+        start, end = self.offset, self.offset + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError("KV cache is full: the caller must slide the window first")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.offset = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def positions(self, t: int) -> mx.array:
+        """Position ids of the next t tokens: (t,), or (B, t) when rows are padded."""
+        if self.offset + t > self.max_len:
+            raise RuntimeError("KV cache is full: the caller must slide the window first")
+        return self.rows.pos[..., self.offset : self.offset + t]
+
+    def mask(self, t: int) -> mx.array | None:
+        """Boolean attention mask (B or 1, 1, t, offset+t), True = attend, for the next t
+        queries; None where plain causal attention is right ("causal" when t > 1)."""
+        start, end = self.offset, self.offset + t
+        valid = self.rows.valid
+        if valid is None and (t == 1 or start == 0):
             return None  # one new query sees the whole cache; a fresh prompt is plain causal
-        keys = mx.arange(L)
-        queries = mx.arange(self.offset, L)
-        mask = keys[None, :] <= queries[:, None]  # causal (t, L)
-        valid = keys[None, :] >= self.pad[:, None]  # (B, L): not padding
-        # A padding query may see only itself, so no softmax row is empty (NaN-free).
-        self_ = keys[None, :] == queries[:, None]
-        return (mask[None] & valid[:, None, :]) | self_[None]  # (B, t, L)
+        if t == 1:  # a decode step: every key so far except the row's padding
+            return valid[:, None, None, :end]
+        keys = mx.arange(end)
+        queries = keys[start:]
+        mask = (keys[None, :] <= queries[:, None])[None]  # causal (1, t, L)
+        if valid is not None:
+            # A padding query may see only itself, so no softmax row is empty (NaN-free).
+            mask = (mask & valid[:, None, :end]) | (keys[None, :] == queries[:, None])
+        return mask[:, None]  # (B or 1, 1, t, L)
+
+
+def make_cache(
+    spec: ModelSpec, batch: int, pad: mx.array | None = None, dtype=mx.float32
+) -> list[KVCache]:
+    """An empty cache of spec.block_size positions per layer; `pad` (B,) leading pad tokens
+    per row, or None when no row is padded."""
+    rows = _Rows(batch, spec.block_size, pad)
+    shape = (batch, spec.n_head, spec.block_size, spec.head_dim)
+    # zeros, not garbage: StepCache attends over every slot (masked, but NaN * 0 is NaN)
+    return [
+        KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), rows)
+        for _ in range(spec.n_layer)
+    ]
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,34 +127,21 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(spec.dropout)
 
     def __call__(
-        self,
-        x: mx.array,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        mask: mx.array | None = None,
+        self, x: mx.array, mask: mx.array | None = None, cache: KVCache | None = None
     ) -> mx.array:
         B, T, C = x.shape
         hs = C // self.n_head
         scale = 1.0 / math.sqrt(hs)
         qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, T, hs)
-        if cache is None:
-            if self.training and self.dropout > 0:
-                y = self._attention_with_dropout(q, k, v, scale)
-            else:
-                y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, nh, L, hs)
+        if cache is None and self.training and self.dropout > 0:
+            y = self._attention_with_dropout(q, k, v, scale)
         else:
-            start, end = cache.offset, cache.offset + T
-            kv = cache.kv[layer]  # (B, 2, nh, max_len, hs)
-            kv[:, 0, :, start:end] = k
-            kv[:, 1, :, start:end] = v
-            k, v = kv[:, 0, :, :end], kv[:, 1, :, :end]  # (B, nh, L, hs)
-            if mask is None and T > 1 and start == 0:
-                y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
-            else:
-                y = mx.fast.scaled_dot_product_attention(
-                    q, k, v, scale=scale, mask=None if mask is None else mask[:, None]
-                )
+            if mask is None:
+                mask = "causal" if T > 1 else None
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -203,8 +239,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(spec.n_embd, spec.bias)
         self.mlp = MLP(spec)
 
-    def __call__(self, x, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def __call__(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -247,24 +283,19 @@ class GPT(nn.Module):
         return {name: flat[name] for name in self.spec.param_shapes()}
 
     def __call__(
-        self, idx: mx.array, cache: KVCache | None = None, last_only: bool = False
+        self, idx: mx.array, cache: list[KVCache] | None = None, last_only: bool = False
     ) -> mx.array:
-        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. With a cache, idx
+        continues the cached sequence (prefill or decode) and is appended to it."""
         B, T = idx.shape
         tr = self.transformer
-        mask = None
         if cache is None:
-            pos = mx.arange(T)
+            pos, mask, cache = mx.arange(T), None, [None] * len(tr.h)
         else:
-            pos = mx.arange(cache.offset, cache.offset + T)
-            if cache.any_pad:
-                pos = mx.maximum(pos[None, :] - cache.pad[:, None], 0)  # (B, T)
-            mask = cache.key_mask(T)
+            pos, mask = cache[0].positions(T), cache[0].mask(T)
         x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(tr.h):
-            x = block(x, cache, i, mask)
-        if cache is not None:
-            cache.offset += T
+        for block, layer_cache in zip(tr.h, cache):
+            x = block(x, mask, layer_cache)
         if last_only:
             x = x[:, -1:]
         x = tr.ln_f(x)

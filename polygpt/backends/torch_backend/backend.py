@@ -8,24 +8,19 @@ scripts/bench_train.py; see docs/BENCHMARKS.md):
 - `train.compile`: `torch.compile` (inductor) of the forward + loss, which fuses LayerNorms,
   residual adds and the GELU into a few generated kernels. On CPU it needs a C++ compiler; when
   compiling fails the step says so once (a warning) and runs eager, and so do later steps.
-- CPU threads (`train.threads = 0`): OpenMP threads that meet at a barrier after every op are
-  a win on an idle machine and a disaster on a busy one: when another process holds a core,
-  each of a step's ~1000 barriers waits for a scheduler slice (on this 2-core box under load a
-  2-thread step took 0.3-4 s against 0.1 s at 1 thread). So `ThreadTuner` times real steps
-  at 1 thread and at torch's default, keeps the faster, and checks again every RETUNE_EVERY
-  steps. Thread count changes reduction order only (float rounding); set `train.threads` to a
-  number (or OMP_NUM_THREADS) for bit-for-bit repeatable runs.
+- CPU threads (`train.threads = 0`): a tuner times real steps at 1 thread and at torch's
+  default and keeps the faster (threads.py); generation runs one thread.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import platform
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,91 +30,30 @@ from safetensors.torch import load_file, save_file
 from polygpt import weights
 from polygpt.backends.base import PRECISIONS
 from polygpt.backends.torch_backend import quantize
-from polygpt.backends.torch_backend.decode import Decoder, cpu_threads
-from polygpt.backends.torch_backend.model import GPT
+from polygpt.backends.torch_backend.decode import LeanStep
+from polygpt.backends.torch_backend.decode import supports as lean_supports
+from polygpt.backends.torch_backend.model import GPT, KVCache, make_cache
+from polygpt.backends.torch_backend.threads import (
+    DEFAULT_THREADS,
+    MULTITHREAD_GENERATION_BYTES,
+    ThreadTuner,
+    cpu_threads,
+    make_thread_tuner,
+)
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RETUNE_EVERY = 500  # steps between thread-count checks
-PROBE_STEPS = 3  # timed steps per candidate thread count in a check (fewer if decisive)
-WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
-# A decode step reads every weight once. Below this size that is a few dozen tiny ops, and
-# threads only add barrier waits (decode.cpu_threads); above it (GPT-2 124M: 0.5 GB at fp32)
-# the step is bound by memory bandwidth, which one core cannot saturate (the issue measured
-# 19 tokens/s on 1 thread against a ~45 tokens/s bound; docs/BENCHMARKS.md, "GPT-2 124M").
-MULTITHREAD_GENERATION_BYTES = 64 << 20
-_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
 
 
-class ThreadTuner:
-    """Chooses torch's intra-op thread count for CPU training by timing real steps.
+@dataclass
+class Generation:
+    """What prefill hands the caller: the per-layer KV cache and, for float models, the lean
+    decode step over it (decode.py); None decodes through GPT.forward."""
 
-    Starts at 1 thread (never the disaster). A check runs the candidate counts in turn and
-    keeps the one with the lower median step time, PROBE_STEPS steps each, or after one step
-    each when one is over twice as slow as the other (so a busy machine costs one slow step).
-    It switches only for a gain of 10% or more, so an idle machine settles on one choice.
-    Every timed step is a real training step; checks repeat every RETUNE_EVERY steps.
-    """
-
-    def __init__(self, candidates: list[int]):
-        self.candidates = candidates
-        self.chosen = candidates[0]
-        self.step = 0
-        self.next_check = WARMUP_STEPS
-        self.samples: dict[int, list[float]] = {c: [] for c in candidates}
-        self.history: list[tuple[int, int]] = []  # (step, chosen threads) after each check
-        self._probe: int | None = None
-        self._warm: set[int] = set()
-        self._t0 = 0.0
-        torch.set_num_threads(self.chosen)  # evaluations before the first step use it too
-
-    def before(self) -> None:
-        self._probe = None
-        if self.step >= self.next_check:
-            self._probe = min(self.candidates, key=lambda c: len(self.samples[c]))
-        want = self._probe or self.chosen
-        if want != torch.get_num_threads():  # (someone else may have changed it meanwhile)
-            torch.set_num_threads(want)
-        self._t0 = time.perf_counter()
-
-    def after(self) -> None:
-        # CPU ops are synchronous, so the step's work is done when it returns
-        dt = time.perf_counter() - self._t0
-        self.step += 1
-        if self._probe is None:
-            return
-        if self._probe not in self._warm:
-            # a count's first step pays for its warm-up (and, compiled, its own compilation:
-            # inductor specializes on the thread count), so it is not a sample
-            self._warm.add(self._probe)
-            return
-        self.samples[self._probe].append(dt)
-        if min(len(s) for s in self.samples.values()) == 0:
-            return
-        med = {c: float(np.median(s)) for c, s in self.samples.items()}
-        best = min(med, key=med.get)
-        decisive = max(med.values()) > 2 * med[best]
-        if decisive or min(len(s) for s in self.samples.values()) >= PROBE_STEPS:
-            if med[best] < 0.9 * med[self.chosen]:
-                self.chosen = best
-            self.history.append((self.step, self.chosen))
-            self.samples = {c: [] for c in self.candidates}
-            self.next_check = self.step + RETUNE_EVERY
-
-
-def make_thread_tuner(device: str, threads: int) -> ThreadTuner | None:
-    """A tuner for CPU training when the thread count is left to us, else None (and `threads`
-    > 0 is applied as given)."""
-    if device != "cpu":
-        return None
-    if threads > 0:
-        torch.set_num_threads(threads)
-        return None
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None  # the user chose
-    n = _DEFAULT_THREADS
-    return ThreadTuner([1, n]) if n > 1 else None
+    model: GPT
+    kv: list[KVCache]
+    step: LeanStep | None
 
 
 @dataclass
@@ -133,6 +67,7 @@ class Optimizer:
     compile_ok: bool = False  # the compiled loss has run a whole step
     compile_error: str | None = None
     threads: ThreadTuner | None = None
+    ddp: Any = None  # DistributedDataParallel over loss_fn, in a distributed run (distributed.py)
 
 
 def _resolve_device(device: str) -> str:
@@ -155,11 +90,20 @@ def _resolve_device(device: str) -> str:
 
 class Backend:
     name = "torch"
-    decode_threads = 1  # CPU threads of prefill/decode for small models: see decode.cpu_threads
+    devices = ("cpu", "cuda", "mps")
+    precisions = ("fp32", "fp16", "bf16", "int8")  # int4 files load dequantized (fp32/16)
+    train_dtypes = ("fp32", "bf16")  # bf16: autocast
+    native_quantized = False
+    # CPU threads of prefill/decode for small models: see threads.cpu_threads
+    decode_threads = 1
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
         self._dev = torch.device(self.device)
+
+    def device_precisions(self, device: str | None = None) -> tuple[str, ...]:
+        # int8 is dynamic quantization, whose kernels exist for the CPU only
+        return self.precisions if (device or self.device) == "cpu" else ("fp32", "fp16", "bf16")
 
     def describe(self) -> dict[str, str]:
         if self.device == "cuda":
@@ -279,15 +223,23 @@ class Backend:
     def _forward_backward(self, model, opt: Optimizer, batches, autocast: str) -> torch.Tensor:
         n = len(batches)
         total = None
-        for x, y in batches:
-            with torch.autocast(self._dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                loss = opt.loss_fn(self._tensor(x), self._tensor(y))
-            (loss / n).backward()
+        fn = opt.ddp or opt.loss_fn
+        for i, (x, y) in enumerate(batches):
+            # DDP averages the gradients across ranks in the last micro-step's backward only
+            local = opt.ddp is not None and i < n - 1
+            with opt.ddp.no_sync() if local else contextlib.nullcontext():
+                if autocast == "bf16":
+                    with torch.autocast(self._dev.type, dtype=torch.bfloat16):
+                        loss = fn(self._tensor(x), self._tensor(y))
+                else:  # (no autocast context to build every step)
+                    loss = fn(self._tensor(x), self._tensor(y))
+                (loss / n if n > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        return total / n
+        return total / n if n > 1 else total
 
     def train_step(self, model, opt, batches, lr, grad_clip, autocast: str = "fp32"):
-        model.train()
+        if not model.training:  # (train() walks every module: not once per step)
+            model.train()
         if opt.threads is not None:
             opt.threads.before()
         try:
@@ -316,9 +268,10 @@ class Backend:
             opt.threads.after()
         return loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def eval_loss(self, model, x, y) -> float:
-        model.eval()
+        if model.training:
+            model.eval()
         return float(model.loss(self._tensor(x), self._tensor(y)))
 
     def save_optimizer(self, opt, path: Path, metadata: dict[str, str]) -> None:
@@ -365,37 +318,46 @@ class Backend:
         )
         return lp.view(y.shape).double().cpu().numpy()
 
-    def generation_threads(self, model) -> int:
+    def _generation_threads(self, model) -> int:
         """CPU threads for prefill/decode, by model size: 1 (decode_threads) while per-op
         overhead dominates, torch's default count once streaming the weights does."""
         n = getattr(model, "_generation_threads", None)
         if n is None:
             big = self.model_bytes(model) >= MULTITHREAD_GENERATION_BYTES
-            n = _DEFAULT_THREADS if big else self.decode_threads
+            n = DEFAULT_THREADS if big else self.decode_threads
             model._generation_threads = n  # per model object: model_bytes walks every tensor
         return n
 
     @torch.inference_mode()
     def prefill(self, model, tokens, pad, cache=None):
-        model.eval()
-        B = tokens.shape[0]
-        # the cache buffers (and the views the decode step keeps into them) are reused when
-        # the caller hands back its previous cache for the same model and batch size
-        dec = cache if isinstance(cache, Decoder) and cache.matches(model, B) else None
-        dec = dec or Decoder(model, B)
-        with cpu_threads(self.generation_threads(model), self.device):
-            logits = dec.prefill(self._tensor(tokens), self._tensor(pad), bool(np.any(pad)))
-        return dec, self._logits_numpy(logits)
+        if model.training:  # (eval() walks every module: not once per slid window)
+            model.eval()
+        any_pad = bool(np.any(pad))
+        # LayerNorm weights stay float in every precision, so they carry the compute dtype
+        dtype = model.transformer.ln_f.weight.dtype
+        with cpu_threads(self._generation_threads(model), self.device):
+            # a slid window's re-prefill reuses the previous cache's buffers and views
+            old = cache.kv if isinstance(cache, Generation) and cache.model is model else None
+            pad_t = self._tensor(pad) if any_pad else None
+            kv = make_cache(model.spec, tokens.shape[0], pad_t, dtype, self._dev, reuse=old)
+            logits = model(self._tensor(tokens), kv, last_only=True)[:, -1]
+        if old is kv and cache.step is not None:
+            step = cache.step  # same model, same buffers: its transposed weights still hold
+        else:
+            step = LeanStep(model, kv) if lean_supports(model) else None
+        return Generation(model, kv, step), self._logits_numpy(logits)
 
     @torch.inference_mode()
-    def decode(self, model, cache, tokens):
+    def decode(self, model, cache: Generation, tokens):
         t = torch.from_numpy(tokens)
         if t.dtype != torch.int64:
             t = t.long()
         if self.device != "cpu":
             t = t.to(self._dev, non_blocking=True)
-        with cpu_threads(self.generation_threads(model), self.device):
-            return self._logits_numpy(cache.step(t))
+        with cpu_threads(self._generation_threads(model), self.device):
+            if cache.step is not None:
+                return self._logits_numpy(cache.step(t))
+            return self._logits_numpy(model(t[:, None], cache.kv)[:, -1])
 
     @staticmethod
     def _logits_numpy(logits: torch.Tensor) -> np.ndarray:

@@ -5,10 +5,10 @@ canonical parameter names of `spec.param_shapes()` (`transformer.h.0.attn.c_attn
 the LM head is `F.linear(x, wte.weight)` so no `lm_head` parameter exists. The MLX twin
 (`backends/mlx_backend/model.py`) mirrors these classes name for name.
 
-KV cache: one preallocated (B, 2, nh, max_len, hs) tensor per layer (keys at [:, 0], values at
-[:, 1], so a decode step writes both with one copy), written in place. Rows may be left-padded:
-`KVCache.pad[b]` leading positions of row b are padding, masked out of every attention and
-excluded from position ids. The lean one-token decode step lives in decode.py.
+One forward path, mlx-lm's shape: `GPT.forward(idx, cache=None)` serves training, prefill and
+decode. `cache` is a list with one `KVCache` per layer (`make_cache`); the cache owns the
+offset, the left padding of each row and therefore the position ids and the attention mask,
+computed once per forward in `KVCache.positions` / `KVCache.mask`.
 """
 
 from __future__ import annotations
@@ -34,34 +34,111 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LAYER_NORM_EPS)
 
 
+class _Rows:
+    """What the layers of one cache share: each row's position ids and non-padding keys."""
+
+    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None, device):
+        keys = torch.arange(max_len, device=device)
+        if pad is None:  # no row is padded
+            self.pos, self.valid = keys, None  # (L,)
+        else:
+            self.pos = (keys[None, :] - pad[:, None]).clamp_(min=0)  # (B, L)
+            self.valid = keys[None, :] >= pad[:, None]  # (B, L)
+
+
 class KVCache:
-    """Per-layer preallocated keys/values; `offset` positions are filled (pads included)."""
+    """One layer's keys and values, preallocated for `max_len` positions (mlx-lm's KVCache).
 
-    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype, device):
-        shape = (batch, 2, spec.n_head, max_len, spec.head_dim)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layer)]
-        self.max_len = max_len
-        self.reset(torch.zeros(batch, dtype=torch.long, device=device), any_pad=False)
+    `update_and_fetch(k, v)` writes the new positions at `offset` and returns every key and
+    value so far. Rows may be left-padded: row b's first `pad[b]` positions are padding, masked
+    out of every attention and excluded from position ids. The layers of one cache share those
+    per-row facts (`make_cache`); the model asks the first layer's cache for positions and mask
+    before any layer writes.
+    """
 
-    def reset(self, pad: torch.Tensor, any_pad: bool) -> None:
-        """Empty the cache for new rows with `pad` (B,) leading pads (`any_pad`: pad.any(),
-        passed in because the caller knows it without a device sync)."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: _Rows):
+        self.keys, self.values = keys, values  # (B, nh, max_len, hs)
+        self.rows = rows
         self.offset = 0
-        self.pad = pad  # (B,) int64
-        self.any_pad = any_pad
+        # views made once per cache (which `make_cache` reuses when a window slides):
+        # (start, T) -> where to write, end -> what to read, so a decode step costs two copies
+        # and no view-making calls (see decode.py)
+        self._writes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def key_mask(self, t: int) -> torch.Tensor | None:
-        """(B, 1, t, offset+t) boolean attention mask (True = attend) for t new queries."""
-        L = self.offset + t
-        if not self.any_pad and (t == 1 or self.offset == 0):
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (B, nh, T, hs); returns all keys and values so far (B, nh, offset, hs)."""
+        start, T = self.offset, k.shape[2]
+        end = start + T
+        if end > self.max_len:
+            raise RuntimeError("KV cache is full: the caller must slide the window first")
+        dst = self._writes.get((start, T))
+        if dst is None:
+            dst = self._writes[start, T] = (
+                self.keys.narrow(2, start, T),
+                self.values.narrow(2, start, T),
+            )
+        dst[0].copy_(k)
+        dst[1].copy_(v)
+        self.offset = end
+        out = self._reads.get(end)
+        if out is None:
+            out = self._reads[end] = (self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end))
+        return out
+
+    def positions(self, t: int) -> torch.Tensor:
+        """Position ids of the next t tokens: (t,), or (B, t) when rows are padded."""
+        if self.offset + t > self.max_len:
+            raise RuntimeError("KV cache is full: the caller must slide the window first")
+        return self.rows.pos[..., self.offset : self.offset + t]
+
+    def mask(self, t: int) -> torch.Tensor | None:
+        """Boolean attention mask (B or 1, 1, t, offset+t), True = attend, for the next t
+        queries; None where plain causal attention is right (SDPA's is_causal when t > 1)."""
+        start, end = self.offset, self.offset + t
+        valid = self.rows.valid
+        if valid is None and (t == 1 or start == 0):
             return None  # one new query sees the whole cache; a fresh prompt is plain causal
-        keys = torch.arange(L, device=self.pad.device)
-        queries = torch.arange(self.offset, L, device=self.pad.device)
-        mask = keys[None, :] <= queries[:, None]  # causal (t, L)
-        valid = keys[None, :] >= self.pad[:, None]  # (B, L): not padding
-        # A padding query may see only itself, so no softmax row is empty (NaN-free).
-        self_ = keys[None, :] == queries[:, None]
-        return (mask[None] & valid[:, None, :]) | self_[None]  # (B, t, L)
+        if t == 1:  # a decode step: every key so far except the row's padding
+            return valid[:, None, None, :end]
+        keys = torch.arange(end, device=self.keys.device)
+        queries = keys[start:]
+        mask = (keys[None, :] <= queries[:, None])[None]  # causal (1, t, L)
+        if valid is not None:
+            # A padding query may see only itself, so no softmax row is empty (NaN-free).
+            mask = (mask & valid[:, None, :end]) | (keys[None, :] == queries[:, None])
+        return mask[:, None]  # (B or 1, 1, t, L)
+
+
+def make_cache(
+    spec: ModelSpec,
+    batch: int,
+    pad: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    reuse: list[KVCache] | None = None,
+) -> list[KVCache]:
+    """An empty cache of spec.block_size positions per layer; `pad` (B,) leading pad tokens
+    per row, or None when no row is padded. `reuse`: an earlier cache whose buffers (and
+    views) are taken over when they fit, for a window that slides many times."""
+    rows = _Rows(batch, spec.block_size, pad, device)
+    shape = (batch, spec.n_head, spec.block_size, spec.head_dim)
+    if reuse and reuse[0].keys.shape == shape and reuse[0].keys.dtype == dtype:
+        for c in reuse:
+            c.rows, c.offset = rows, 0
+        return reuse
+    return [
+        KVCache(
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+            rows,
+        )
+        for _ in range(spec.n_layer)
+    ]
 
 
 class CausalSelfAttention(nn.Module):
@@ -75,46 +152,63 @@ class CausalSelfAttention(nn.Module):
         self.dropout = spec.dropout
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        mask: torch.Tensor | None = None,
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         B, T, C = x.size()
-        hs = C // self.n_head
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, nh, T, hs)
-        if cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
-        else:
-            start, end = cache.offset, cache.offset + T
-            kv = cache.kv[layer]  # (B, 2, nh, max_len, hs)
-            kv[:, 0, :, start:end] = k
-            kv[:, 1, :, start:end] = v
-            k, v = kv[:, 0, :, :end], kv[:, 1, :, :end]  # (B, nh, L, hs)
-            if mask is None and T > 1 and start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=None if mask is None else mask[:, None]
-                )
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """0.5·x·(1 + tanh(z)) written x·sigmoid(2z), z = sqrt(2/π)(x + 0.044715x³): the same
+    function within float rounding (0.5(1 + tanh z) = sigmoid(2z); max diff 5e-7). ATen's CPU
+    tanh-GELU forward is its slow part: 1.75 ms for 768x512 floats against 1.04 for these
+    five passes (erf GELU: 0.69; its backward costs the same as erf's)."""
+    s = torch.addcmul(x, x * x, x, value=0.044715).mul_(2 * _GELU_K).sigmoid_()  # sigmoid(2z)
+    return s.mul_(x)
+
+
+class _GeluTanh(torch.autograd.Function):
+    """Training's tanh GELU: the fast forward above, ATen's own backward (one kernel)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return _gelu_tanh(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    """F.gelu; under torch.compile the tanh form is written x / (1 + exp(-2z)), the same
-    function (0.5(1 + tanh z) = sigmoid(2z)) within float rounding: inductor's vectorized exp
-    is about twice as fast as its tanh on CPU (and eager ATen has no faster form to offer)."""
-    if approximate == "tanh" and torch.compiler.is_compiling():
-        return x / (1.0 + torch.exp(-_GELU_K * (x + 0.044715 * x * x * x)))
-    return F.gelu(x, approximate=approximate)
+    if approximate != "tanh":
+        return F.gelu(x)
+    if torch.compiler.is_compiling():
+        # inductor fuses this into one loop; its vectorized exp is ~2x faster than its tanh
+        return x / (1.0 + torch.exp(-2 * _GELU_K * (x + 0.044715 * x * x * x)))
+    if x.dtype != torch.float32:  # ATen computes fp16/bf16 GELU in fp32 internally: keep it
+        return F.gelu(x, approximate="tanh")
+    if x.requires_grad:
+        return _GeluTanh.apply(x)
+    # one decode row: one op beats five (per-op overhead); a batch: fewer cycles per element
+    return F.gelu(x, approximate="tanh") if x.numel() <= 8192 else _gelu_tanh(x)
 
 
 class MLP(nn.Module):
@@ -137,8 +231,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(spec.n_embd, spec.bias)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -174,24 +268,19 @@ class GPT(nn.Module):
                     p.zero_()
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False
+        self, idx: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. With a cache, idx
+        continues the cached sequence (prefill or decode) and is appended to it."""
         B, T = idx.size()
         tr = self.transformer
-        mask = None
         if cache is None:
-            pos = torch.arange(T, device=idx.device)
+            pos, mask, cache = torch.arange(T, device=idx.device), None, [None] * len(tr.h)
         else:
-            pos = torch.arange(cache.offset, cache.offset + T, device=idx.device)
-            if cache.any_pad:
-                pos = (pos[None, :] - cache.pad[:, None]).clamp_(min=0)  # (B, T)
-            mask = cache.key_mask(T)
+            pos, mask = cache[0].positions(T), cache[0].mask(T)
         x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(tr.h):
-            x = block(x, cache, i, mask)
-        if cache is not None:
-            cache.offset += T
+        for block, layer_cache in zip(tr.h, cache):
+            x = block(x, mask, layer_cache)
         if last_only:
             x = x[:, -1:]
         x = tr.ln_f(x)

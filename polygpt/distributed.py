@@ -1,0 +1,279 @@
+"""Data-parallel training on the launchers users already run: torchrun (PyTorch DDP) and
+mlx.launch (MLX's `mx.distributed`: ring, MPI, ...). Written once; each backend package has a
+small `distributed` module that joins its framework's group and averages the gradients.
+
+The semantics make a run's result independent of the world size (to float rounding):
+
+- train.batch_size is the *global* batch. Every rank draws the same global batch from the shared
+  seeded NumPy stream and keeps its own contiguous slice, so the RNG state (saved in the
+  checkpoint) is the one-process state.
+- Gradients are averaged across ranks after the last micro-step (DDP all-reduces in that
+  step's backward; `no_sync` on the others) and before clipping; every rank starts from rank 0's
+  weights. So every rank applies the one-process update.
+- Losses reported are global means. Rank 0 alone logs, evaluates, writes metrics.jsonl and the
+  (atomic) checkpoints; the others wait at a barrier. Nothing written records the world size
+  except metrics.jsonl's "start" record of each run segment, so a checkpoint resumes with any
+  number of processes, in either backend.
+- A process that finds a launcher's environment joins its group or fails: two copies of a
+  one-process run never pass for a distributed one.
+- Waits are bounded: POLYGPT_DIST_TIMEOUT seconds (default 1800, longer than an evaluation
+  plus a checkpoint); a peer that dies is a one-line error on the survivors, not a hang.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from polygpt.backends import available_backends
+from polygpt.errors import PolygptError
+
+TIMEOUT_ENV = "POLYGPT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+
+# launcher -> the backend whose engine it starts
+_LAUNCHER_BACKEND = {"torchrun": "torch", "mlx.launch": "mlx", "mpirun": "mlx"}
+_MODULES = {
+    "torch": "polygpt.backends.torch_backend.distributed",
+    "mlx": "polygpt.backends.mlx_backend.distributed",
+}
+_FIX = {
+    "torch": "torchrun --nproc_per_node=N -m polygpt train CONFIG --backend torch",
+    "mlx": "mlx.launch -n N --python PYTHON -- -m polygpt train CONFIG --backend mlx",
+}
+
+
+def detect_launcher(env: dict | None = None) -> str | None:
+    """Which launcher started this process, from the environment it sets (None: none did)."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env):
+        return "torchrun"
+    if "MLX_RANK" in env:  # mlx.launch's ring, jaccl and nccl launchers
+        return "mlx.launch"
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        return "mpirun"
+    return None
+
+
+def timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        t = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise PolygptError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if t <= 0:
+        raise PolygptError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
+    return t
+
+
+def check_batch(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise PolygptError(
+            f"train.batch_size={batch_size} is the global batch and must be a multiple of the "
+            f"{world_size} processes: set batch_size to a multiple of {world_size} or launch "
+            f"a number of processes that divides {batch_size}"
+        )
+
+
+@dataclass
+class World:
+    """This process's place in the run: rank 0 of 1 when no launcher started it."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # the distributed backend: gloo, nccl, ring, mpi, ...
+    launcher: str | None = None
+    comm: Any = None  # the backend's communicator (None in one process)
+    timeout: float = DEFAULT_TIMEOUT_S
+    _watchdog: _Watchdog | None = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        if self.size == 1:
+            return "1 process"
+        return f"{self.size} processes ({self.comm.engine} over {self.backend}, {self.launcher})"
+
+    def record(self) -> dict:
+        """What metrics.jsonl's start record says about the segment's processes."""
+        return {"world_size": self.size, "dist_backend": self.backend}
+
+    def log(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        return log if self.is_main else (lambda s: None)
+
+    def shard(
+        self, batches: list[tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This rank's contiguous slice of each global micro-batch."""
+        if self.size == 1:
+            return batches
+        n = len(batches[0][0]) // self.size
+        lo, hi = self.rank * n, (self.rank + 1) * n
+        return [(x[lo:hi], y[lo:hi]) for x, y in batches]
+
+    def prepare(self, backend, model, opt) -> None:
+        """Make `model` rank 0's weights and the train step average gradients across ranks."""
+        if self.comm is not None:
+            with self.deadline("setting up data parallelism"):
+                self.comm.prepare(backend, model, opt)
+
+    def mean(self, loss) -> float:
+        """The global mean of a per-rank mean loss (every rank must call it at the same step)."""
+        if self.comm is None:
+            return float(loss)
+        with self.deadline("averaging the loss"):
+            return self.comm.mean(loss)
+
+    def sync(self, loss) -> float:
+        """float(loss): wait for this rank's queued step (which waits for its peers)."""
+        if self.comm is None:
+            return float(loss)
+        with self.deadline("finishing a training step"):
+            return float(loss)
+
+    def barrier(self, what: str) -> None:
+        if self.comm is not None:
+            with self.deadline(what):
+                self.comm.barrier()
+
+    @contextmanager
+    def deadline(self, what: str) -> Iterator[None]:
+        """Fail instead of hanging when the block outlives the timeout (MLX's ring has no
+        timeout of its own: it would wait forever on a peer that stopped but kept its socket).
+        A watchdog thread checks; collectives release the GIL while they wait."""
+        if self.comm is None:
+            yield
+            return
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(self)
+        wd = self._watchdog
+        prev = wd.until, wd.what
+        wd.until, wd.what = time.monotonic() + self.timeout, what
+        try:
+            yield
+        except Exception as e:
+            if self.comm.is_comm_error(e):
+                raise PolygptError(self._peer_error(what, e)) from None
+            raise
+        finally:
+            wd.until, wd.what = prev
+
+    @contextmanager
+    def guard(self, what: str = "training") -> Iterator[None]:
+        """Turn a collective's failure anywhere in the block (a peer died) into one line."""
+        try:
+            yield
+        except Exception as e:
+            if self.comm is not None and self.comm.is_comm_error(e):
+                raise PolygptError(self._peer_error(what, e)) from None
+            raise
+
+    def _peer_error(self, what: str, e: BaseException) -> str:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*/[^\]]*\]\s*", "", first)[:160]  # gloo's source location
+        return (
+            f"rank {self.rank}/{self.size}: a peer process failed or stopped while {what} "
+            f"({first}); checkpoints are written whole, so resume from the last one with "
+            "--resume"
+        )
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+
+
+class _Watchdog:
+    """One daemon thread per distributed run: exits the process when an armed deadline
+    passes (see World.deadline)."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.until: float | None = None
+        self.what = ""
+        threading.Thread(target=self._run, name="polygpt-dist-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.world.timeout / 10))
+            until = self.until
+            if until is not None and time.monotonic() > until:
+                _timed_out(self.world, self.what)
+
+
+def _timed_out(world: World, what: str) -> None:
+    # runs on a timer thread while the main thread is stuck in a collective: say so, leave now
+    sys.stderr.write(
+        f"error: rank {world.rank}/{world.size}: timed out after {world.timeout:.0f}s "
+        f"{what} (a peer process died or hangs; {TIMEOUT_ENV} sets the limit); checkpoints "
+        "are written whole, so resume from the last one with --resume\n"
+    )
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def join(backend, train_cfg) -> World:
+    """Join the launcher's process group, if a launcher started this process.
+
+    `backend` is the constructed Backend (its device picks gloo or nccl); a launcher for the
+    other framework, or a world size that does not divide the global batch, is an error."""
+    launcher = detect_launcher()
+    if launcher is None:
+        return World()
+    want = _LAUNCHER_BACKEND[launcher]
+    if backend.name != want:
+        raise PolygptError(
+            f"this process was started by {launcher}, which runs the {want} backend, but the "
+            f"run uses --backend {backend.name}: pass --backend {want}, or launch with "
+            f"`{_FIX[backend.name]}`"
+        )
+    timeout = timeout_s()
+    module = importlib.import_module(_MODULES[backend.name])
+    comm = module.join(backend, train_cfg, timeout)
+    if comm.size == 1:
+        comm.close()
+        return World(launcher=launcher, timeout=timeout)
+    world = World(
+        rank=comm.rank,
+        size=comm.size,
+        local_rank=comm.local_rank,
+        backend=comm.backend,
+        launcher=launcher,
+        comm=comm,
+        timeout=timeout,
+    )
+    try:
+        check_batch(train_cfg.batch_size, world.size)
+    except PolygptError:
+        world.close()
+        raise
+    return world
+
+
+def environment_lines() -> list[str]:
+    """`polygpt info`: the distributed backends each installed framework offers here."""
+    lines = []
+    for name in available_backends():
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as e:
+            lines.append(f"{name:<6}  distributed: unavailable ({e})")
+            continue
+        have = module.available()
+        names = ", ".join(f"{b} ({'yes' if ok else 'no'})" for b, ok in have.items())
+        launch = "torchrun" if name == "torch" else "mlx.launch"
+        lines.append(f"{name:<6}  distributed ({launch}): {names}")
+    return lines

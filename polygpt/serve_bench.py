@@ -1,0 +1,281 @@
+"""`polygpt bench-serve`: load-test `polygpt serve` on localhost, in each backend.
+
+For each backend a server is started in a subprocess (its own process, as in production), then
+closed-loop clients stream completions for a fixed time: one client at a time (the sequential
+baseline) and N at once, alternating in rounds so that a change in the machine's load hits
+both. Reported: requests/s, aggregate generated tokens/s,
+time to first token and the gap between streamed tokens (p50/p99), and the speedup of N
+concurrent clients over one. The clients are plain `http.client` threads (light, so they steal
+little CPU from the server on a small machine) reading the server-sent events line by line.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from polygpt import weights
+from polygpt.errors import PolygptError
+
+
+class ServerProcess:
+    """`polygpt serve CKPT -b BACKEND --port 0 ARGS` in a subprocess; `lines` is its log."""
+
+    def __init__(self, checkpoint, backend: str, *args: str, timeout: float = 180):
+        root = str(Path(__file__).resolve().parents[1])
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        cmd = [sys.executable, "-m", "polygpt.cli", "serve", str(checkpoint), "-b", backend]
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", "0", *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self.url: str | None = None
+        ready = threading.Event()
+
+        def drain() -> None:  # read the log as it comes, so the pipe never fills
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if self.url is None and " at http://" in line:
+                    self.url = line.rsplit(" at ", 1)[1].strip()
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready.wait(timeout) or self.url is None:
+            self.close()
+            log = "".join(self.lines[-20:]).strip()
+            raise PolygptError(f"polygpt serve did not start ({backend}):\n{log}")
+        hostport = self.url.split("//")[1].split("/")[0]
+        host, port = hostport.rsplit(":", 1)
+        self.host, self.port = host.strip("[]"), int(port)
+
+    def http(self, method: str, path: str, body: str | bytes | None = None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
+
+    def stats(self) -> dict:
+        status, body = self.http("GET", "/v1/stats")
+        if status != 200:
+            raise PolygptError(f"/v1/stats answered {status}: {body}")
+        return json.loads(body)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Request:
+    sent: float
+    first: float | None  # first text chunk
+    times: list[float]  # every text chunk
+    tokens: int
+    done: float
+
+
+def stream_once(host: str, port: int, body: dict, conn=None) -> Request:
+    """One streaming completion; chunk arrival times and the usage count."""
+    conn = conn or http.client.HTTPConnection(host, port, timeout=300)
+    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise PolygptError(f"the server answered {r.status}: {r.read().decode()[:200]}")
+    times, tokens = [], 0
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        if any(c["text"] for c in chunk.get("choices", ())):
+            times.append(time.perf_counter())
+    r.read()
+    return Request(sent, times[0] if times else None, times, tokens, time.perf_counter())
+
+
+@dataclass
+class Result:
+    backend: str
+    clients: int
+    seconds: float
+    requests: int
+    requests_per_s: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    token_p50_ms: float  # gap between streamed tokens
+    token_p99_ms: float
+    batch_p50: float  # rows per decode step, from the server's /v1/stats
+    batch_max: int
+
+
+@dataclass
+class Run:
+    """The raw record of one or more timed runs at one concurrency."""
+
+    requests: list[Request]
+    seconds: float
+    steps: Counter  # decode steps by batch size, from the server
+
+
+def run_clients(
+    server: ServerProcess, clients: int, duration: float, body: dict, seed: int = 0
+) -> Run:
+    """`clients` closed-loop streaming clients for `duration` seconds (requests started before
+    the deadline are finished and counted)."""
+    before = server.stats()["batch_sizes"]
+    results: list[Request] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    deadline = start + duration
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+        k = 0
+        try:
+            while time.perf_counter() < deadline:
+                req = {**body, "seed": seed + 1000 * i + k}
+                results.append(stream_once(server.host, server.port, req, conn))
+                k += 1
+        except (OSError, PolygptError, ValueError) as e:
+            with lock:
+                errors.append(f"client {i}: {e}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise PolygptError(f"{len(errors)} clients failed, e.g. {errors[0]}")
+    after = server.stats()["batch_sizes"]
+    steps = Counter({int(k): v - before.get(k, 0) for k, v in after.items()})
+    return Run(results, max(r.done for r in results) - start, +steps)
+
+
+def summarize(backend: str, clients: int, runs: list[Run]) -> Result:
+    """One row from interleaved runs: totals over their summed time, percentiles over all."""
+    reqs = [r for run in runs for r in run.requests]
+    seconds = sum(run.seconds for run in runs)
+    ttft = np.array([r.first - r.sent for r in reqs if r.first is not None] or [0.0]) * 1e3
+    gaps = np.concatenate([np.diff(r.times) for r in reqs if len(r.times) > 1] or [[0.0]]) * 1e3
+    steps = sum((run.steps for run in runs), Counter())
+    sizes = np.repeat(list(steps), list(steps.values())) if steps else np.zeros(1)
+    return Result(
+        backend=backend,
+        clients=clients,
+        seconds=seconds,
+        requests=len(reqs),
+        requests_per_s=len(reqs) / seconds,
+        tokens_per_s=sum(r.tokens for r in reqs) / seconds,
+        ttft_p50_ms=float(np.percentile(ttft, 50)),
+        ttft_p99_ms=float(np.percentile(ttft, 99)),
+        token_p50_ms=float(np.percentile(gaps, 50)),
+        token_p99_ms=float(np.percentile(gaps, 99)),
+        batch_p50=float(np.percentile(sizes, 50)),
+        batch_max=int(sizes.max()),
+    )
+
+
+def bench_serve(
+    checkpoint,
+    backends: list[str],
+    clients: int = 16,
+    duration: float = 20.0,
+    max_tokens: int = 64,
+    prompt: str = "\n",
+    temperature: float = 0.8,
+    device: str = "cpu",
+    rounds: int = 4,
+    log=print,
+) -> list[Result]:
+    """One client at a time and `clients` at once, per backend, alternating in `rounds`
+    rounds of duration / rounds seconds each (so a change in the machine's load hits both)."""
+    weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens}
+    body["temperature"] = temperature
+    out = []
+    for backend in backends:
+        server = ServerProcess(
+            checkpoint, backend, "-d", device, "--max-batch", str(max(clients, 1))
+        )
+        try:
+            run_clients(server, clients, 1.0, body, seed=10**6)  # warm up every batch size
+            runs: dict[int, list[Run]] = {n: [] for n in dict.fromkeys([1, clients])}
+            for i in range(rounds):
+                for n, done in runs.items():
+                    done.append(run_clients(server, n, duration / rounds, body, seed=10**7 * i))
+            for n, done in runs.items():
+                out.append(summarize(backend, n, done))
+                log(format_row(out[-1]))
+        finally:
+            server.close()
+    return out
+
+
+HEADER = (
+    f"{'backend':<7} {'clients':>7} {'req/s':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p99':>7} "
+    f"{'token p50':>10} {'p99':>7} {'batch p50':>9} {'max':>4}"
+)
+
+
+def format_row(r: Result) -> str:
+    return (
+        f"{r.backend:<7} {r.clients:>7} {r.requests_per_s:>7.2f} {r.tokens_per_s:>9,.0f} "
+        f"{r.ttft_p50_ms:>7.1f}ms {r.ttft_p99_ms:>5.0f}ms {r.token_p50_ms:>8.2f}ms "
+        f"{r.token_p99_ms:>5.1f}ms {r.batch_p50:>9.0f} {r.batch_max:>4}"
+    )
+
+
+def speedups(results: list[Result]) -> list[str]:
+    lines = []
+    for b in dict.fromkeys(r.backend for r in results):
+        rs = {r.clients: r for r in results if r.backend == b}
+        if 1 in rs and len(rs) > 1:
+            n = max(rs)
+            x = rs[n].tokens_per_s / rs[1].tokens_per_s
+            lines.append(f"{b}: {n} concurrent clients get {x:.1f}x the tokens/s of one at a time")
+    return lines
+
+
+def to_json(results: list[Result]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2)

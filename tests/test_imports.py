@@ -1,0 +1,104 @@
+"""The package's imports point down: no cycle, no framework outside its backend, and
+function-level imports only for optional dependencies (read from the source, nothing imported).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "polygpt"
+
+# module -> the optional dependencies it may import inside a function, and why
+LAZY_ALLOWED = {
+    "polygpt.plot": {"matplotlib", "matplotlib.pyplot"},  # the [plot] extra
+    "polygpt.tokenizer": {"tiktoken"},  # the [bpe] extra
+    "polygpt.convert": {"torch", "safetensors.torch"},  # nanoGPT pickles need torch.load
+    "polygpt.cli": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)
+}
+FRAMEWORKS = ("torch", "mlx")
+
+
+def module_name(path: Path, pkg: Path) -> str:
+    parts = path.relative_to(pkg.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, pkg: Path) -> list[tuple[str, bool]]:
+    """(imported module, at module top?) for every import statement of a file."""
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    for node in tree.body:  # `if sys.version_info ...:` / `try:` blocks at top level count as top
+        if isinstance(node, (ast.If, ast.Try)):
+            top |= {id(n) for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:  # `from polygpt import data` imports the module polygpt.data
+                sub = f"{node.module}.{a.name}"
+                name = sub if (pkg.parent / (sub.replace(".", "/") + ".py")).exists() else None
+                name = name or (sub if (pkg.parent / sub.replace(".", "/")).is_dir() else None)
+                out.append((name or node.module, id(node) in top))
+    return out
+
+
+def graph(pkg: Path = PKG) -> dict[str, list[tuple[str, bool]]]:
+    return {module_name(p, pkg): imports(p, pkg) for p in sorted(pkg.rglob("*.py"))}
+
+
+def find_cycle(pkg: Path = PKG) -> None:
+    deps = graph(pkg)
+    g = {m: sorted({i for i, _ in d if i.startswith("polygpt")}) for m, d in deps.items()}
+    done, stack = set(), []
+
+    def visit(m: str) -> None:
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(m) :], m]))
+        if m in done:
+            return
+        stack.append(m)
+        for dep in g.get(m, []):
+            if dep != m and not m.startswith(dep + "."):  # a package's own __init__ is no cycle
+                visit(dep)
+        stack.pop()
+        done.add(m)
+
+    for m in g:
+        visit(m)
+
+
+def test_no_import_cycle():
+    find_cycle()
+
+
+def test_frameworks_only_inside_their_backend():
+    for mod, deps in graph().items():
+        for name, _ in deps:
+            fw = name.split(".")[0]
+            if fw not in FRAMEWORKS and name != "safetensors.torch":
+                continue
+            fw = "torch" if name == "safetensors.torch" else fw
+            inside = mod.startswith(f"polygpt.backends.{fw}_backend")
+            assert inside or mod == "polygpt.convert", f"{mod} imports {name}"
+
+
+def test_function_level_imports_are_optional_dependencies():
+    for mod, deps in graph().items():
+        if mod.startswith("polygpt.backends."):
+            continue  # frameworks are imported on demand there (see backends/base.py)
+        lazy = {name for name, top in deps if not top}
+        extra = lazy - LAZY_ALLOWED.get(mod, set())
+        assert not extra, f"{mod} imports {sorted(extra)} inside a function"
+
+
+def test_the_check_sees_a_cycle(tmp_path):
+    """The graph walk itself: a two-module cycle through a function-level import is found."""
+    pkg = tmp_path / "polygpt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from polygpt import b\n")
+    (pkg / "b.py").write_text("def f():\n    from polygpt import a\n")
+    with pytest.raises(AssertionError, match="polygpt.a -> polygpt.b -> polygpt.a"):
+        find_cycle(pkg)

@@ -1,0 +1,260 @@
+"""`polygpt serve` end to end, in each backend: the real command on a free localhost port with the
+tiny checkpoint, driven by the official `openai` client (and raw HTTP for malformed requests).
+Texts equal `polygpt sample` / the engine's one-by-one results; 16 concurrent streams come back
+right and are decoded as one batch; bad requests get OpenAI-style 4xx errors and the server
+keeps serving; a client that goes away frees its slot. The scheduler itself (continuous
+batching, joins between steps, cancellation) is also driven step by step in-process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from click.testing import CliRunner
+
+from polygpt import inference
+from polygpt.cli import main
+from polygpt.generate import GenerationConfig
+
+from .conftest import backends_under_test
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from polygpt.serve import Engine, Job, Params  # noqa: E402
+from polygpt.serve_bench import ServerProcess, format_row, run_clients, summarize  # noqa: E402
+
+PROMPTS = ["ROMEO:", "\n", "First Citizen:\nBefore we", "KING", "O, ", "JULIET:\nAh"]
+
+
+def start(ckpt, backend: str, *args: str) -> ServerProcess:
+    """`polygpt serve` on a free port, with the official client pointed at it."""
+    s = ServerProcess(ckpt, backend, "-d", "cpu", *args)
+    s.client = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+    return s
+
+
+@pytest.fixture(scope="module", params=backends_under_test())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, backend):
+    s = start(tiny_ckpt, backend, "--max-batch", "16", "--max-tokens-limit", "4000")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_ckpt, backend):
+    return inference.load(tiny_ckpt, backend=backend, device="cpu")
+
+
+def one_by_one(lm, prompt: str, n: int = 1, **kw) -> list[str]:
+    """What `polygpt sample --num-samples n` generates (the engine, no server)."""
+    return lm.generate([prompt] * n, GenerationConfig(**kw))
+
+
+# ---- the OpenAI API through the official client ------------------------------------------
+
+
+def test_greedy_completion_equals_polygpt_sample(server, tiny_ckpt, backend):
+    res = server.client.completions.create(
+        model="tiny", prompt="ROMEO:", max_tokens=60, temperature=0
+    )
+    args = ["sample", str(tiny_ckpt), "-b", backend, "-d", "cpu", "-t", "0", "-n", "60"]
+    out = CliRunner().invoke(main, [*args, "--prompt", "ROMEO:"])
+    assert out.exit_code == 0, out.output
+    assert "ROMEO:" + res.choices[0].text + "\n" == out.output
+    assert res.choices[0].finish_reason == "length" and res.object == "text_completion"
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (6, 60)
+    assert res.usage.total_tokens == 66
+    assert [m.id for m in server.client.models.list().data] == [tiny_ckpt.name]
+    assert any(res.id in line and "ttft" in line for line in server.lines)  # the request log
+
+
+def test_seeded_n_top_k_and_stop(server, lm):
+    kw = dict(max_new_tokens=80, temperature=0.9, top_k=20, top_p=0.95, seed=7)
+    want = one_by_one(lm, "JULIET:", 3, stop=["e"], **kw)
+    res = server.client.completions.create(
+        model="tiny",
+        prompt="JULIET:",
+        max_tokens=80,
+        temperature=0.9,
+        top_p=0.95,
+        seed=7,
+        n=3,
+        stop="e",
+        extra_body={"top_k": 20},
+    )
+    assert [c.text for c in sorted(res.choices, key=lambda c: c.index)] == want
+    for c in res.choices:
+        assert "e" not in c.text
+        assert c.finish_reason == ("stop" if len(want[c.index]) < 80 else "length")
+    assert any(c.finish_reason == "stop" for c in res.choices)
+    # a list of prompts: choice k is prompt k // n, sample k % n, stream k (as sample's batch)
+    res = server.client.completions.create(
+        model="tiny", prompt=["KING", "O, "], max_tokens=30, temperature=1.0, seed=3, n=2
+    )
+    batch = lm.generate(["KING", "KING", "O, ", "O, "], GenerationConfig(30, 1.0, seed=3))
+    assert [c.text for c in sorted(res.choices, key=lambda c: c.index)] == batch
+    assert res.usage.prompt_tokens == 4 + 3 and res.usage.completion_tokens == 4 * 30
+
+
+def test_streaming_equals_the_whole_completion(server, lm):
+    kw = dict(model="tiny", prompt="ROMEO:", max_tokens=50, temperature=0.8, seed=5, n=2)
+    stream = server.client.completions.create(
+        **kw, stop=["\n\n", "the"], stream=True, stream_options={"include_usage": True}
+    )
+    texts, finish, usage = ["", ""], [None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    want = one_by_one(lm, "ROMEO:", 2, max_new_tokens=50, temperature=0.8, seed=5)
+    want = [t[: min([t.find(s) for s in ("\n\n", "the") if s in t] or [len(t)])] for t in want]
+    assert texts == want and None not in finish
+    assert usage is not None and usage.prompt_tokens == 6
+    assert usage.completion_tokens == sum(len(lm.encode(t)) for t in texts)
+    echo = server.client.completions.create(model="tiny", prompt="AB", max_tokens=3, echo=True)
+    assert echo.choices[0].text.startswith("AB") and len(echo.choices[0].text) == 5
+
+
+def test_16_concurrent_streams_are_batched_and_equal_one_by_one(server, lm):
+    before = server.stats()["batch_sizes"]
+    jobs = [(PROMPTS[i % len(PROMPTS)], 100 + i) for i in range(16)]
+
+    def run(job):
+        prompt, seed = job
+        stream = server.client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=120, temperature=0.8, seed=seed, stream=True
+        )
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(run, jobs))
+    for (prompt, seed), text in zip(jobs, got):
+        want = one_by_one(lm, prompt, max_new_tokens=120, temperature=0.8, seed=seed)[0]
+        assert text == want, (prompt, seed)
+    after = server.stats()["batch_sizes"]
+    ran = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    assert max(ran) > 1, f"no step decoded more than one request: {ran}"
+
+
+# ---- errors, disconnects, /health during generation --------------------------------------
+
+BAD = [
+    ("{not json", "the request body is not valid JSON", None),
+    ('{"model": "x", "prompt": "hi", "max_tokens": "many"}', "integer", "max_tokens"),
+    ('{"model": "x", "prompt": "hi", "temperature": [1]}', "number", "temperature"),
+    ('{"model": "x", "prompt": "hi", "frobnicate": 1}', "not permitted", "frobnicate"),
+    ('{"model": "x"}', "required", "prompt"),
+    ('{"model": "x", "prompt": "caf\\u00e9 \\u2603"}', "not in the model's vocabulary", "prompt"),
+    ('{"model": "x", "prompt": "hi", "max_tokens": 4001}', "limit of 4000", "max_tokens"),
+    ('{"model": "x", "prompt": "' + "a" * 33 + '"}', "longer than the model's context", "prompt"),
+    ('{"model": "x", "prompt": ""}', "empty", "prompt"),
+    ('{"model": "x", "prompt": "hi", "n": 17}', "at most 16", "n"),
+    ('{"model": "x", "prompt": "hi", "top_p": 0}', "greater than 0", "top_p"),
+    ('{"model": "x", "prompt": "hi", "logprobs": 2}', "not supported", "logprobs"),
+]
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
+    for body, words, param in BAD:
+        status, text = server.http("POST", "/v1/completions", body)
+        assert status == 400, (body, status, text)
+        err = json.loads(text)["error"]
+        assert words in err["message"] and err["param"] == param, (body, err)
+        assert err["type"] == "invalid_request_error" and "Traceback" not in text
+    status, text = server.http("GET", "/v1/nothing")
+    assert status == 404 and "error" in json.loads(text)
+    with pytest.raises(openai.BadRequestError, match="limit of 4000"):
+        server.client.completions.create(model="tiny", prompt="hi", max_tokens=5000)
+    res = server.client.completions.create(model="tiny", prompt="hi", max_tokens=5)
+    assert res.usage.completion_tokens == 5 and server.proc.poll() is None
+
+
+def test_a_client_that_goes_away_frees_its_slot_and_health_answers(server):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    body = {"model": "x", "prompt": "hi", "max_tokens": 4000, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: {")  # generation is under way
+    assert server.http("GET", "/health") == (200, '{"status":"ok"}')
+    assert server.stats()["running"] == 1
+    conn.close()  # mid-stream
+    deadline = time.monotonic() + 60
+    while server.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stats()["running"] == 0
+    assert any("cancelled" in line for line in server.lines)
+
+
+def test_bench_serve_clients_measure_the_server(server, backend):
+    """bench-serve's closed-loop clients, briefly: counts come from the server's usage."""
+    body = {"model": "x", "prompt": "\n", "max_tokens": 8, "temperature": 0.8}
+    runs = [run_clients(server, clients=3, duration=0.3, body=body, seed=s) for s in (0, 9)]
+    r = summarize(backend, 3, runs)
+    assert r.requests >= 6 and r.clients == 3 and r.batch_max >= 1
+    assert r.tokens_per_s * r.seconds == pytest.approx(8 * r.requests)
+    assert 0 < r.ttft_p50_ms <= r.ttft_p99_ms and backend in format_row(r)
+
+
+# ---- the scheduler, step by step (no HTTP) -----------------------------------------------
+
+
+def collect(lm, prompt, seed, max_tokens=70, **kw):
+    out = {}
+
+    def emit(ev):
+        if ev[0] == "done":
+            out["text"], out["finish"] = ev[2], ev[3]
+
+    params = Params(max_tokens=max_tokens, temperature=0.8, seed=seed, **kw)
+    return Job([lm.encode(prompt)], 1, params, emit), out
+
+
+def test_continuous_batching_joins_between_steps_and_equals_one_by_one(lm):
+    """Rows join a running batch at the next step (as a new group, merged when there are more
+    than max_groups), finish and leave at different steps, and each gets its one-by-one text."""
+    eng = Engine(lm, max_batch=4, max_groups=2)
+    jobs = [collect(lm, PROMPTS[i % 6], seed=i, max_tokens=40 + 10 * i) for i in range(8)]
+    for job, _ in jobs[:3]:
+        eng.submit(job, stream=False)
+    sizes = []
+    for step in range(400):
+        if step in (5, 6, 12):  # arrivals while others run
+            for job, _ in jobs[3:5] if step == 5 else jobs[5:6] if step == 6 else jobs[6:]:
+                eng.submit(job, stream=False)
+        if not eng.step():
+            break
+        sizes.append(eng.stats()["running"])
+    assert max(sizes) == 4  # --max-batch holds: the rest waited for a free slot
+    st = eng.stats()
+    assert st["merges"] >= 1 and st["prefills"] >= 3 and st["running"] == st["waiting"] == 0
+    for i, (_, out) in enumerate(jobs):
+        want = one_by_one(lm, PROMPTS[i % 6], max_new_tokens=40 + 10 * i, seed=i)
+        assert out["text"] == want[0] and out["finish"] == "length", i
+
+
+def test_cancelled_rows_free_their_slot(lm):
+    eng = Engine(lm, max_batch=1)
+    a, _ = collect(lm, "ROMEO:", 1, max_tokens=1000)
+    b, out_b = collect(lm, "KING", 2, max_tokens=10)
+    eng.submit(a, stream=False)
+    eng.submit(b, stream=False)
+    for _ in range(5):
+        eng.step()
+    assert eng.stats()["waiting"] == 1  # b waits: the one slot is a's
+    eng.cancel(a)
+    while eng.step():
+        pass
+    assert out_b["text"] == one_by_one(lm, "KING", max_new_tokens=10, seed=2)[0]

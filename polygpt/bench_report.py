@@ -77,7 +77,7 @@ def markdown(result: BenchResult) -> str:
         "",
     ]
     head = ["backend", "device", "precision", "size MB", "peak RSS MB", "prefill b1"]
-    if big != 1:  # (--batch-sizes 1: one prefill column)
+    if big != 1:  # --quick measures batch 1 only: no second prefill column
         head.append(f"prefill b{big}")
     head += [f"KV decode b{B}" for B in bs]
     head += [f"no-cache b{B}" for B in bs]

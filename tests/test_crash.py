@@ -113,7 +113,12 @@ def _steps(path) -> tuple[str, str]:
 
 
 def _log(rows: list[dict]) -> list[tuple]:
-    return [(r["event"], r["step"], r.get("loss", r.get("val_loss"))) for r in rows]
+    """The training log's steps and losses (a resumed run adds its own "start" record)."""
+    return [
+        (r["event"], r["step"], r.get("loss", r.get("val_loss")))
+        for r in rows
+        if r.get("event") in ("train", "eval")
+    ]
 
 
 def _loads_everywhere(out) -> int:

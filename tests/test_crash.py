@@ -113,12 +113,11 @@ def _steps(path) -> tuple[str, str]:
 
 
 def _log(rows: list[dict]) -> list[tuple]:
-    """The training record: losses per step (each run segment's `start` record, which names its
-    world size and distributed backend, is not part of it: a resumed run has one more)."""
+    """The training log's steps and losses (a resumed run adds its own "start" record)."""
     return [
         (r["event"], r["step"], r.get("loss", r.get("val_loss")))
         for r in rows
-        if r["event"] != "start"
+        if r.get("event") in ("train", "eval")
     ]
 
 

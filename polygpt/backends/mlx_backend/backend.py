@@ -33,9 +33,10 @@ blas.preload_openblas()  # must precede the first `import mlx.core` in the proce
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
+import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
+import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import weights  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
-from polygpt.backends.mlx_backend import quantize, threads  # noqa: E402
 from polygpt.backends.mlx_backend.decode import CompiledStep  # noqa: E402
 from polygpt.backends.mlx_backend.model import GPT, KVCache, make_cache  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
 from polygpt.backends.base import PRECISIONS
-from polygpt.backends.torch_backend import quantize
 from polygpt.backends.torch_backend.decode import LeanStep
 from polygpt.backends.torch_backend.decode import supports as lean_supports
 from polygpt.backends.torch_backend.model import GPT, KVCache, make_cache

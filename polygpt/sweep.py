@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,6 +218,8 @@ def run_one(
         on_event=on_event,
     )
     train_wall = time.perf_counter() - t0
+    # ms/iter means something only on an idle machine: keep the load it was measured under
+    load_avg = [round(x, 2) for x in os.getloadavg()]
     ev = evaluate.evaluate_checkpoint(
         run_dir,
         backend=run.backend,
@@ -254,6 +257,7 @@ def run_one(
         "train_wall_s": train_wall,
         "ms_per_iter": res.ms_per_iter,
         "train_tokens_per_s": res.tokens_per_s,
+        "load_avg_1_5_15": load_avg,
         "resumed": resume,
         "sample": sample,
         "fingerprint": fp,

@@ -18,6 +18,8 @@ The semantics make a run's result independent of the world size (to float roundi
   one-process run never pass for a distributed one.
 - Waits are bounded: POLYGPT_DIST_TIMEOUT seconds (default 1800, longer than an evaluation
   plus a checkpoint); a peer that dies is a one-line error on the survivors, not a hang.
+- A launcher ends the survivors with SIGTERM when a peer fails, often before their own
+  collective notices: each rank then prints its one `error:` line too (see `_on_sigterm`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import signal
+import socket
 import sys
 import threading
 import time
@@ -40,6 +44,9 @@ from polygpt.errors import PolygptError
 
 TIMEOUT_ENV = "POLYGPT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
+# added to the limit of the first training step, which compiles (MLX's graph, torch.compile) at a
+# speed that depends on the machine's load, not on the peers
+FIRST_STEP_ALLOWANCE_S = 300.0
 
 # launcher -> the backend whose engine it starts
 _LAUNCHER_BACKEND = {"torchrun": "torch", "mlx.launch": "mlx", "mpirun": "mlx"}
@@ -97,6 +104,9 @@ class World:
     comm: Any = None  # the backend's communicator (None in one process)
     timeout: float = DEFAULT_TIMEOUT_S
     _watchdog: _Watchdog | None = field(default=None, repr=False)
+    # held while rank 0 writes a checkpoint: a SIGTERM waits for the write to finish
+    saving: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _sigterm: tuple | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -150,7 +160,7 @@ class World:
                 self.comm.barrier()
 
     @contextmanager
-    def deadline(self, what: str) -> Iterator[None]:
+    def deadline(self, what: str, first: bool = False) -> Iterator[None]:
         """Fail instead of hanging when the block outlives the timeout (MLX's ring has no
         timeout of its own: it would wait forever on a peer that stopped but kept its socket).
         A watchdog thread checks; collectives release the GIL while they wait."""
@@ -160,8 +170,9 @@ class World:
         if self._watchdog is None:
             self._watchdog = _Watchdog(self)
         wd = self._watchdog
-        prev = wd.until, wd.what
-        wd.until, wd.what = time.monotonic() + self.timeout, what
+        prev = wd.until, wd.what, wd.limit
+        limit = self.timeout + (FIRST_STEP_ALLOWANCE_S if first else 0.0)
+        wd.until, wd.what, wd.limit = time.monotonic() + limit, what, limit
         try:
             yield
         except Exception as e:
@@ -169,7 +180,7 @@ class World:
                 raise PolygptError(self._peer_error(what, e)) from None
             raise
         finally:
-            wd.until, wd.what = prev
+            wd.until, wd.what, wd.limit = prev
 
     @contextmanager
     def guard(self, what: str = "training") -> Iterator[None]:
@@ -204,6 +215,7 @@ class _Watchdog:
         self.world = world
         self.until: float | None = None
         self.what = ""
+        self.limit = world.timeout
         threading.Thread(target=self._run, name="polygpt-dist-watchdog", daemon=True).start()
 
     def _run(self) -> None:
@@ -211,13 +223,13 @@ class _Watchdog:
             time.sleep(min(1.0, self.world.timeout / 10))
             until = self.until
             if until is not None and time.monotonic() > until:
-                _timed_out(self.world, self.what)
+                _timed_out(self.world, self.what, self.limit)
 
 
-def _timed_out(world: World, what: str) -> None:
+def _timed_out(world: World, what: str, limit: float) -> None:
     # runs on a timer thread while the main thread is stuck in a collective: say so, leave now
     sys.stderr.write(
-        f"error: rank {world.rank}/{world.size}: timed out after {world.timeout:.0f}s "
+        f"error: rank {world.rank}/{world.size}: timed out after {limit:.0f}s "
         f"{what} (a peer process died or hangs; {TIMEOUT_ENV} sets the limit); checkpoints "
         "are written whole, so resume from the last one with --resume\n"
     )
@@ -260,7 +272,39 @@ def join(backend, train_cfg) -> World:
     except PolygptError:
         world.close()
         raise
+    _on_sigterm(world)
     return world
+
+
+def _on_sigterm(world: World) -> None:
+    """Under a launcher, SIGTERM (torchrun's way to stop the survivors of a failed peer, or a
+    cancelled job) ends the rank with its one `error:` line instead of the launcher's
+    traceback alone. Python runs signal handlers only when the main thread is between bytecodes,
+    and it may sit in a collective waiting for the dead peer: the C-level handler writes the
+    signal number to a wakeup socket at once, and a thread reading it speaks and exits (after a
+    checkpoint write in progress, so what is on disk stays whole)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be installed from the main thread
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the thread below acts
+    signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+
+    def wait() -> None:
+        while (b := r.recv(1)) and b[0] != signal.SIGTERM:
+            pass  # other signals (Ctrl-C) keep their own handlers
+        with world.saving:
+            sys.stderr.write(
+                f"error: rank {world.rank}/{world.size}: stopped by {world.launcher} (SIGTERM: "
+                "a launcher stops every rank when a peer process failed, or the job was "
+                "cancelled); checkpoints are written whole, so resume from the last one with "
+                "--resume\n"
+            )
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)
+
+    world._sigterm = (r, w)  # the sockets live as long as the process
+    threading.Thread(target=wait, name="polygpt-dist-sigterm", daemon=True).start()
 
 
 def environment_lines() -> list[str]:

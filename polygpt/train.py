@@ -388,7 +388,9 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
                 train_time += time.perf_counter() - t0
                 if world.is_main:
                     on_event(evaluate(run, it))
-                    if it > 0 and (saved := save(run, it)) is not None:
+                    with world.saving:
+                        saved = save(run, it) if it > 0 else None
+                    if saved is not None:
                         on_event(saved)
                 world.barrier("waiting for rank 0 to evaluate and save")
                 t0 = time.perf_counter()
@@ -396,12 +398,14 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
                 break
             lr = get_lr(it, tc)
             batches = world.shard(draw_batches(run))  # every rank draws the global batch
-            with world.deadline("in a training step"):  # (its collectives wait for the peers)
+            # (its collectives wait for the peers; the first step also compiles, on every rank)
+            with world.deadline("in a training step", first=first_step_s is None):
                 loss = backend.train_step(run.model, run.opt, batches, lr, tc.grad_clip, tc.dtype)
             it += 1
             if first_step_s is None:
                 # the first step allocates and, with train.compile, compiles: not in ms/iter
-                world.sync(loss)
+                with world.deadline("finishing the first training step", first=True):
+                    float(loss)  # waits for the queued step
                 first_step_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
             else:

@@ -342,6 +342,52 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _training(launcher: str, char_data: Path, out: Path, cwd: Path) -> subprocess.Popen:
+    """A 2-process run, returned once its first checkpoint exists (training runs)."""
+    args = _args(char_data, out, "max_iters=100000", "eval_interval=20", "log_interval=5")
+    proc = subprocess.Popen(
+        _command(launcher, args),
+        cwd=cwd,
+        env=_env(POLYGPT_DIST_TIMEOUT="5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    try:
+        while not (out / weights.CONFIG_FILE).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+    except BaseException:
+        _end(proc)
+        raise
+    return proc
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@requires("torch")
+def test_a_launcher_stopping_the_job_leaves_each_rank_s_error_line(tmp_path, char_data):
+    """SIGTERM to torchrun (a cancelled job; torchrun also sends it to the survivors of a failed
+    peer): every rank says it was stopped, and the last checkpoint is whole."""
+    out = tmp_path / "out"
+    proc = _training("torchrun", char_data, out, tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        _end(proc)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    for rank in (0, 1):
+        assert any(f"rank {rank}/2: stopped by torchrun" in e for e in errors), stderr
+    assert weights.read_checkpoint(out).optimizer_file.exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize(
     "launcher,var,sig,expect",
@@ -358,25 +404,14 @@ def test_a_dead_or_stopped_peer_is_an_error_not_a_hang(
     tmp_path, char_data, launcher, var, sig, expect
 ):
     out = tmp_path / "out"
-    args = _args(char_data, out, "max_iters=100000", "eval_interval=20", "log_interval=5")
-    proc = subprocess.Popen(
-        _command(launcher, args),
-        cwd=tmp_path,
-        env=_env(POLYGPT_DIST_TIMEOUT="5"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _training(launcher, char_data, out, tmp_path)
     victim = None
     try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while not (out / weights.CONFIG_FILE).exists():  # a checkpoint exists: training runs
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
         main, victim = _rank_pid(proc.pid, 0, var), _rank_pid(proc.pid, 1, var)
         assert main is not None and victim is not None
         os.kill(victim, sig)
         if sig == signal.SIGSTOP:  # a stopped process ignores the launcher's SIGTERM: once
+            deadline = time.monotonic() + LAUNCH_TIMEOUT
             while _alive(main):  # rank 0 has given up, end it as a user would
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
@@ -386,9 +421,9 @@ def test_a_dead_or_stopped_peer_is_an_error_not_a_hang(
         if victim is not None and sig == signal.SIGSTOP:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _end(proc)
+    # rank 0 either sees the dead peer in a collective, or torchrun's SIGTERM reaches it first
+    # (torchrun stops the survivors at once): both say so in one line
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert any(expect in e and "rank 0/2" in e for e in errors), stderr
     # the last checkpoint is whole: it loads and resumes

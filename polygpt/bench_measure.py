@@ -4,7 +4,7 @@ Runs inside a worker subprocess (`python -m polygpt.bench_measure ARGS RESULT`, 
 bench.py), so its peak RSS, thread settings and compiled kernels are its own. What one
 configuration measures, with a warm-up and repeats (median, min, max, spread):
 
-- prefill tokens/s: full-context prompts (B, block_size) through `Backend.prefill`;
+- prefill tokens/s: full-context prompts (B, block_size) through `Backend.prefill_rows`;
 - decode tokens/s with the KV cache: `generate` end to end (sampling and window slides
   included), one stream and batched (aggregate tokens/s);
 - decode tokens/s without a cache, nanoGPT's method (`uncached_generate`: a full forward over
@@ -361,10 +361,10 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
     deadline = time.perf_counter() + cfg.config_budget_s
     for B in cfg.batch_sizes:
         tokens = np.asarray(val[: B * T], dtype=np.int64).reshape(B, T)
-        pad = np.zeros(B, dtype=np.int64)
+        cache = be.slot_cache(model, B)
 
-        def prefill(tokens=tokens, pad=pad):
-            be.prefill(model, tokens, pad)  # returns logits as NumPy: the work is done
+        def prefill(tokens=tokens, cache=cache):
+            be.prefill_rows(cache, np.arange(len(tokens)), tokens)  # logits as NumPy: done
             be.synchronize()
 
         row.prefill[f"b{B}"] = timed_rate(prefill, B * T, **rate)

@@ -820,12 +820,36 @@ def _needs_serve_extra() -> None:
 @click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port.")
 @click.option("--max-batch", default=16, show_default=True, type=int, help="Rows decoded at once.")
 @click.option("--max-tokens-limit", default=2048, show_default=True, type=int)
-def serve(checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit) -> None:
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests that may wait for a free row; beyond, a 429 with Retry-After.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a request may take (queue included); then it is cancelled. Default: none.",
+)
+@click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML file: message, generation and stop of /v1/chat/completions' prompt.",
+)
+def serve(
+    checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit, **kw
+) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
     _needs_serve_extra()
     from polygpt.serve import serve as run  # the optional [serve] extra (fastapi, uvicorn)
 
-    run(checkpoint, backend, device or "auto", precision, host, port, max_batch, max_tokens_limit)
+    run(
+        checkpoint, backend, device or "auto", precision, host, port, max_batch,
+        max_tokens_limit, **kw,
+    )  # fmt: skip
 
 
 @main.command("bench-serve")

@@ -13,6 +13,7 @@ from polygpt.backends import available_backends, get_backend
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig, generate
 from polygpt.spec import ModelSpec
+from polygpt.textstream import cut_at_stop
 
 
 @dataclass
@@ -54,10 +55,8 @@ class LanguageModel:
             decode_text=self.tokenizer.decode,
             on_text=on_text,
         )
-        texts = [self.tokenizer.decode(o) for o in out]
-        if cfg.stop:  # a BPE token may straddle the stop string: cut the text exactly
-            texts = [t[: min([t.find(s) for s in cfg.stop if s in t] or [len(t)])] for t in texts]
-        return texts
+        # a BPE token may straddle the stop string: cut the text exactly
+        return [cut_at_stop(self.tokenizer.decode(o), cfg.stop) for o in out]
 
 
 def sample_config(ckpt: weights.Checkpoint) -> config.SampleConfig:

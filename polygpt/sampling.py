@@ -107,6 +107,40 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -
     return sample
 
 
+def sample_rows(
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    u: np.ndarray,
+) -> np.ndarray:
+    """Next tokens (B,) for rows with their own settings (arrays of B): row b gets exactly
+    what `make_sampler(temperature[b], top_k[b], top_p[b])` gives it alone, float op for float
+    op, so a row's text does not depend on its neighbours' settings. `u` (B,): each row's
+    uniform (ignored for greedy rows). Rows are sampled in groups: greedy ones, unfiltered
+    ones (one vectorized draw) and one group per (top_k, top_p) pair."""
+    out = np.empty(len(logits), dtype=np.int64)
+    greedy = temperature == 0
+    if greedy.any():
+        out[greedy] = np.argmax(logits[greedy], axis=-1)
+    plain = ~greedy & (top_k == 0) & (top_p == 1.0)
+    if plain.any():
+        x = logits[plain].astype(np.float64)
+        x /= temperature[plain][:, None]
+        out[plain] = _draw(x, u[plain])
+    rest = np.flatnonzero(~greedy & ~plain)
+    for k, p in sorted({(int(top_k[i]), float(top_p[i])) for i in rest}):
+        idx = rest[(top_k[rest] == k) & (top_p[rest] == p)]
+        x = apply_temperature(logits[idx].astype(np.float64), temperature[idx][:, None])
+        out[idx] = categorical(apply_top_p(apply_top_k(x, k), p), u[idx])
+    return out
+
+
+def check_settings(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError for settings no sampler takes (what make_sampler checks)."""
+    make_sampler(temperature, top_k, top_p)
+
+
 class RowStreams:
     """One seeded uniform stream per row: row b's generator is seeded from (seed, b).
 

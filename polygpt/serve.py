@@ -1,26 +1,23 @@
-"""`polygpt serve`: a checkpoint behind an OpenAI-compatible HTTP API, with continuous batching.
+"""`polygpt serve`: a checkpoint behind an OpenAI-compatible HTTP API, on the generation engine.
 
 Two threads. The model thread (the process's main thread: MLX does not exit cleanly once a
-sub-thread has used it) owns the backend and runs `Engine.run`; uvicorn serves the FastAPI app
-from a second thread and never touches the framework, so `/health` answers during generation.
-The app validates and tokenizes a request, hands its rows to the engine and relays the engine's
-events (text, finish) from an asyncio queue, as JSON or as server-sent events.
-
-Continuous batching. A request's choices (prompts x n) become rows. Rows that arrive while the
-engine is busy join at the next decode step as a new *group*: a ContextWindows (the engine of
-polygpt.generate) prefilled with just their prompts, so joining costs only the new rows' own
-prefill. Each step decodes every group (one backend decode call per group) and samples each row
-with its own settings. With more than `max_groups` groups, all but the one holding the most
-context are merged into one by re-prefilling their live rows' current windows (the re-prefill
-a sliding window does; young groups hold short windows, so it is cheap), so a step is a few
-batched calls. Finished and cancelled rows free their slot at once and leave the cache at the
-next re-prefill or when their group ends. Joining without any re-prefill would need backend
-ops that copy cache rows between caches, which the Backend protocol does not have (yet).
+sub-thread has used it) owns the backend and runs `Engine.run` (polygpt/engine.py: continuous
+batching on a slot cache, one decode call per step for every running request); uvicorn serves
+the FastAPI app from a second thread and never touches the framework, so `/health` answers
+during generation. A request is validated and tokenized here, becomes one engine request per
+choice (prompts x n), and the engine's events come back through an asyncio queue, relayed as
+JSON or as server-sent events.
 
 Same text as `polygpt sample`: choice k of a request (prompt k // n, sample k % n) samples from
-the random stream (seed, k) and its window follows the per-row rule of generate.ContextWindows,
-so its tokens do not depend on what else is in the batch (up to float rounding of batched
-matmuls, as in the engine's own batched-equals-one-by-one tests).
+the random stream (seed, k), as row k of `sample`'s batch does, and the engine's per-row rules
+make its tokens independent of what else is running (up to float rounding of batched matmuls).
+
+Endpoints: /v1/completions (echo, logprobs, prompt log-probabilities with `echo` and
+`max_tokens: 0`, as evaluation harnesses use), /v1/chat/completions (a plain role template,
+`--chat-template FILE`), /v1/models, /v1/stats (engine counters and time per phase), /health.
+Backpressure: at most `--max-queue` requests wait for a row, beyond that a 429 with
+Retry-After; `--request-timeout` bounds a request's time; a client that goes away frees its
+rows at the next step.
 """
 
 from __future__ import annotations
@@ -36,13 +33,13 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
+import tomllib
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,318 +47,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from polygpt import engine as eng
 from polygpt import inference
 from polygpt.errors import PolygptError
-from polygpt.generate import ContextWindows, TextStream
-from polygpt.sampling import RowStreams, make_sampler
 
 log = logging.getLogger("polygpt.serve")
 
-
-# ---- the engine (model thread) ---------------------------------------------------------------
-
-
-@dataclass
-class Params:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
+MAX_LOGPROBS = 20  # top log-probabilities per token, OpenAI's bound
 
 
-class Job:
-    """One HTTP request: its prompts (token ids), settings and an event sink.
-
-    `emit(event)` is called from the model thread with ("text", k, text) as choice k's text
-    becomes final and ("done", k, text, finish_reason, n_tokens) when it ends, or
-    ("error", message) if the model failed."""
-
-    def __init__(
-        self, prompts: list[list[int]], n: int, params: Params, emit: Callable, rid: str = ""
-    ):
-        self.id = rid or f"cmpl-{uuid.uuid4().hex[:24]}"
-        self.prompts, self.n, self.params, self.emit = prompts, n, params, emit
-        self.cancelled = False
-        self.t_arrival = time.perf_counter()
-        self.t_first: float | None = None
-        self.remaining = len(prompts) * n
-        self.completion_tokens = 0
-
-
-class _Row:
-    """Choice k of a job: its tokens, sampler, random stream and text stream."""
-
-    def __init__(self, job: Job, k: int, decode: Callable, sampler: Callable, stream: bool):
-        self.job, self.k = job, k
-        self.prompt = job.prompts[k // job.n]
-        p = job.params
-        self.sampler = sampler
-        self.rng = RowStreams(p.seed, [k]) if p.temperature > 0 else None
-        self.ids: list[int] = []
-        self.decode = decode
-        self.sent = 0  # characters streamed so far
-        self.text = TextStream(decode, p.stop, self._out if stream else None)
-        self.finish: str | None = None
-
-    def _out(self, text: str) -> None:
-        self.sent += len(text)
-        self.job.emit(("text", self.k, text))
-
-    def take(self, tok: int) -> None:
-        """Append the sampled token; sets `finish` when the row ends."""
-        self.ids.append(tok)
-        if self.job.t_first is None:
-            self.job.t_first = time.perf_counter()
-        if self.text.push(tok):
-            self.finish = "stop"
-        elif len(self.ids) >= self.job.params.max_tokens:
-            self.finish = "length"
-
-    def result(self) -> tuple[str, int]:
-        """The final text (as LanguageModel.generate cuts it) and its token count."""
-        ids = self.ids if self.text.kept is None else self.ids[: self.text.kept]
-        text = self.decode(ids)
-        stops = [s for s in self.job.params.stop if s in text]
-        if stops:
-            text = text[: min(text.find(s) for s in stops)]
-        return text, len(ids)
-
-
-class _Group:
-    """Rows decoded by one backend call per step: a ContextWindows and the rows it holds."""
-
-    def __init__(self, lm, rows: list[_Row], windows: list[list[int]], keep: int, caches: dict):
-        self.rows = rows
-        budget = max(r.job.params.max_tokens - len(r.ids) for r in rows)
-        block = lm.spec.block_size
-        self.ctx = ContextWindows(lm.backend, lm.model, block, windows, keep, budget, caches)
-
-    def live(self) -> list[int]:
-        return [b for b in self.ctx.rows.tolist() if not self.ctx.finished[b]]
-
-    def step(self) -> tuple[int, list[_Row]]:
-        """Sample one token for every live row, then one forward pass for those going on.
-        Returns (rows decoded, rows that ended)."""
-        ctx, ended = self.ctx, []
-        by_sampler: dict[Callable, list[int]] = {}  # rows with the same settings: one call
-        for i, b in enumerate(ctx.rows.tolist()):
-            if ctx.finished[b]:
-                continue
-            r = self.rows[b]
-            if r.job.cancelled:
-                r.finish = "cancelled"
-                ctx.finished[b] = True
-                ended.append(r)
-            else:
-                by_sampler.setdefault(r.sampler, []).append(i)
-        nxt = np.zeros(len(ctx.rows), dtype=np.int64)  # finished rows still in the cache: any
-        going = 0
-        for sampler, idx in by_sampler.items():
-            rows = [self.rows[b] for b in ctx.rows[idx].tolist()]
-            u = None if rows[0].rng is None else np.concatenate([r.rng.next() for r in rows])
-            nxt[idx] = sampler(ctx.logits[idx], u)
-            for r, i in zip(rows, idx):
-                r.take(int(nxt[i]))
-                if r.finish:
-                    ctx.finished[ctx.rows[i]] = True
-                    ended.append(r)
-                else:
-                    going += 1
-        if going:
-            ctx.step(nxt)
-        return going + len(ended), ended
-
-
-def _mostly_done(g: _Group) -> bool:
-    """More finished rows than live ones still ride in the group's decode calls."""
-    dead = len(g.ctx.rows) - len(g.live())
-    return dead >= max(4, len(g.live()) + 1)
-
-
-class Engine:
-    """The scheduler. `submit`/`cancel` are called from any thread; `run` (or `step`) from the
-    one thread that owns the model."""
-
-    def __init__(self, lm, max_batch: int = 16, max_groups: int = 4, keep: int = 0):
-        if max_batch < 1 or max_groups < 1:
-            raise PolygptError("--max-batch and max_groups must be >= 1")
-        self.lm, self.max_batch, self.max_groups, self.keep = lm, max_batch, max_groups, keep
-        self._cv = threading.Condition()
-        self._waiting: deque[_Row] = deque()
-        self._groups: list[_Group] = []
-        self._samplers: dict[tuple, Callable] = {}
-        self._caches: dict[int, Any] = {}  # spare caches by batch size, for reuse
-        spec = lm.spec  # fp32 keys and values of a full window, per cache row
-        row_bytes = spec.n_layer * 2 * spec.block_size * spec.n_embd * 4
-        self._pool_rows = max(
-            2 * max_batch, min(max_batch * (max_batch + 1) // 2, 2**29 // row_bytes)
-        )
-        self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded in the step
-        self.counts: Counter[str] = Counter()  # requests, prefills, merges, errors
-
-    # -- any thread -------------------------------------------------------------------------
-    def submit(self, job: Job, stream: bool) -> None:
-        p = job.params
-        key = (p.temperature, p.top_k, p.top_p)
-        sampler = self._samplers.get(key) or self._samplers.setdefault(key, make_sampler(*key))
-        rows = [
-            _Row(job, k, self.lm.tokenizer.decode, sampler, stream)
-            for k in range(len(job.prompts) * job.n)
-        ]
-        with self._cv:
-            self.counts["requests"] += 1
-            if p.max_tokens == 0:
-                for r in rows:
-                    r.finish = "length"
-                    self._finish(r)
-                return
-            self._waiting.extend(rows)
-            self._cv.notify()
-
-    def cancel(self, job: Job) -> None:
-        """Drop a job (its client went away): its rows free their slots at the next step."""
-        job.cancelled = True
-        with self._cv:
-            self._cv.notify()
-
-    def stats(self) -> dict[str, Any]:
-        with self._cv:
-            return {
-                "max_batch": self.max_batch,
-                "running": sum(len(g.live()) for g in self._groups),
-                "waiting": len(self._waiting),
-                "groups": len(self._groups),
-                "decode_steps": sum(self.batch_sizes.values()),
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                **dict(self.counts),
-            }
-
-    # -- the model thread -------------------------------------------------------------------
-    def run(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> None:
-        """Serve until stop() is true; sleeps while there is nothing to do."""
-        while not stop():
-            if not self.step():
-                with self._cv:
-                    if not self._waiting:
-                        self._cv.wait(poll)
-
-    def step(self) -> bool:
-        """Admit waiting rows, then one decode step of every group; False when idle."""
-        try:
-            self._admit()
-            if not self._groups:
-                return False
-            decoded = 0
-            for g in self._groups:
-                n, ended = g.step()
-                decoded += n
-                for r in ended:
-                    self._finish(r)
-            with self._cv:
-                self.batch_sizes[decoded] += 1
-            self._retire([g for g in self._groups if not g.live()])
-        except Exception:  # a framework failure must not take the server down
-            log.exception("generation failed; failing the running requests")
-            self._fail_all("the model failed while generating (see the server log)")
-        return True
-
-    def _admit(self) -> None:
-        live = sum(len(g.live()) for g in self._groups)
-        with self._cv:
-            rows = []
-            while self._waiting and live + len(rows) < self.max_batch:
-                r = self._waiting.popleft()
-                if r.job.cancelled:
-                    r.finish = "cancelled"
-                    self._finish(r)
-                else:
-                    rows.append(r)
-        if rows:
-            self.counts["prefills"] += 1
-            self._groups.append(self._group(rows, [r.prompt for r in rows]))
-        if len(self._groups) > 1 or any(map(_mostly_done, self._groups)):
-            self._merge()
-
-    def _merge(self) -> None:
-        """Fewer groups, fewer decode calls per step. Groups whose live windows are short
-        (young ones: a prompt and a few tokens) are merged whenever there are two, by
-        re-prefilling those windows, which costs about a decode step; past `max_groups`, or
-        when a group decodes mostly finished rows, all but the group holding the most context
-        are merged."""
-        cost = [sum(len(g.ctx.window(b)) for b in g.live()) for g in self._groups]
-        cheap = [g for g, c in zip(self._groups, cost) if c <= 8 * self.max_batch]
-        if len(self._groups) > self.max_groups or any(map(_mostly_done, self._groups)):
-            heavy = [-1 if _mostly_done(g) else c for g, c in zip(self._groups, cost)]
-            keep = self._groups[int(np.argmax(heavy))] if max(heavy) >= 0 else None
-            merged = [g for g in self._groups if g is not keep]
-        else:
-            merged = cheap
-        if len(merged) < 2 and not any(map(_mostly_done, merged)):
-            return  # re-prefilling one healthy group alone gains nothing
-        rows, windows = [], []
-        for g in merged:
-            for b in g.live():
-                rows.append(g.rows[b])
-                windows.append(g.ctx.window(b).tolist())
-        self.counts["merges"] += 1
-        self._retire(merged)
-        if rows:
-            self._groups.append(self._group(rows, windows))
-
-    def _group(self, rows: list[_Row], windows: list[list[int]]) -> _Group:
-        return _Group(self.lm, rows, windows, self.keep, self._caches)
-
-    def _retire(self, groups: list[_Group]) -> None:
-        """Drop groups, keeping their caches for reuse by batch size (allocating a cache is
-        slow, and MLX traces its decode step once per cache) within a memory bound."""
-        for g in groups:
-            self._caches.setdefault(g.ctx.cache_rows, g.ctx.cache)
-        while sum(self._caches) > self._pool_rows:
-            del self._caches[min(self._caches)]
-        self._groups = [g for g in self._groups if all(g is not x for x in groups)]
-
-    def _finish(self, r: _Row) -> None:
-        job = r.job
-        text, n = r.result()
-        if r.finish != "cancelled" and r.sent < len(text):  # text held back for stop strings
-            r._out(text[r.sent :])
-        job.completion_tokens += n
-        job.emit(("done", r.k, text, r.finish, n))
-        job.remaining -= 1
-        if job.remaining == 0:
-            self._log(job)
-
-    def _fail_all(self, message: str) -> None:
-        jobs = {id(r.job): r.job for g in self._groups for r in g.rows}
-        self._groups = []
-        for job in jobs.values():
-            job.cancelled = True
-            job.emit(("error", message))
-
-    def _log(self, job: Job) -> None:
-        now = time.perf_counter()
-        ttft = (job.t_first or now) - job.t_arrival
-        secs = now - job.t_arrival
-        log.info(
-            "%s prompt %d tokens, completion %d tokens, ttft %.1f ms, %.1f tokens/s%s",
-            job.id,
-            sum(len(p) for p in job.prompts),
-            job.completion_tokens,
-            ttft * 1e3,
-            job.completion_tokens / max(secs, 1e-9),
-            ", cancelled" if job.cancelled else "",
-        )
-
-
-# ---- the HTTP API -----------------------------------------------------------------------------
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+# ---- request bodies -----------------------------------------------------------------------------
 
 
 class StreamOptions(BaseModel):
@@ -369,11 +64,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(1.0, ge=0)
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(0, ge=0)  # an extension (mlx-lm, vLLM have it too)
@@ -382,205 +76,422 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(1, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    echo: bool | None = False
     user: str | None = None
     # OpenAI fields accepted at their defaults only
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, tool fields: not used by a plain template
+    role: str
+    content: str
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(
-    engine: Engine, model_name: str, max_tokens_limit: int = 2048, stream_interval: float = 0.004
-):
-    """The FastAPI app: /v1/completions, /v1/models, /v1/stats, /health."""
-    lm = engine.lm
-    block = lm.spec.block_size
-    created = int(time.time())
+# ---- the chat template --------------------------------------------------------------------------
 
-    app = FastAPI(title="polygpt", docs_url=None, redoc_url=None)
-    relay = _Relay(stream_interval)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        errs = exc.errors()
-        e = errs[0] if errs else {}
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        if e.get("type") == "json_invalid":
-            msg, param = "the request body is not valid JSON", None
-        else:
-            param = ".".join(loc) or None
-            msg = f"{param or 'body'}: {e.get('msg', 'invalid value')}"
-        return JSONResponse(_error_body(msg, "invalid_request_error", param), status_code=400)
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Messages -> one prompt: each message as `message` (str.format with role and content),
+    then `generation` (the assistant's turn begins); `stop` ends the turn.
 
-    @app.exception_handler(BadRequest)
-    async def _bad(request, exc: BadRequest):
-        body = _error_body(exc.message, "invalid_request_error", exc.param)
-        return JSONResponse(body, status_code=exc.status)
+    A file (`--chat-template FILE`) is TOML with any of these keys, e.g.
+    message = "{role}: {content}\\n"; generation = "assistant:"; stop = ["\\nuser:"]."""
 
-    @app.exception_handler(HTTPException)
-    async def _http(request, exc: HTTPException):
-        return JSONResponse(
-            _error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code
-        )
+    message: str = "{role}: {content}\n"
+    generation: str = "assistant:"
+    stop: tuple[str, ...] = ("\nuser:",)
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        log.exception("internal error")
-        return JSONResponse(_error_body("internal server error", "server_error"), 500)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "polygpt"}
-        return {"object": "list", "data": [card]}
-
-    @app.get("/v1/stats")
-    async def stats():
-        return engine.stats()
-
-    def check(req: CompletionRequest) -> tuple[list[str], list[list[int]], Params]:
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            raise BadRequest("prompt: give at least one prompt", "prompt")
-        for name, default in (("logprobs", None), ("suffix", None), ("logit_bias", None)):
-            if getattr(req, name) not in (default, {}):
-                raise BadRequest(f"{name} is not supported by this server", name)
-        if req.best_of not in (None, 1):
-            raise BadRequest("best_of is not supported by this server", "best_of")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name) not in (None, 0):
-                raise BadRequest(f"{name} is not supported by this server", name)
-        n = req.n or 1
-        if len(prompts) * n > engine.max_batch:
-            raise BadRequest(
-                f"n x prompts = {len(prompts) * n} choices; this server runs at most "
-                f"{engine.max_batch} per request (--max-batch)",
-                "n",
-            )
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        if max_tokens > max_tokens_limit:
-            raise BadRequest(
-                f"max_tokens {max_tokens} is over this server's limit of {max_tokens_limit}",
-                "max_tokens",
-            )
-        ids = []
-        for p in prompts:
-            try:
-                t = lm.encode(p)
-            except PolygptError as e:
-                raise BadRequest(f"prompt: {e}", "prompt") from None
-            if not t:
-                raise BadRequest("prompt: the prompt is empty (give at least one token)", "prompt")
-            if len(t) > block:
-                raise BadRequest(
-                    f"prompt: {len(t)} tokens, longer than the model's context ({block})",
-                    "prompt",
-                )
-            ids.append(t)
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        params = Params(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            seed=secrets.randbelow(2**31) if req.seed is None else req.seed,
-            stop=[s for s in stop if s],
-        )
-        return prompts, ids, params
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        prompts, ids, params = check(req)
-        n = req.n or 1
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, n, params, relay.sender(loop, queue))
-        base = {"id": job.id, "object": "text_completion", "created": int(time.time())}
-        base["model"] = model_name
-        usage_prompt = sum(len(t) for t in ids)
-        echo = [prompts[k // n] if req.echo else "" for k in range(len(prompts) * n)]
-        engine.submit(job, stream=bool(req.stream))
-
-        def usage() -> dict[str, int]:
-            c = job.completion_tokens
-            return {"prompt_tokens": usage_prompt, "completion_tokens": c,
-                    "total_tokens": usage_prompt + c}  # fmt: skip
-
-        def choice(k: int, text: str, finish: str | None) -> dict:
-            return {"text": text, "index": k, "logprobs": None, "finish_reason": finish}
-
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            # the chunk around its text, serialized once (json.dumps per token costs)
-            head, tail = _sse({**base, "choices": [choice(-1, "\0", None)]}).split('"\\u0000"')
-            tail_k = [tail.replace("-1", str(k), 1) for k in range(len(echo))]
-
-            async def events():
-                done = False
-                try:
-                    for k, text in enumerate(echo):
-                        if text:
-                            yield _sse({**base, "choices": [choice(k, text, None)]})
-                    left = len(echo)
-                    while left:
-                        events = [await queue.get()]
-                        while not queue.empty():  # one write for what is ready
-                            events.append(queue.get_nowait())
-                        out = []
-                        for ev in events:
-                            if ev[0] == "text":
-                                k = ev[1]
-                                out.append(head + json.dumps(ev[2]) + tail_k[k])
-                            elif ev[0] == "done":
-                                left -= 1
-                                out.append(_sse({**base, "choices": [choice(ev[1], "", ev[3])]}))
-                            else:
-                                out.append(_sse(_error_body(ev[1], "server_error")))
-                                left = 0
-                                break
-                        yield "".join(out)
-                    done = True
-                    if include_usage:
-                        yield _sse({**base, "choices": [], "usage": usage()})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    if not done:  # the client went away: free the slots
-                        engine.cancel(job)
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        texts: dict[int, tuple[str, str]] = {}
+    @classmethod
+    def load(cls, path: str | Path | None) -> ChatTemplate:
+        if path is None:
+            return cls()
         try:
-            while len(texts) < len(echo):
-                try:
-                    ev = await asyncio.wait_for(queue.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.cancel(job)
-                        return JSONResponse(_error_body("client disconnected", "cancelled"), 499)
-                    continue
-                if ev[0] == "done":
-                    texts[ev[1]] = (ev[2], ev[3])
-                elif ev[0] == "error":
-                    return JSONResponse(_error_body(ev[1], "server_error"), 500)
-        finally:
-            if len(texts) < len(echo):
-                engine.cancel(job)
-        choices = [choice(k, echo[k] + texts[k][0], texts[k][1]) for k in range(len(echo))]
-        return {**base, "choices": choices, "usage": usage()}
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise PolygptError(f"cannot read the chat template {path}: {e}") from None
+        unknown = set(data) - {"message", "generation", "stop"}
+        if unknown:
+            raise PolygptError(f"{path}: unknown chat template keys: {', '.join(sorted(unknown))}")
+        t = cls(**{**data, "stop": tuple(data.get("stop", cls.stop))})
+        try:
+            t.render([ChatMessage(role="user", content="x")])
+        except (KeyError, IndexError, ValueError) as e:
+            raise PolygptError(f"{path}: the message template has a bad field: {e}") from None
+        return t
 
-    return app
+    def render(self, messages: list[ChatMessage]) -> str:
+        body = "".join(self.message.format(role=m.role, content=m.content) for m in messages)
+        return body + self.generation
+
+
+# ---- validation: a request body -> the work it asks for ---------------------------------------
+
+
+@dataclass
+class Limits:
+    max_batch: int
+    max_tokens: int
+    block: int
+
+
+@dataclass
+class Work:
+    """What one HTTP request asks of the engine, validated."""
+
+    kind: Literal["text_completion", "chat.completion"]
+    prompts: list[str]
+    ids: list[list[int]]
+    n: int
+    settings: dict[str, Any]  # engine.Request fields shared by every choice
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    logprobs: int | None = None  # top-N per token; None: no log-probabilities
+
+    @property
+    def choices(self) -> int:
+        return len(self.ids) * self.n
+
+
+def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_tokens: int | None):
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0):
+            raise BadRequest(f"{name} is not supported by this server", name)
+    if req.logit_bias not in (None, {}):
+        raise BadRequest("logit_bias is not supported by this server", "logit_bias")
+    n = req.n or 1
+    if len(prompts) * n > limits.max_batch:
+        raise BadRequest(
+            f"n x prompts = {len(prompts) * n} choices; this server runs at most "
+            f"{limits.max_batch} per request (--max-batch)",
+            "n",
+        )
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise BadRequest(
+            f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}",
+            "max_tokens",
+        )
+    ids = []
+    for p in prompts:
+        try:
+            t = lm.encode(p)
+        except PolygptError as e:
+            raise BadRequest(f"prompt: {e}", "prompt") from None
+        if not t:
+            raise BadRequest("prompt: the prompt is empty (give at least one token)", "prompt")
+        if len(t) > limits.block:
+            raise BadRequest(
+                f"prompt: {len(t)} tokens, longer than the model's context ({limits.block})",
+                "prompt",
+            )
+        ids.append(t)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    settings = dict(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_k=req.top_k or 0,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=secrets.randbelow(2**31) if req.seed is None else req.seed,
+        stop=[s for s in stop if s],
+    )
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ids, n, settings, include_usage
+
+
+def check_completion(req: CompletionRequest, lm, limits: Limits) -> Work:
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not prompts:
+        raise BadRequest("prompt: give at least one prompt", "prompt")
+    if req.suffix is not None:
+        raise BadRequest("suffix is not supported by this server", "suffix")
+    if req.best_of not in (None, 1):
+        raise BadRequest("best_of is not supported by this server", "best_of")
+    if req.logprobs is not None and req.stream:
+        raise BadRequest("logprobs are returned by non-streaming requests only", "logprobs")
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    ids, n, settings, usage = _check_common(req, prompts, lm, limits, max_tokens)
+    settings["max_tokens"] = max_tokens
+    return Work(
+        "text_completion", prompts, ids, n, settings, bool(req.stream), usage,
+        echo=bool(req.echo), logprobs=req.logprobs,
+    )  # fmt: skip
+
+
+def check_chat(req: ChatRequest, lm, limits: Limits, template: ChatTemplate) -> Work:
+    if not req.messages:
+        raise BadRequest("messages: give at least one message", "messages")
+    if req.top_logprobs and not req.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if req.logprobs and req.stream:
+        raise BadRequest("logprobs are returned by non-streaming requests only", "logprobs")
+    max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
+    prompt = template.render(req.messages)
+    ids, n, settings, usage = _check_common(req, [prompt], lm, limits, max_tokens)
+    # no max_tokens: the rest of the context (a chat turn ends at a stop string)
+    settings["max_tokens"] = limits.block - len(ids[0]) if max_tokens is None else max_tokens
+    if req.stop is None:
+        settings["stop"] = list(template.stop)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return Work("chat.completion", [prompt], ids, n, settings, bool(req.stream), usage,
+                logprobs=logprobs)  # fmt: skip
+
+
+# ---- a job: one HTTP request's engine requests and their events --------------------------------
+
+
+class Job:
+    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k) and
+    the queue their events arrive on. `emit` runs on the model thread."""
+
+    def __init__(self, work: Work, send: Callable[[Any], None], prefix: str):
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.work, self.send = work, send
+        self.finished: dict[int, eng.Finished] = {}
+        self.requests = [
+            eng.Request(
+                prompt=work.ids[k // work.n],
+                stream=k,
+                stream_text=work.stream,
+                logprobs=work.logprobs,
+                prompt_logprobs=work.echo and work.logprobs is not None,
+                tag=_Choice(self, k),
+                **work.settings,
+            )
+            for k in range(work.choices)
+        ]
+        self.t_arrival = time.perf_counter()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(f.tokens) for f in self.finished.values())
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(t) for t in self.work.ids)
+
+    def usage(self) -> dict[str, int]:
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def log(self) -> None:
+        now = time.perf_counter()
+        firsts = [r.t_first for r in self.requests if r.t_first is not None]
+        ttft = (min(firsts) if firsts else now) - self.t_arrival
+        cancelled = any(f.reason == "cancelled" for f in self.finished.values())
+        log.info(
+            "%s prompt %d tokens, completion %d tokens, ttft %.1f ms, %.1f tokens/s%s",
+            self.id,
+            self.prompt_tokens,
+            self.completion_tokens,
+            ttft * 1e3,
+            self.completion_tokens / max(now - self.t_arrival, 1e-9),
+            ", cancelled" if cancelled else "",
+        )
+
+
+@dataclass
+class _Choice:
+    """An engine request's tag: where its events go."""
+
+    job: Job
+    k: int
+
+    def emit(self, ev) -> None:  # the model thread
+        job = self.job
+        if isinstance(ev, eng.Finished):
+            job.finished[self.k] = ev
+            if len(job.finished) == len(job.requests):
+                job.log()
+        job.send((self.k, ev))
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int) -> dict:
+    """OpenAI's completions `logprobs` object: per token its text, log-probability, top
+    alternatives and character offset (the echoed prompt first, its first token without)."""
+    decode = lm.tokenizer.decode
+    ids, lps = [], []
+    if echo_ids:
+        ids.extend(echo_ids)
+        lps.append(None)
+        lps.extend(f.prompt_logprobs or [])
+    ids.extend(f.tokens)
+    lps.extend(f.logprobs or [])
+    tokens = [decode([t]) for t in ids]
+    offsets, at = [], offset0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if x is None else x[0] for x in lps],
+        "top_logprobs": [None if x is None else {decode([i]): v for i, v in x[1]} for x in lps],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(lm, f: eng.Finished) -> dict:
+    decode = lm.tokenizer.decode
+
+    def entry(tok: int, lp: float) -> dict:
+        s = decode([tok])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+            for t, (lp, top) in zip(f.tokens, f.logprobs or [])
+        ]
+    }
+
+
+def _choice(job: Job, lm, k: int, f: eng.Finished) -> dict:
+    work = job.work
+    if work.kind == "chat.completion":
+        lp = _chat_logprobs(lm, f) if work.logprobs is not None else None
+        msg = {"role": "assistant", "content": f.text}
+        return {"index": k, "message": msg, "logprobs": lp, "finish_reason": f.reason}
+    prompt = work.prompts[k // work.n] if work.echo else ""
+    lp = None
+    if work.logprobs is not None:
+        lp = _completion_logprobs(lm, work.ids[k // work.n] if work.echo else [], f, 0)
+    return {"text": prompt + f.text, "index": k, "logprobs": lp, "finish_reason": f.reason}
+
+
+def _chunk(job: Job, base: dict, k: int, text: str | None, finish: str | None) -> dict:
+    if job.work.kind == "chat.completion":
+        delta = {} if text is None else {"content": text}
+        c = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        c = {"text": text or "", "index": k, "logprobs": None, "finish_reason": finish}
+    return {**base, "choices": [c]}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class HttpTimer:
+    """Seconds the event loop spends turning events into responses (/v1/stats' "http")."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timed(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, timer, timeout):
+    """The server-sent events of a streaming job; cancels it if the client goes away."""
+    work, left, done = job.work, job.work.choices, False
+    deadline = time.monotonic() + timeout if timeout else None
+    try:
+        if work.kind == "chat.completion":  # the first chunk of each choice names the role
+            for k in range(work.choices):
+                first = _chunk(job, base, k, "", None)
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                yield _sse(first)
+        elif work.echo:
+            for k in range(work.choices):
+                yield _sse(_chunk(job, base, k, work.prompts[k // work.n], None))
+        while left:
+            events = await _next_events(queue, deadline)
+            if events is None:
+                msg = f"the request took longer than --request-timeout ({timeout:g} s)"
+                yield _sse(_error_body(msg, "timeout"))
+                break
+            with timer.timed():
+                out = []
+                for k, ev in events:
+                    if isinstance(ev, eng.TextChunk):
+                        out.append(_sse(_chunk(job, base, k, ev.text, None)))
+                    elif isinstance(ev, eng.Finished):
+                        left -= 1
+                        out.append(_sse(_chunk(job, base, k, None, ev.reason)))
+                    else:
+                        out.append(_sse(_error_body(ev.message, "server_error")))
+                        left = 0
+                        break
+            yield "".join(out)
+        else:
+            done = True
+            if work.include_usage:
+                yield _sse({**base, "choices": [], "usage": job.usage()})
+            yield "data: [DONE]\n\n"
+    finally:
+        if not done:  # the client went away, or the time ran out: free the rows
+            for r in job.requests:
+                engine.cancel(r)
+
+
+async def _next_events(queue: asyncio.Queue, deadline: float | None) -> list | None:
+    """What is ready on the queue (at least one event), or None past the deadline."""
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        events = [await asyncio.wait_for(queue.get(), wait)]
+    except asyncio.TimeoutError:
+        return None
+    while not queue.empty():  # one write for what is ready
+        events.append(queue.get_nowait())
+    return events
+
+
+async def collect(job: Job, queue, request: Request, engine, timeout) -> JSONResponse | None:
+    """Wait for every choice of a non-streaming job; an error response, or None when done."""
+    deadline = time.monotonic() + timeout if timeout else None
+    try:
+        while len(job.finished) < job.work.choices:
+            try:
+                _, ev = await asyncio.wait_for(queue.get(), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse(_error_body("client disconnected", "cancelled"), 499)
+                if deadline is not None and time.monotonic() > deadline:
+                    msg = f"the request took longer than --request-timeout ({timeout:g} s)"
+                    return JSONResponse(_error_body(msg, "timeout"), 504)
+                continue
+            if isinstance(ev, eng.Failed):
+                return JSONResponse(_error_body(ev.message, "server_error"), 500)
+        return None
+    finally:
+        if len(job.finished) < job.work.choices:
+            for r in job.requests:
+                engine.cancel(r)
 
 
 class _Relay:
@@ -624,6 +535,118 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+# ---- the app ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine, the model's facts and the server's limits."""
+
+    engine: Any
+    lm: Any
+    model_name: str
+    limits: Limits
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+    request_timeout: float | None = None
+    stream_interval: float = 0.004
+    created: int = field(default_factory=lambda: int(time.time()))
+    timer: HttpTimer = field(default_factory=HttpTimer)
+
+    def stats(self) -> dict:
+        st = self.engine.stats()
+        st["seconds"] = {**st.get("seconds", {}), "http": round(self.timer.seconds, 3)}
+        return st
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errs = exc.errors()
+        e = errs[0] if errs else {}
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        else:
+            param = ".".join(loc) or None
+            msg = f"{param or 'body'}: {e.get('msg', 'invalid value')}"
+        return JSONResponse(_error_body(msg, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request, exc: BadRequest):
+        body = _error_body(exc.message, "invalid_request_error", exc.param)
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(eng.QueueFull)
+    async def _busy(request, exc: eng.QueueFull):
+        body = _error_body(f"{exc}: retry later", "rate_limit_error", code="queue_full")
+        return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        body = _error_body(str(exc.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("internal error")
+        return JSONResponse(_error_body("internal server error", "server_error"), 500)
+
+
+async def _respond(state: ServerState, work: Work, request: Request, relay: _Relay):
+    """Submit a validated job and answer it: a stream of chunks or one JSON object."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    prefix = "chatcmpl" if work.kind == "chat.completion" else "cmpl"
+    job = Job(work, relay.sender(loop, queue), prefix)
+    base = {"id": job.id, "object": work.kind, "created": int(time.time())}
+    base["model"] = state.model_name
+    state.engine.submit_many(job.requests)  # QueueFull: a 429
+    timeout = state.request_timeout
+    if work.stream:
+        chunk_base = {**base, "object": f"{work.kind}.chunk"} if work.kind != "text_completion" \
+            else base  # fmt: skip
+        events = stream_events(job, queue, chunk_base, state.engine, state.timer, timeout)
+        return StreamingResponse(events, media_type="text/event-stream")
+    error = await collect(job, queue, request, state.engine, timeout)
+    if error is not None:
+        return error
+    with state.timer.timed():
+        choices = [_choice(job, state.lm, k, job.finished[k]) for k in range(work.choices)]
+        return {**base, "choices": choices, "usage": job.usage()}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /v1/stats, /health."""
+    app = FastAPI(title="polygpt", docs_url=None, redoc_url=None)
+    relay = _Relay(state.stream_interval)
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": state.model_name, "object": "model", "created": state.created}
+        return {"object": "list", "data": [{**card, "owned_by": "polygpt"}]}
+
+    @app.get("/v1/stats")
+    async def stats():
+        return state.stats()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        work = check_completion(req, state.lm, state.limits)
+        return await _respond(state, work, request, relay)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        work = check_chat(req, state.lm, state.limits, state.template)
+        return await _respond(state, work, request, relay)
+
+    return app
+
+
 # ---- running it -------------------------------------------------------------------------------
 
 
@@ -652,13 +675,23 @@ def serve(
     max_tokens_limit: int = 2048,
     model_name: str | None = None,
     ready: Callable[[str], None] | None = None,
+    max_queue: int = 64,
+    request_timeout: float | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Load the checkpoint, serve until Ctrl-C / SIGTERM. The model runs in this thread."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if max_batch < 1 or max_queue < 0:
+        raise PolygptError("--max-batch must be >= 1 and --max-queue >= 0")
+    template = ChatTemplate.load(chat_template)
     lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
-    engine = Engine(lm, max_batch=max_batch)
+    block = lm.spec.block_size
+    engine = eng.Engine(
+        lm.backend, lm.model, block, max_batch, decode_text=lm.tokenizer.decode, max_queue=max_queue
+    )
     name = model_name or Path(checkpoint).resolve().name
-    app = create_app(engine, name, max_tokens_limit)
+    limits = Limits(max_batch, max_tokens_limit, block)
+    app = create_app(ServerState(engine, lm, name, limits, template, request_timeout))
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)

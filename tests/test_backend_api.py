@@ -24,9 +24,14 @@ def _classes(path: Path) -> dict[str, ast.ClassDef]:
 
 
 def _public_methods(cls: ast.ClassDef) -> set[str]:
+    """The class's own public methods and those of its bases in backends/common.py (the row
+    operations are written there once)."""
+    common = _classes(PKG / "common.py")
+    inherited = [common[b.id] for b in cls.bases if isinstance(b, ast.Name) and b.id in common]
     return {
         n.name
-        for n in cls.body
+        for c in (cls, *inherited)
+        for n in c.body
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and not n.name.startswith("_")
     }
 
@@ -47,6 +52,18 @@ def test_backend_implements_the_protocol(name):
     methods = _public_methods(_classes(BACKENDS[name] / "backend.py")["Backend"])
     missing = _protocol_methods() - methods
     assert not missing, f"{name} backend lacks {sorted(missing)}"
+
+
+def test_backends_supply_the_framework_calls_of_the_shared_row_operations():
+    common = _classes(PKG / "common.py")["SlotOps"]
+    needed = {"_new_slot_cache", "_prefill", "_decode", "_copy"}
+    assert needed <= {n.id for n in ast.walk(common) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(common) if isinstance(n, ast.Attribute)
+    }
+    for name, d in BACKENDS.items():
+        cls = _classes(d / "backend.py")["Backend"]
+        own = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+        assert needed <= own, f"{name} backend lacks {sorted(needed - own)}"
 
 
 def test_backends_expose_the_same_public_methods():

@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from polygpt import inference
+from polygpt.backends.common import SlotCache, SlotOps
 from polygpt.cli import main
 from polygpt.errors import PolygptError
-from polygpt.generate import ContextWindows, GenerationConfig, generate, uncached_generate
+from polygpt.generate import GenerationConfig, generate, uncached_generate
+from polygpt.spec import ModelSpec
 
 from .conftest import backends_under_test
 
@@ -37,23 +39,31 @@ def max_abs_diff(a, b) -> float:
 # ---- the KV cache against full recompute ---------------------------------------------------
 
 
+def _record(steps: list):
+    """An engine observer keeping each step's (row index, window, logits)."""
+
+    def observe(rows, logits):
+        steps.append([(r.req.tag, r.window(), logits[i]) for i, r in enumerate(rows)])
+
+    return observe
+
+
 def test_cached_logits_equal_full_forward_at_every_step(lm):
-    """Left-padded batch of 3, 100 steps: every row's window slides (block 32, keep 16) several
-    times, at different steps for different rows."""
+    """A batch of 3 prompts of different lengths, 100 tokens each: every row's window slides
+    (block 32, keep 16) several times, at different steps for different rows, and every
+    step's logits equal a full forward over the row's window."""
     be, model, block = lm.backend, lm.model, lm.spec.block_size
-    prompts = prompt_ids(lm)
-    ctx = ContextWindows(be, model, block, prompts, max_new_tokens=100)
-    rng = np.random.default_rng(0)
-    worst, slides = 0.0, 0
-    for _ in range(100):
-        for i, b in enumerate(ctx.rows):
-            window = ctx.window(b)
+    steps: list = []
+    cfg = GenerationConfig(max_new_tokens=100, temperature=1.0, seed=2)
+    generate(be, model, block, prompt_ids(lm), cfg, observe=_record(steps))
+    worst, slides, last_len = 0.0, 0, {}
+    for step in steps:
+        for b, window, logits in step:
             assert 1 <= len(window) <= block
             full = be.logits(model, window[None])[0, -1]
-            worst = max(worst, max_abs_diff(ctx.logits[i], full))
-        before = ctx.start.copy()
-        ctx.step(rng.integers(0, lm.spec.vocab_size, len(ctx.rows)))
-        slides += int((ctx.start != before).sum())
+            worst = max(worst, max_abs_diff(logits, full))
+            slides += len(window) < last_len.get(b, 0)
+            last_len[b] = len(window)
     assert slides >= 9, slides  # each row slid at least 3 times
     assert worst <= 1e-5, f"cached vs full forward: max |diff| {worst:.3g}"
 
@@ -61,22 +71,19 @@ def test_cached_logits_equal_full_forward_at_every_step(lm):
 def test_windows_follow_the_per_row_rule(lm):
     """A row slides when its window would exceed block_size, to its last `keep` tokens."""
     block = lm.spec.block_size
-    ctx = ContextWindows(
-        lm.backend, lm.model, block, [[1] * 5, [2] * block], keep=10, max_new_tokens=60
-    )
-    lengths = []
-    for t in range(60):
-        ctx.step(np.full(len(ctx.rows), 3 + t % 7))
-        lengths.append([len(ctx.window(b)) for b in (0, 1)])
-    lengths = np.array(lengths)
+    steps: list = []
+    cfg = GenerationConfig(max_new_tokens=60, temperature=1.0, keep=10)
+    out = generate(lm.backend, lm.model, block, [[1] * 5, [2] * block], cfg, observe=_record(steps))
+    lengths = np.array([[len(w) for _, w, _ in step] for step in steps])
     assert lengths.max() == block
-    # row 0: 5 + n tokens until it reaches 32 (n = 27), then 10 at n = 28
-    assert lengths[26, 0] == block and lengths[27, 0] == 10
-    # row 1 starts full: it slides at its first step
-    assert lengths[0, 1] == 10
+    # row 0: its 5 prompt tokens and n new ones until that reaches 32 (n = 27), then 10
+    assert lengths[27, 0] == block and lengths[28, 0] == 10
+    # row 1 starts full: it slides at its second step
+    assert lengths[0, 1] == block and lengths[1, 1] == 10
     # history is exact: the window is the tail of prompt + generated tokens
-    full = np.concatenate([[1] * 5, ctx.generated(0)])
-    np.testing.assert_array_equal(ctx.window(0), full[-len(ctx.window(0)) :])
+    window = steps[-1][0][1]
+    full = np.concatenate([[1] * 5, out[0][:-1]])
+    np.testing.assert_array_equal(window, full[-len(window) :])
 
 
 # ---- batching ------------------------------------------------------------------------------
@@ -150,24 +157,30 @@ def test_stop_string_cuts_the_row_and_the_others_go_on(lm):
         assert "".join(streamed[b]) == expected  # the stop string itself never streams
 
 
-class Counting:
+class Counting(SlotOps):
     """A mock backend: token t is always followed by t+1 (mod V), with certainty."""
 
     name, device = "mock", "cpu"
 
-    def __init__(self, vocab: int = 10):
-        self.V = vocab
+    def __init__(self, vocab: int = 10, block: int = 8):
+        self.V, self.spec = vocab, ModelSpec(vocab_size=vocab, block_size=block)
 
     def _logits(self, last):
         out = np.full((len(last), self.V), -30.0, dtype=np.float32)
         out[np.arange(len(last)), (np.asarray(last) + 1) % self.V] = 0.0
         return out
 
-    def prefill(self, model, tokens, pad, cache=None):
-        return None, self._logits(tokens[:, -1])
+    def _new_slot_cache(self, model, max_rows):
+        return SlotCache(model, self.spec, max_rows, [], [])
 
-    def decode(self, model, cache, tokens):
-        return self._logits(tokens)
+    def _prefill(self, cache, plan):
+        return self._logits(plan.tokens[np.arange(len(plan.rows)), plan.last])
+
+    def _decode(self, cache, plan):
+        return self._logits(plan.tokens)
+
+    def _copy(self, cache, src, dst, width):
+        pass
 
     def logits(self, model, x):
         return np.stack([self._logits(x[:, t]) for t in range(x.shape[1])], axis=1)
@@ -212,6 +225,7 @@ def test_streaming_holds_back_only_possible_stop_prefixes():
 def test_max_new_tokens_zero_and_windows_on_a_mock():
     be = Counting()
     assert generate(be, None, 8, [[1], [2, 3]], GenerationConfig(max_new_tokens=0)) == [[], []]
+    be = Counting(block=4)
     out = generate(be, None, 4, [[0]], GenerationConfig(max_new_tokens=25, temperature=0.0))
     assert out == [[(1 + i) % 10 for i in range(25)]]  # sliding never loses a token
 
@@ -320,11 +334,12 @@ def test_cached_logits_with_biases_and_exact_gelu(biased_model_file, backend):
     spec, path = biased_model_file
     be = get_backend(backend, "cpu")
     model = be.load_model(spec, path)
-    ctx = ContextWindows(be, model, spec.block_size, [[1, 2, 3], [4]], max_new_tokens=30)
+    steps: list = []
+    cfg = GenerationConfig(max_new_tokens=30, temperature=1.0)
+    generate(be, model, spec.block_size, [[1, 2, 3], [4]], cfg, observe=_record(steps))
     worst = 0.0
-    for t in range(30):
-        for i, b in enumerate(ctx.rows):
-            full = be.logits(model, ctx.window(b)[None])[0, -1]
-            worst = max(worst, max_abs_diff(ctx.logits[i], full))
-        ctx.step(np.full(len(ctx.rows), (7 * t) % spec.vocab_size))
-    assert worst <= 1e-5, f"cached vs full forward: max |diff| {worst:.3g}"
+    for step in steps:
+        for _, window, logits in step:
+            full = be.logits(model, window[None])[0, -1]
+            worst = max(worst, max_abs_diff(logits, full))
+    assert len(steps) == 30 and worst <= 1e-5, f"cached vs full forward: max |diff| {worst:.3g}"

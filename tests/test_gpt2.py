@@ -56,14 +56,14 @@ def test_bpe_sample_cli_offline(bpe_ckpt):
 def test_large_model_decode_uses_views_and_matches(bpe_ckpt, monkeypatch):
     """Above TRANSPOSE_COPY_MAX_BYTES the torch decoder keeps no transposed weight copies
     (memory at 124M); it computes the same tokens."""
-    from polygpt.backends.torch_backend import decode, model
+    from polygpt.backends.torch_backend import decode
 
     cfg = GenerationConfig(max_new_tokens=70, temperature=0.0)
     lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
     copies = lm.generate(["ROMEO:", "Hello"], cfg)
     monkeypatch.setattr(decode, "TRANSPOSE_COPY_MAX_BYTES", 0)
     lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
-    step = decode.LeanStep(lm.model, model.make_cache(lm.model.spec, 1))
+    step = decode.LeanStep(lm.model)
     w = lm.model.transformer.h[0].mlp.c_fc.weight
     assert step.layers[0].c_fc[0].data_ptr() == w.data_ptr()  # a view of the weight, not a copy
     assert lm.generate(["ROMEO:", "Hello"], cfg) == copies

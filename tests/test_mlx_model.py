@@ -95,35 +95,6 @@ def test_load_rejects_a_wrong_spec(be, tmp_path):
         be.load_model(ModelSpec(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64), path)
 
 
-def test_kv_cache_matches_the_full_forward(be):
-    model = be.init_model(SPEC, seed=4)
-    x = _tokens((3, 20), seed=5)
-    full = be.logits(model, x)  # (B, T, V)
-    cache, last = be.prefill(model, x[:, :12], np.zeros(3, dtype=np.int64))
-    np.testing.assert_allclose(last, full[:, 11], atol=1e-5)
-    for t in range(12, 20):
-        step = be.decode(model, cache, x[:, t])
-        np.testing.assert_allclose(step, full[:, t], atol=1e-5, err_msg=f"position {t}")
-
-
-def test_left_padded_rows_equal_unpadded_ones(be):
-    """Row b of a left-padded batch behaves as if it were alone: pads are invisible."""
-    model = be.init_model(SPEC, seed=6)
-    prompts = [_tokens(n, seed=n)[None][0] for n in (9, 3, 14)]
-    T = max(len(p) for p in prompts)
-    tokens = np.zeros((3, T), dtype=np.int64)
-    pad = np.array([T - len(p) for p in prompts])
-    for b, p in enumerate(prompts):
-        tokens[b, pad[b] :] = p
-    cache, last = be.prefill(model, tokens, pad)
-    nxt = np.array([7, 8, 9])
-    step = be.decode(model, cache, nxt)
-    for b, p in enumerate(prompts):
-        alone = be.logits(model, np.concatenate([p, nxt[b : b + 1]])[None])[0]
-        np.testing.assert_allclose(last[b], alone[-2], atol=1e-5, err_msg=f"row {b} prefill")
-        np.testing.assert_allclose(step[b], alone[-1], atol=1e-5, err_msg=f"row {b} decode")
-
-
 def _batches(n, seed, shape=(4, 32)):
     rng = np.random.default_rng(seed)
     out = []

@@ -146,3 +146,19 @@ def test_row_streams_do_not_depend_on_the_batch():
         assert batch.next()[2] == alone.next()[0]
     rows = np.stack([RowStreams(3, 4).next() for _ in range(1)])[0]
     assert len(set(rows.tolist())) == 4  # rows are different streams
+
+
+def test_sample_rows_equals_each_row_s_own_sampler():
+    """Rows with their own settings in one call pick what make_sampler picks for each alone."""
+    from polygpt.sampling import sample_rows
+
+    rng = np.random.default_rng(3)
+    settings = [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.3, 0, 1.0), (0.9, 5, 1.0), (0.9, 5, 0.7),
+                (1.0, 0, 0.5), (0.8, 0, 1.0), (0.9, 5, 0.7)]  # fmt: skip
+    temp, k, p = (np.array(x) for x in zip(*settings))
+    for _ in range(50):
+        logits = rng.normal(0, 3, (len(settings), 40)).astype(np.float32)
+        u = rng.random(len(settings))
+        got = sample_rows(logits, temp, k.astype(np.int64), p, u)
+        for b, s in enumerate(settings):
+            assert got[b] == make_sampler(*s)(logits[b : b + 1], u[b : b + 1])[0], (b, s)

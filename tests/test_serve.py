@@ -2,8 +2,9 @@
 tiny checkpoint, driven by the official `openai` client (and raw HTTP for malformed requests).
 Texts equal `polygpt sample` / the engine's one-by-one results; 16 concurrent streams come back
 right and are decoded as one batch; bad requests get OpenAI-style 4xx errors and the server
-keeps serving; a client that goes away frees its slot. The scheduler itself (continuous
-batching, joins between steps, cancellation) is also driven step by step in-process."""
+keeps serving; a client that goes away frees its slot; log-probabilities (the prompt's equal
+`polygpt eval`'s), chat completions, and a 429 beyond the queue. The engine's scheduling
+itself is tested step by step in test_engine.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -25,7 +27,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from polygpt.serve import Engine, Job, Params  # noqa: E402
 from polygpt.serve_bench import ServerProcess, format_row, run_clients, summarize  # noqa: E402
 
 PROMPTS = ["ROMEO:", "\n", "First Citizen:\nBefore we", "KING", "O, ", "JULIET:\nAh"]
@@ -129,6 +130,8 @@ def test_streaming_equals_the_whole_completion(server, lm):
 
 
 def test_16_concurrent_streams_are_batched_and_equal_one_by_one(server, lm):
+    """120 tokens past a 32-token block: every row's window slides, each at its own steps,
+    and no row's text changes for it."""
     before = server.stats()["batch_sizes"]
     jobs = [(PROMPTS[i % len(PROMPTS)], 100 + i) for i in range(16)]
 
@@ -163,7 +166,9 @@ BAD = [
     ('{"model": "x", "prompt": ""}', "empty", "prompt"),
     ('{"model": "x", "prompt": "hi", "n": 17}', "at most 16", "n"),
     ('{"model": "x", "prompt": "hi", "top_p": 0}', "greater than 0", "top_p"),
-    ('{"model": "x", "prompt": "hi", "logprobs": 2}', "not supported", "logprobs"),
+    ('{"model": "x", "prompt": "hi", "logprobs": 2, "stream": true}', "non-streaming", "logprobs"),
+    ('{"model": "x", "prompt": "hi", "logprobs": 21}', "less than or equal to 20", "logprobs"),
+    ('{"model": "x", "prompt": "hi", "suffix": "x"}', "not supported", "suffix"),
 ]
 
 
@@ -208,53 +213,78 @@ def test_bench_serve_clients_measure_the_server(server, backend):
     assert 0 < r.ttft_p50_ms <= r.ttft_p99_ms and backend in format_row(r)
 
 
-# ---- the scheduler, step by step (no HTTP) -----------------------------------------------
+# ---- log-probabilities, chat, backpressure -----------------------------------------------
 
 
-def collect(lm, prompt, seed, max_tokens=70, **kw):
-    out = {}
+def test_prompt_logprobs_equal_polygpt_eval_and_token_logprobs(server, lm):
+    from polygpt.evaluate import token_nll
 
-    def emit(ev):
-        if ev[0] == "done":
-            out["text"], out["finish"] = ev[2], ev[3]
-
-    params = Params(max_tokens=max_tokens, temperature=0.8, seed=seed, **kw)
-    return Job([lm.encode(prompt)], 1, params, emit), out
-
-
-def test_continuous_batching_joins_between_steps_and_equals_one_by_one(lm):
-    """Rows join a running batch at the next step (as a new group, merged when there are more
-    than max_groups), finish and leave at different steps, and each gets its one-by-one text."""
-    eng = Engine(lm, max_batch=4, max_groups=2)
-    jobs = [collect(lm, PROMPTS[i % 6], seed=i, max_tokens=40 + 10 * i) for i in range(8)]
-    for job, _ in jobs[:3]:
-        eng.submit(job, stream=False)
-    sizes = []
-    for step in range(400):
-        if step in (5, 6, 12):  # arrivals while others run
-            for job, _ in jobs[3:5] if step == 5 else jobs[5:6] if step == 6 else jobs[6:]:
-                eng.submit(job, stream=False)
-        if not eng.step():
-            break
-        sizes.append(eng.stats()["running"])
-    assert max(sizes) == 4  # --max-batch holds: the rest waited for a free slot
-    st = eng.stats()
-    assert st["merges"] >= 1 and st["prefills"] >= 3 and st["running"] == st["waiting"] == 0
-    for i, (_, out) in enumerate(jobs):
-        want = one_by_one(lm, PROMPTS[i % 6], max_new_tokens=40 + 10 * i, seed=i)
-        assert out["text"] == want[0] and out["finish"] == "length", i
+    text = "ROMEO:\nWhat say you?"
+    res = server.client.completions.create(
+        model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=2
+    )
+    lp = res.choices[0].logprobs
+    assert res.choices[0].text == text and lp.tokens == list(text) and lp.token_logprobs[0] is None
+    ids = np.array(lm.encode(text))
+    block = lm.spec.block_size
+    nll = token_nll(lm.backend, lm.model, ids, block, stride=block, batch_size=1)
+    np.testing.assert_allclose(lp.token_logprobs[1:], -nll, rtol=0, atol=1e-6)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == list(range(len(text)))
+    greedy = server.client.completions.create(
+        model="tiny", prompt="KING", max_tokens=8, temperature=0, logprobs=3
+    )
+    lp = greedy.choices[0].logprobs
+    assert "".join(lp.tokens) == greedy.choices[0].text and len(lp.token_logprobs) == 8
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and chosen == pytest.approx(max(top.values())) and chosen < 0
 
 
-def test_cancelled_rows_free_their_slot(lm):
-    eng = Engine(lm, max_batch=1)
-    a, _ = collect(lm, "ROMEO:", 1, max_tokens=1000)
-    b, out_b = collect(lm, "KING", 2, max_tokens=10)
-    eng.submit(a, stream=False)
-    eng.submit(b, stream=False)
-    for _ in range(5):
-        eng.step()
-    assert eng.stats()["waiting"] == 1  # b waits: the one slot is a's
-    eng.cancel(a)
-    while eng.step():
-        pass
-    assert out_b["text"] == one_by_one(lm, "KING", max_new_tokens=10, seed=2)[0]
+def test_chat_completions_plain_and_streamed(server, lm):
+    messages = [{"role": "system", "content": "Go"}, {"role": "user", "content": "Hi"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=40, temperature=0.8, seed=4)
+    res = server.client.chat.completions.create(**kw, logprobs=True, top_logprobs=1)
+    prompt = "system: Go\nuser: Hi\nassistant:"
+    want = lm.generate([prompt], GenerationConfig(40, 0.8, seed=4, stop=["\nuser:"]))[0]
+    msg = res.choices[0].message
+    assert res.object == "chat.completion" and msg.role == "assistant" and msg.content == want
+    assert res.usage.prompt_tokens == len(prompt)
+    content = res.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == want and len(content[0].top_logprobs) == 1
+    stream = server.client.chat.completions.create(**kw, stream=True)
+    parts, finish = [], None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(parts) == want and finish == res.choices[0].finish_reason
+
+
+def test_a_full_queue_answers_429_and_serving_goes_on(tiny_ckpt, backend):
+    s = start(tiny_ckpt, backend, "--max-batch", "1", "--max-queue", "1")
+    try:
+        conns = []
+        for _ in range(2):  # one runs, one waits
+            conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
+            body = {"model": "x", "prompt": "hi", "max_tokens": 2000, "stream": True}
+            conn.request(
+                "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+            )
+            conns.append(conn)
+        deadline = time.monotonic() + 60
+        while s.stats()["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(openai.RateLimitError) as err:
+            s.client.completions.create(model="tiny", prompt="hi", max_tokens=5)
+        assert err.value.response.headers["retry-after"] == "1"
+        assert "queue is full" in err.value.message
+        for conn in conns:
+            conn.close()
+        deadline = time.monotonic() + 60
+        while (s.stats()["running"] or s.stats()["waiting"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res = s.client.completions.create(model="tiny", prompt="hi", max_tokens=5)
+        assert res.usage.completion_tokens == 5
+    finally:
+        s.close()

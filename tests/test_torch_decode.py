@@ -1,4 +1,4 @@
-"""torch's lean decode step and the per-layer KV cache against the one forward."""
+"""torch's lean decode step on the slot cache against the one forward (GPT.forward)."""
 
 from __future__ import annotations
 
@@ -21,48 +21,34 @@ def gpt():
     return m.eval()
 
 
-@pytest.mark.parametrize("pad", [[0, 0, 0], [0, 3, 5]])
-@torch.inference_mode()
-def test_lean_step_equals_the_forward_and_the_full_forward(gpt, pad):
-    B, T0 = len(pad), 6
-    g = torch.Generator().manual_seed(1)
-    seq = torch.randint(0, SPEC.vocab_size, (B, SPEC.block_size), generator=g)
-    pad_t = torch.tensor(pad) if any(pad) else None
-    lean_cache = model.make_cache(SPEC, B, pad_t)
-    fwd_cache = model.make_cache(SPEC, B, pad_t)
-    gpt(seq[:, :T0], lean_cache)
-    gpt(seq[:, :T0], fwd_cache)
-    step = decode.LeanStep(gpt, lean_cache)
-    for t in range(T0, SPEC.block_size):
-        lean = step(seq[:, t])
-        fwd = gpt(seq[:, t : t + 1], fwd_cache)[:, -1]
-        torch.testing.assert_close(lean, fwd, rtol=0, atol=1e-5)
-    # the unpadded rows against a full forward of their window (no cache)
-    full = gpt(seq)[:, -1]
-    for b, p in enumerate(pad):
-        if p == 0:
-            torch.testing.assert_close(lean[b], full[b], rtol=0, atol=1e-5)
-    assert lean_cache[0].offset == SPEC.block_size
-    with pytest.raises(RuntimeError, match="full"):
-        step(seq[:, 0])
-
-
-@torch.inference_mode()
-def test_a_reused_cache_starts_empty_with_new_padding(gpt):
-    first = model.make_cache(SPEC, 2)
-    gpt(torch.zeros(2, 4, dtype=torch.long), first)
-    again = model.make_cache(SPEC, 2, torch.tensor([1, 0]), reuse=first)
-    assert again is first and again[0].offset == 0 and again[1].rows.valid is not None
-    other = model.make_cache(SPEC, 3, reuse=first)  # another batch size: new buffers
-    assert other is not first
+@pytest.mark.parametrize("lengths", [[6, 6, 6], [6, 3, 1]], ids=["equal", "ragged"])
+def test_lean_step_equals_the_forward(gpt, lengths):
+    """Rows of equal lengths (views, no mask) and of different lengths (mask, indexed write),
+    to the end of the block: the lean step's logits are GPT.forward's."""
+    be = get_backend("torch", "cpu")
+    g = np.random.default_rng(1)
+    seq = g.integers(0, SPEC.vocab_size, (len(lengths), SPEC.block_size))
+    lean, fwd = be.slot_cache(gpt, 3), be.slot_cache(gpt, 3)
+    fwd.views["lean"] = False  # decode through GPT.forward
+    for c in (lean, fwd):
+        be.prefill_rows(c, [0, 1, 2], [seq[b, :n] for b, n in enumerate(lengths)])
+    rows = np.arange(3)
+    while lean.lengths.max() < SPEC.block_size:
+        t = seq[rows, lean.lengths]
+        a, b = be.decode_rows(lean, rows, t), be.decode_rows(fwd, rows, t)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert isinstance(lean.views["lean"], decode.LeanStep)
+    full = be.logits(gpt, seq[:1])[0, -1]  # row 0 against the full forward of its tokens
+    np.testing.assert_allclose(a[0], full, rtol=0, atol=1e-5)
 
 
 def test_int8_models_decode_through_the_forward(gpt):
     be = get_backend("torch", "cpu")
     q = be.set_precision(model.GPT(SPEC).eval(), "int8")
     assert decode.supports(gpt) and not decode.supports(q)
-    gen, _ = be.prefill(q, np.zeros((1, 3), dtype=np.int64), np.zeros(1, dtype=np.int64))
-    assert gen.step is None and be.decode(q, gen, np.zeros(1, dtype=np.int64)).shape == (1, 50)
+    cache = be.slot_cache(q, 1)
+    be.prefill_rows(cache, [0], [[0, 0, 0]])
+    assert be.decode_rows(cache, [0], [0]).shape == (1, 50) and cache.views["lean"] is False
 
 
 @pytest.mark.parametrize("name", known_backends())

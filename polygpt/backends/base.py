@@ -6,9 +6,10 @@ missing or broken torch never breaks MLX (and `polygpt --help` works with neithe
 live in one process: the parity tests need that.
 
 A backend supplies primitives only: build/load/save a model, forward, loss, one optimizer step,
-KV-cache prefill/decode, log-probabilities. Workflows (training loop, LR schedule, sampling
-rules, metrics) are written once, above this layer, and hand tokens in as NumPy int arrays and
-get losses, logits or log-probs back; weights never travel through NumPy.
+row operations on a slot KV cache, log-probabilities. Workflows (training loop, LR schedule,
+sampling rules, metrics, the generation engine) are written once, above this layer, and hand
+tokens in as NumPy int arrays and get losses, logits or log-probs back; weights never travel
+through NumPy.
 """
 
 from __future__ import annotations
@@ -115,16 +116,23 @@ class Backend(Protocol):
     def target_logprobs(self, model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """log p(y[b, t] | x[b, :t+1]) as float64 (B, T); only these leave the framework."""
 
-    def prefill(
-        self, model: Any, tokens: np.ndarray, pad: np.ndarray, cache: Any = None
-    ) -> tuple[Any, np.ndarray]:
-        """Run left-padded prompts (B, T) (row b starts after pad[b] pad tokens) through the
-        model, filling an empty KV cache; returns (cache, last-position logits (B, V) float32).
-        `cache`: a cache this model returned before, which may be reused (emptied) when it has
-        the same batch size, to save reallocating it every time a window slides."""
+    # generation on a slot cache (backends/common.py: SlotOps writes these once from the
+    # framework calls `_new_slot_cache`, `_prefill`, `_decode`, `_copy`)
+    def slot_cache(self, model: Any, max_rows: int) -> Any:
+        """An empty slot cache: K/V per layer (max_rows, n_head, block_size, head_dim),
+        allocated once, and a length per row (common.SlotCache)."""
 
-    def decode(self, model: Any, cache: Any, tokens: np.ndarray) -> np.ndarray:
-        """Append one token per row (B,) to the cache; returns next logits (B, V) float32."""
+    def prefill_rows(self, cache: Any, rows: Any, tokens: Any, starts: Any = None) -> np.ndarray:
+        """Right-padded token lists written at columns start.. of their rows (positions =
+        columns; default start 0, a fresh window); returns the logits after each row's last
+        token (n, V) float32. Also a window slide and a chunked prefill."""
+
+    def decode_rows(self, cache: Any, rows: Any, tokens: np.ndarray) -> np.ndarray:
+        """One token per row at column length[row], attending to columns <= it; returns the
+        next-token logits (n, V) float32."""
+
+    def copy_rows(self, cache: Any, src: Any, dst: Any) -> None:
+        """Row dst[i] becomes a copy of row src[i]: compaction, choices sharing a prefill."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""

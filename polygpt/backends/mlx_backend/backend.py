@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,12 +32,13 @@ blas.preload_openblas()  # must precede the first `import mlx.core` in the proce
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
+import polygpt.backends.mlx_backend.decode as decode  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import weights  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
-from polygpt.backends.mlx_backend.decode import CompiledStep  # noqa: E402
-from polygpt.backends.mlx_backend.model import GPT, KVCache, make_cache  # noqa: E402
+from polygpt.backends.common import SlotCache, SlotOps  # noqa: E402
+from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402
 from polygpt.spec import ModelSpec  # noqa: E402
 
@@ -77,15 +77,6 @@ def _on_device(method):
 
 
 @dataclass
-class Generation:
-    """What prefill hands the caller: the per-layer KV cache and the compiled decode step."""
-
-    model: GPT
-    kv: list[KVCache]
-    step: CompiledStep
-
-
-@dataclass
 class Optimizer:
     """AdamW state under canonical names, plus the hyper-parameters torch keeps in groups."""
 
@@ -104,7 +95,7 @@ class Optimizer:
     grad_average: Callable | None = None
 
 
-class Backend:
+class Backend(SlotOps):
     name = "mlx"
     devices = ("cpu", "gpu")
     precisions = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -363,25 +354,26 @@ class Backend:
         return np.array(lp).astype(np.float64)
 
     @_on_device
-    def prefill(
-        self, model: GPT, tokens: np.ndarray, pad: np.ndarray, cache: Any = None
-    ) -> tuple[Any, np.ndarray]:
+    def _new_slot_cache(self, model: GPT, max_rows: int) -> SlotCache:
         if model.training:
             model.eval()
-        B = tokens.shape[0]
-        # LayerNorm weights are never quantized, so they carry the compute dtype
-        dtype = model.transformer.ln_f.weight.dtype
-        kv = make_cache(model.spec, B, self._tokens(pad) if np.any(pad) else None, dtype)
-        logits = model(self._tokens(tokens), kv, last_only=True)[:, -1]
-        # a slid window's re-prefill keeps the compiled step (traced once per batch size)
-        same = isinstance(cache, Generation) and cache.model is model
-        step = cache.step if same else CompiledStep(model)
-        return Generation(model, kv, step), np.array(logits.astype(mx.float32))
+        return decode.slot_cache(model, max_rows)
 
     @_on_device
-    def decode(self, model: GPT, cache: Generation, tokens: np.ndarray) -> np.ndarray:
-        logits = cache.step(cache.kv, mx.array(tokens.astype(np.int32, copy=False)))
-        return np.array(logits.astype(mx.float32))
+    def _prefill(self, cache: SlotCache, plan) -> np.ndarray:
+        logits = decode.prefill_rows(cache, plan).astype(mx.float32)
+        mx.eval(logits, cache.keys, cache.values)
+        return np.array(logits)
+
+    @_on_device
+    def _decode(self, cache: SlotCache, plan) -> np.ndarray:
+        logits = decode.decode_rows(cache, plan).astype(mx.float32)
+        mx.eval(logits, cache.keys, cache.values)
+        return np.array(logits)
+
+    @_on_device
+    def _copy(self, cache: SlotCache, src, dst, width: int) -> None:
+        decode.copy_rows(cache, src, dst, width)
 
     def synchronize(self) -> None:
         mx.synchronize()

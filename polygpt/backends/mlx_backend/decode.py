@@ -1,11 +1,15 @@
-"""The KV-cached decode step in MLX: `GPT.__call__` itself, compiled (mx.compile).
+"""Generation on the slot cache in MLX: the row operations, and the decode step compiled.
 
-`CompiledStep` traces the model's one forward over `StepCache`s (the fixed-shape form of the
-per-layer cache: the new key/value written at a traced position, attention over every slot
-with the later slots and the rows' padding masked out), once per batch size, and then runs it
-as one fused graph: LayerNorms, GELU, residual adds and the mask are fused and no Python runs
-per op. On the 2-core Linux CPU this halved the time per token at batch 1 against the eager
-call. Quantized models (nn.quantize) run the same step through their QuantizedLinear layers.
+`prefill_rows`, `decode_rows` and `copy_rows` (backends/common.py has the bookkeeping) run
+`GPT.__call__` with one `_Layer` per layer. The decode step over rows 0..n-1 (the engine keeps
+its active rows there) is `GPT.__call__` itself under `mx.compile`, traced once per n: the new
+key and value are scattered into the whole storage at (row, length) and attention runs over
+every column with the columns past each row's length masked out (exactly zero weight), so the
+shapes never depend on the lengths and no Python runs per op. LayerNorms, GELU, residual adds
+and the mask fuse; on the 2-core Linux CPU this halved the time per token at batch 1 against
+the eager call. Quantized models (nn.quantize) run the same step through their QuantizedLinear
+layers. The step's outputs replace the storage arrays before anything is evaluated, so MLX
+updates the storage in place (the inputs' last references are gone) rather than copying it.
 The torch twin is backends/torch_backend/decode.py (there a lean eager step: torch.compile
 takes too long to start for sampling).
 """
@@ -13,58 +17,132 @@ takes too long to start for sampling).
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
-from polygpt.backends.mlx_backend.model import GPT, KVCache
-
-
-class StepCache:
-    """A KVCache for one decode step under mx.compile, whose shapes must not depend on the
-    offset: the new key/value is written at a traced position `pos` (an array) and attention
-    runs over every slot, with the slots past `pos` (and each row's padding) masked out. Masked
-    slots get exactly zero weight, so this equals the KVCache step to float rounding."""
-
-    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, pad: mx.array):
-        self.keys, self.values, self.pos, self.pad = keys, values, pos, pad
-
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, k, self.pos.reshape(1), axes=(2,))
-        self.values = mx.slice_update(self.values, v, self.pos.reshape(1), axes=(2,))
-        return self.keys, self.values
-
-    def positions(self, t: int) -> mx.array:
-        return mx.maximum(self.pos - self.pad, 0)[:, None]  # (B, 1)
-
-    def mask(self, t: int) -> mx.array:
-        keys = mx.arange(self.keys.shape[2])
-        valid = (keys[None, :] <= self.pos) & (keys[None, :] >= self.pad[:, None])  # (B, L)
-        return valid[:, None, None, :]  # (B, 1, 1, L)
+from polygpt.backends import common
+from polygpt.backends.mlx_backend.model import GPT
 
 
-class CompiledStep:
-    """`step(cache, tokens)`: append tokens (B,) to a KVCache list, return logits (B, V)."""
+class _Layer:
+    """One layer's keys and values for one forward: `update_and_fetch(k, v)` stores the new
+    keys and values (B, nh, T, hs) and returns those to attend to."""
+
+    def __init__(self, fetch, keys: mx.array, values: mx.array):
+        self.fetch, self.keys, self.values = fetch, keys, values
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        self.keys, self.values, kr, vr = self.fetch(self.keys, self.values, k, v)
+        return kr, vr
+
+
+def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
+    spec = model.spec
+    dtype = model.transformer.ln_f.weight.dtype  # LayerNorms are never quantized
+    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
+    # zeros, not garbage: the compiled step attends over every column (masked, but NaN * 0 is
+    # NaN)
+    keys = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
+    values = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
+    mx.eval(keys, values)
+    return common.SlotCache(model, spec, max_rows, keys, values)
+
+
+def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:
+    layers = [_Layer(fetch, k, v) for k, v in zip(cache.keys, cache.values)]
+    logits = cache.model(tokens, layers, pos=pos, mask=mask, last=last)
+    cache.keys = [c.keys for c in layers]
+    cache.values = [c.values for c in layers]
+    return logits
+
+
+def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> mx.array:
+    rows = mx.array(plan.rows.astype(np.int32))
+    tokens = mx.array(plan.tokens.astype(np.int32))
+    last = mx.array(plan.last.astype(np.int32))
+    T = plan.width
+    if plan.fresh:  # new keys only, plain causal: right padding follows every real query
+
+        def fetch(K, V, k, v):
+            K[rows, :, :T] = k
+            V[rows, :, :T] = v
+            return K, V, k, v
+
+        pos, mask = mx.arange(T), None
+    else:  # continuing rows: attend to their cached columns too
+        W = int(plan.ends().max())
+        ri, j = np.nonzero(plan.valid)
+        ri_a, j_a = mx.array(ri.astype(np.int32)), mx.array(j.astype(np.int32))
+        cols = mx.array((plan.starts[ri] + j).astype(np.int32))
+        dst = mx.array(plan.rows[ri].astype(np.int32))
+
+        def fetch(K, V, k, v):
+            kn, vn = k[ri_a, :, j_a], v[ri_a, :, j_a]  # the real tokens' keys (m, nh, hs)
+            Kr, Vr = K[rows], V[rows]
+            Kr[ri_a, :, cols] = kn
+            Vr[ri_a, :, cols] = vn
+            K[dst, :, cols] = kn
+            V[dst, :, cols] = vn
+            return K, V, Kr[:, :, :W], Vr[:, :, :W]
+
+        pos = mx.array(plan.positions.astype(np.int32))
+        keys = mx.arange(W)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, W)
+    return _run(cache, fetch, tokens, pos, mask, last)[:, 0]
+
+
+def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
+    tokens = mx.array(plan.tokens.astype(np.int32))
+    pos = mx.array(plan.positions.astype(np.int32))
+    if plan.n:  # rows 0..n-1: the compiled step
+        step = cache.views.get("step")
+        if step is None:
+            step = cache.views["step"] = mx.compile(_StepGraph(cache.model))
+        logits, cache.keys, cache.values = step(tokens, pos, cache.keys, cache.values)
+        return logits
+    rows = mx.array(plan.rows.astype(np.int32))
+    W = plan.width
+    ar = mx.arange(len(plan.rows))
+
+    def fetch(K, V, k, v):  # rows anywhere: gather them, write the new column into both
+        Kr, Vr = K[rows][:, :, :W], V[rows][:, :, :W]
+        Kr[ar, :, pos] = k[:, :, 0]
+        Vr[ar, :, pos] = v[:, :, 0]
+        K[rows, :, pos] = k[:, :, 0]
+        V[rows, :, pos] = v[:, :, 0]
+        return K, V, Kr, Vr
+
+    mask = (mx.arange(W)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, W)
+    return _run(cache, fetch, tokens[:, None], pos[:, None], mask)[:, -1]
+
+
+class _StepGraph:
+    """The function mx.compile traces: one token for rows 0..n-1 of the whole storage."""
 
     def __init__(self, model: GPT):
-        # the model's weights are constants of the compiled graph: a CompiledStep lives for
-        # one generation (a model that trains on gets a new one)
+        # the model's weights are constants of the compiled graph: a model that trains on
+        # gets a new cache, hence a new step
         self.model = model
-        self._step = mx.compile(self._graph)
 
-    def _graph(self, tokens, pos, pad, keys, values):
-        cache = [StepCache(k, v, pos, pad) for k, v in zip(keys, values)]
-        logits = self.model(tokens[:, None], cache)[:, -1]
-        return logits, [c.keys for c in cache], [c.values for c in cache]
+    def __call__(self, tokens, pos, keys, values):
+        n = tokens.shape[0]
+        ar = mx.arange(n)
 
-    def __call__(self, cache: list[KVCache], tokens: mx.array) -> mx.array:
-        first = cache[0]
-        if first.offset >= first.max_len:
-            raise RuntimeError("KV cache is full: the caller must slide the window first")
-        logits, keys, values = self._step(
-            tokens,
-            mx.array(first.offset, dtype=mx.int32),
-            first.rows.pad,
-            [c.keys for c in cache],
-            [c.values for c in cache],
-        )
-        for c, k, v in zip(cache, keys, values):
-            c.keys, c.values, c.offset = k, v, c.offset + 1
-        return logits
+        def fetch(K, V, k, v):
+            K[ar, :, pos] = k[:, :, 0]
+            V[ar, :, pos] = v[:, :, 0]
+            return K, V, K[:n], V[:n]
+
+        layers = [_Layer(fetch, k, v) for k, v in zip(keys, values)]
+        cols = mx.arange(keys[0].shape[2])
+        mask = (cols[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, block)
+        logits = self.model(tokens[:, None], layers, pos=pos[:, None], mask=mask)[:, -1]
+        return logits, [c.keys for c in layers], [c.values for c in layers]
+
+
+def copy_rows(cache: common.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
+    s, d = mx.array(src.astype(np.int32)), mx.array(dst.astype(np.int32))
+    for arrays in (cache.keys, cache.values):
+        for i, a in enumerate(arrays):
+            a[d, :, :width] = a[s, :, :width]
+            arrays[i] = a
+    mx.eval(cache.keys, cache.values)

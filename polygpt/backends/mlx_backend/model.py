@@ -5,11 +5,11 @@ keys (`transformer.h.0.attn.c_attn.weight`, ...) equal torch's state_dict keys a
 `spec.param_shapes()` with no renaming table. MLX's Linear stores weights (out, in) as torch
 does; the LM head is `wte.as_linear(x)` (mlx-lm's gpt2), so no `lm_head` parameter exists.
 
-One forward path, as torch's (and mlx-lm's): `GPT.__call__(idx, cache=None)` serves training,
-prefill and decode. `cache` is a list with one `KVCache` per layer (`make_cache`), which owns
-the offset, each row's left padding and therefore the position ids and the attention mask
-(`positions`, `mask`); a padding query sees only itself, so no softmax row is empty. The
-compiled decode step (decode.py) runs this same forward over a fixed-shape form of the cache.
+One forward path, as torch's (and mlx-lm's): `GPT.__call__(idx, cache=None, ...)` serves
+training, prefill and decode. With a cache (one object per layer whose `update_and_fetch(k, v)`
+stores the new keys and values and returns those to attend to: the slot cache's row operations
+in decode.py) the caller passes the position ids and the attention mask, computed once per
+forward. The compiled decode step (decode.py) runs this same forward.
 """
 
 from __future__ import annotations
@@ -36,85 +36,6 @@ class LayerNorm(nn.Module):
         return mx.fast.layer_norm(x, self.weight, self.get("bias"), LAYER_NORM_EPS)
 
 
-class _Rows:
-    """What the layers of one cache share: each row's padding, position ids, valid keys."""
-
-    def __init__(self, batch: int, max_len: int, pad: mx.array | None):
-        keys = mx.arange(max_len)
-        self.pad = mx.zeros((batch,), dtype=mx.int32) if pad is None else pad  # (B,)
-        if pad is None:  # no row is padded
-            self.pos, self.valid = keys, None  # (L,)
-        else:
-            self.pos = mx.maximum(keys[None, :] - pad[:, None], 0)  # (B, L)
-            self.valid = keys[None, :] >= pad[:, None]  # (B, L)
-
-
-class KVCache:
-    """One layer's keys and values, preallocated for `max_len` positions (mlx-lm's KVCache).
-
-    `update_and_fetch(k, v)` writes the new positions at `offset` and returns every key and
-    value so far. Row b's first `pad[b]` positions are padding, masked out of every attention
-    and excluded from position ids; the layers of one cache share those facts (`make_cache`)
-    and the model asks the first layer's cache for positions and mask before any layer writes.
-    """
-
-    def __init__(self, keys: mx.array, values: mx.array, rows: _Rows):
-        self.keys, self.values = keys, values  # (B, nh, max_len, hs)
-        self.rows = rows
-        self.offset = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[2]
-
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Append k, v (B, nh, T, hs); returns all keys and values so far (B, nh, offset, hs)."""
-        start, end = self.offset, self.offset + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError("KV cache is full: the caller must slide the window first")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        self.offset = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def positions(self, t: int) -> mx.array:
-        """Position ids of the next t tokens: (t,), or (B, t) when rows are padded."""
-        if self.offset + t > self.max_len:
-            raise RuntimeError("KV cache is full: the caller must slide the window first")
-        return self.rows.pos[..., self.offset : self.offset + t]
-
-    def mask(self, t: int) -> mx.array | None:
-        """Boolean attention mask (B or 1, 1, t, offset+t), True = attend, for the next t
-        queries; None where plain causal attention is right ("causal" when t > 1)."""
-        start, end = self.offset, self.offset + t
-        valid = self.rows.valid
-        if valid is None and (t == 1 or start == 0):
-            return None  # one new query sees the whole cache; a fresh prompt is plain causal
-        if t == 1:  # a decode step: every key so far except the row's padding
-            return valid[:, None, None, :end]
-        keys = mx.arange(end)
-        queries = keys[start:]
-        mask = (keys[None, :] <= queries[:, None])[None]  # causal (1, t, L)
-        if valid is not None:
-            # A padding query may see only itself, so no softmax row is empty (NaN-free).
-            mask = (mask & valid[:, None, :end]) | (keys[None, :] == queries[:, None])
-        return mask[:, None]  # (B or 1, 1, t, L)
-
-
-def make_cache(
-    spec: ModelSpec, batch: int, pad: mx.array | None = None, dtype=mx.float32
-) -> list[KVCache]:
-    """An empty cache of spec.block_size positions per layer; `pad` (B,) leading pad tokens
-    per row, or None when no row is padded."""
-    rows = _Rows(batch, spec.block_size, pad)
-    shape = (batch, spec.n_head, spec.block_size, spec.head_dim)
-    # zeros, not garbage: StepCache attends over every slot (masked, but NaN * 0 is NaN)
-    return [
-        KVCache(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), rows)
-        for _ in range(spec.n_layer)
-    ]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -126,9 +47,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = spec.dropout
         self.attn_dropout = nn.Dropout(spec.dropout)
 
-    def __call__(
-        self, x: mx.array, mask: mx.array | None = None, cache: KVCache | None = None
-    ) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         B, T, C = x.shape
         hs = C // self.n_head
         scale = 1.0 / math.sqrt(hs)
@@ -283,21 +202,26 @@ class GPT(nn.Module):
         return {name: flat[name] for name in self.spec.param_shapes()}
 
     def __call__(
-        self, idx: mx.array, cache: list[KVCache] | None = None, last_only: bool = False
+        self,
+        idx: mx.array,
+        cache: list | None = None,
+        pos: mx.array | None = None,
+        mask: mx.array | None = None,
+        last: mx.array | None = None,
     ) -> mx.array:
-        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. With a cache, idx
-        continues the cached sequence (prefill or decode) and is appended to it."""
+        """idx (B, T) -> logits (B, T, V). With a cache, idx continues each row's cached
+        sequence at position ids `pos` ((T,) or (B, T)) under `mask` (bool (B, 1, T, L), True =
+        attend; None: causal). `last` (B,): only the logits at row b's index last[b],
+        (B, 1, V)."""
         B, T = idx.shape
         tr = self.transformer
         if cache is None:
             pos, mask, cache = mx.arange(T), None, [None] * len(tr.h)
-        else:
-            pos, mask = cache[0].positions(T), cache[0].mask(T)
         x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
         for block, layer_cache in zip(tr.h, cache):
             x = block(x, mask, layer_cache)
-        if last_only:
-            x = x[:, -1:]
+        if last is not None:
+            x = x[mx.arange(B), last][:, None]
         x = tr.ln_f(x)
         return tr.wte.as_linear(x)  # tied head
 

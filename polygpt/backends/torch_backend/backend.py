@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import polygpt.backends.torch_backend.decode as decode
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
 from polygpt.backends.base import PRECISIONS
-from polygpt.backends.torch_backend.decode import LeanStep
-from polygpt.backends.torch_backend.decode import supports as lean_supports
-from polygpt.backends.torch_backend.model import GPT, KVCache, make_cache
+from polygpt.backends.common import SlotCache, SlotOps
+from polygpt.backends.torch_backend.model import GPT
 from polygpt.backends.torch_backend.threads import (
     DEFAULT_THREADS,
     MULTITHREAD_GENERATION_BYTES,
@@ -44,16 +44,6 @@ from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class Generation:
-    """What prefill hands the caller: the per-layer KV cache and, for float models, the lean
-    decode step over it (decode.py); None decodes through GPT.forward."""
-
-    model: GPT
-    kv: list[KVCache]
-    step: LeanStep | None
 
 
 @dataclass
@@ -88,7 +78,7 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-class Backend:
+class Backend(SlotOps):
     name = "torch"
     devices = ("cpu", "cuda", "mps")
     precisions = ("fp32", "fp16", "bf16", "int8")  # int4 files load dequantized (fp32/16)
@@ -329,35 +319,24 @@ class Backend:
         return n
 
     @torch.inference_mode()
-    def prefill(self, model, tokens, pad, cache=None):
-        if model.training:  # (eval() walks every module: not once per slid window)
+    def _new_slot_cache(self, model, max_rows: int) -> SlotCache:
+        if model.training:  # (eval() walks every module: once per cache, not per step)
             model.eval()
-        any_pad = bool(np.any(pad))
-        # LayerNorm weights stay float in every precision, so they carry the compute dtype
-        dtype = model.transformer.ln_f.weight.dtype
-        with cpu_threads(self._generation_threads(model), self.device):
-            # a slid window's re-prefill reuses the previous cache's buffers and views
-            old = cache.kv if isinstance(cache, Generation) and cache.model is model else None
-            pad_t = self._tensor(pad) if any_pad else None
-            kv = make_cache(model.spec, tokens.shape[0], pad_t, dtype, self._dev, reuse=old)
-            logits = model(self._tensor(tokens), kv, last_only=True)[:, -1]
-        if old is kv and cache.step is not None:
-            step = cache.step  # same model, same buffers: its transposed weights still hold
-        else:
-            step = LeanStep(model, kv) if lean_supports(model) else None
-        return Generation(model, kv, step), self._logits_numpy(logits)
+        return decode.slot_cache(model, max_rows)
 
     @torch.inference_mode()
-    def decode(self, model, cache: Generation, tokens):
-        t = torch.from_numpy(tokens)
-        if t.dtype != torch.int64:
-            t = t.long()
-        if self.device != "cpu":
-            t = t.to(self._dev, non_blocking=True)
-        with cpu_threads(self._generation_threads(model), self.device):
-            if cache.step is not None:
-                return self._logits_numpy(cache.step(t))
-            return self._logits_numpy(model(t[:, None], cache.kv)[:, -1])
+    def _prefill(self, cache: SlotCache, plan) -> np.ndarray:
+        with cpu_threads(self._generation_threads(cache.model), self.device):
+            return self._logits_numpy(decode.prefill_rows(cache, plan))
+
+    @torch.inference_mode()
+    def _decode(self, cache: SlotCache, plan) -> np.ndarray:
+        with cpu_threads(self._generation_threads(cache.model), self.device):
+            return self._logits_numpy(decode.decode_rows(cache, plan))
+
+    @torch.inference_mode()
+    def _copy(self, cache: SlotCache, src, dst, width: int) -> None:
+        decode.copy_rows(cache, src, dst, width)
 
     @staticmethod
     def _logits_numpy(logits: torch.Tensor) -> np.ndarray:

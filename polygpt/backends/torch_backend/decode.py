@@ -1,35 +1,218 @@
-"""The one-token decode step, lean: `GPT.forward(tokens, cache)` at T = 1 in fewer torch calls.
+"""Generation on the slot cache in torch: the row operations and the lean one-token step.
 
-At the reference size (0.8M parameters, 128 wide) a decoded token is a few dozen tiny kernels,
-so the Python-side cost of each call, not arithmetic, sets the speed. `GPT.forward` spends
-~30 torch calls and 8 nn.Module calls per layer on a token; `step` computes the same function
-with the same cache (`KVCache.update_and_fetch`, `positions`, `mask`) in ~15 calls per layer:
-functional calls on the weights, the residual adds fused into the projections
-(`torch.addmm(x, y, W)`), and each weight matrix transposed once per cache so a one-row matrix
-product reads it in order (~1.6x faster than against the (out, in) layout here).
+`SlotOps` implements `prefill_rows`, `decode_rows` and `copy_rows` (backends/common.py has the
+bookkeeping); both run `GPT.forward` with one `_Layer` writer per layer, except a float model's
+decode step, which runs `LeanStep`.
 
-It earns its place by measurement (scripts/bench_generate.py, `cached b1`, interleaved A/B on
-the 2-core x86 box, 1 thread, loaded): GPT.forward decoding at b1 ran ~2x slower per token.
-The alternatives measured: torch.compile of GPT.forward over a static cache compiled in
-30-105 s (too slow to start for `polygpt sample`) and torch.jit.trace of it was ~1.4x slower.
-It serves float models made of plain nn.Linear layers; any other model (torch's dynamically
-quantized int8 Linear) decodes through `GPT.forward` itself (`supports`).
+LeanStep: `GPT.forward(tokens, cache)` at T = 1 in fewer torch calls. At the reference size
+(0.8M parameters, 128 wide) a decoded token is a few dozen tiny kernels, so the Python-side cost
+of each call, not arithmetic, sets the speed. `GPT.forward` spends ~30 torch calls and 8
+nn.Module calls per layer on a token; the lean step computes the same function in ~15 calls per
+layer: functional calls on the weights, the residual adds fused into the projections
+(`torch.addmm(x, y, W)`), and each weight matrix transposed once per model so a one-row matrix
+product reads it in order (~1.6x faster than against the (out, in) layout here). It serves
+float models made of plain nn.Linear layers; any other model (torch's dynamically quantized
+int8 Linear) decodes through `GPT.forward` itself (`supports`).
+
+Views. A decode step reads rows 0..n-1 up to the longest row's column, and writes one column:
+both are views of the storage, made once per (n, column) and kept (`cache.views`), so a step
+makes no view-making calls; rows of different lengths add a mask and one indexed write.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polygpt.backends.torch_backend.model import GPT, KVCache
+from polygpt.backends import common
+from polygpt.backends.torch_backend.model import GPT
 from polygpt.spec import LAYER_NORM_EPS
+
+MAX_VIEWS = 8192  # cached (n, column) view sets per cache; cleared beyond (a few MB of views)
+
+
+class _Layer:
+    """One layer's keys and values for one forward: `update_and_fetch(k, v)` writes the new
+    keys and values (B, nh, T, hs) and returns those to attend to."""
+
+    __slots__ = ("fetch", "keys", "values")
+
+    def __init__(self, fetch, keys: torch.Tensor, values: torch.Tensor):
+        self.fetch, self.keys, self.values = fetch, keys, values
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor):
+        return self.fetch(self.keys, self.values, k, v)
+
+
+def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
+    spec, w = model.spec, model.transformer.ln_f.weight  # LayerNorms carry the compute dtype
+    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
+    make = lambda: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
+    keys = [make() for _ in range(spec.n_layer)]
+    values = [make() for _ in range(spec.n_layer)]
+    return common.SlotCache(model, spec, max_rows, keys, values)
+
+
+def _layers(cache: common.SlotCache, fetch) -> list[_Layer]:
+    return [_Layer(fetch, k, v) for k, v in zip(cache.keys, cache.values)]
+
+
+def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> torch.Tensor:
+    """Run a prefill plan; returns the logits after each row's last token (n, V)."""
+    model, dev = cache.model, cache.keys[0].device
+    rows = torch.from_numpy(plan.rows).to(dev)
+    tokens = torch.from_numpy(plan.tokens).to(dev)
+    last = torch.from_numpy(plan.last).to(dev)
+    T = plan.width
+    if plan.fresh:  # new keys only, plain causal: right padding follows every real query
+
+        def fetch(K, V, k, v):
+            K[:, :, :T].index_copy_(0, rows, k)
+            V[:, :, :T].index_copy_(0, rows, v)
+            return k, v
+
+        pos, mask = torch.arange(T, device=dev), None
+    else:  # continuing rows: attend to their cached columns too
+        W = int(plan.ends().max())
+        ri, j = np.nonzero(plan.valid)
+        ri_t, j_t = torch.from_numpy(ri).to(dev), torch.from_numpy(j).to(dev)
+        cols = torch.from_numpy(plan.starts[ri] + j).to(dev)
+        dst = rows[ri_t]
+
+        def fetch(K, V, k, v):
+            Kr, Vr = K.index_select(0, rows)[:, :, :W], V.index_select(0, rows)[:, :, :W]
+            kn, vn = k[ri_t, :, j_t], v[ri_t, :, j_t]  # the real tokens' keys (m, nh, hs)
+            Kr[ri_t, :, cols], Vr[ri_t, :, cols] = kn, vn
+            K[dst, :, cols], V[dst, :, cols] = kn, vn
+            return Kr, Vr
+
+        pos = torch.from_numpy(plan.positions).to(dev)
+        keys = torch.arange(W, device=dev)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, W)
+    logits = model(tokens, _layers(cache, fetch), pos=pos, mask=mask, last=last)
+    return logits[:, 0]
+
+
+def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> torch.Tensor:
+    """One token per row appended at its length; returns next-token logits (n, V)."""
+    model, dev = cache.model, cache.keys[0].device
+    tokens = torch.from_numpy(plan.tokens).to(dev)
+    n, W = plan.n, plan.width
+    mask = None
+    if n and plan.uniform:  # the common case: views of the storage, cached
+        layers, pos = _uniform_views(cache, n, W - 1), int(W - 1)
+    else:
+        pos_t = torch.from_numpy(plan.positions).to(dev)
+        keys = torch.arange(W, device=dev)
+        mask = (keys[None, :] <= pos_t[:, None])[:, None, None]  # (n, 1, 1, W)
+        ar = torch.arange(len(plan.rows), device=dev)
+        if n:
+            layers = _ragged_views(cache, n, W, ar, pos_t)
+        else:  # rows anywhere: gather them, write the new column into both
+            rows = torch.from_numpy(plan.rows).to(dev)
+
+            def fetch(K, V, k, v):
+                Kr, Vr = K.index_select(0, rows)[:, :, :W], V.index_select(0, rows)[:, :, :W]
+                Kr[ar, :, pos_t], Vr[ar, :, pos_t] = k[:, :, 0], v[:, :, 0]
+                K[rows, :, pos_t], V[rows, :, pos_t] = k[:, :, 0], v[:, :, 0]
+                return Kr, Vr
+
+            layers = _layers(cache, fetch)
+        pos = pos_t
+    step = cache.views.get("lean")
+    if step is None:
+        step = cache.views["lean"] = LeanStep(model) if supports(model) else False
+    if step:
+        return step(tokens, layers, pos, mask)
+    pos_in = torch.tensor([pos], device=dev) if isinstance(pos, int) else pos[:, None]
+    return model(tokens[:, None], layers, pos=pos_in, mask=mask)[:, -1]
+
+
+class _Views:
+    """update_and_fetch over cached views: copy into the write views, return the read views."""
+
+    __slots__ = ("kw", "vw", "kr", "vr")
+
+    def __init__(self, kw, vw, kr, vr):
+        self.kw, self.vw, self.kr, self.vr = kw, vw, kr, vr
+
+    def update_and_fetch(self, k, v):
+        self.kw.copy_(k)
+        self.vw.copy_(v)
+        return self.kr, self.vr
+
+
+def _cached(cache: common.SlotCache, key, make):
+    views = cache.views
+    got = views.get(key)
+    if got is None:
+        if len(views) > MAX_VIEWS:
+            lean = views.get("lean")
+            views.clear()
+            if lean is not None:
+                views["lean"] = lean
+        got = views[key] = make()
+    return got
+
+
+def _uniform_views(cache: common.SlotCache, n: int, col: int) -> list[_Views]:
+    def make():
+        return [
+            _Views(
+                K[:n, :, col : col + 1],
+                V[:n, :, col : col + 1],
+                K[:n, :, : col + 1],
+                V[:n, :, : col + 1],
+            )  # fmt: skip
+            for K, V in zip(cache.keys, cache.values)
+        ]
+
+    return _cached(cache, ("u", n, col), make)
+
+
+class _RaggedViews:
+    """Rows 0..n-1 of different lengths: an indexed write, a view up to the longest row."""
+
+    __slots__ = ("K", "V", "kr", "vr", "ar", "pos")
+
+    def __init__(self, K, V, kr, vr, ar, pos):
+        self.K, self.V, self.kr, self.vr, self.ar, self.pos = K, V, kr, vr, ar, pos
+
+    def update_and_fetch(self, k, v):
+        self.K[self.ar, :, self.pos] = k[:, :, 0]
+        self.V[self.ar, :, self.pos] = v[:, :, 0]
+        return self.kr, self.vr
+
+
+def _ragged_views(cache, n: int, W: int, ar, pos_t) -> list[_RaggedViews]:
+    reads = _cached(
+        cache,
+        ("r", n, W),
+        lambda: [(K[:n, :, :W], V[:n, :, :W]) for K, V in zip(cache.keys, cache.values)],
+    )
+    return [
+        _RaggedViews(K, V, kr, vr, ar, pos_t)
+        for (K, V), (kr, vr) in zip(zip(cache.keys, cache.values), reads)
+    ]
+
+
+def copy_rows(cache: common.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
+    dev = cache.keys[0].device
+    s, d = torch.from_numpy(src).to(dev), torch.from_numpy(dst).to(dev)
+    for K, V in zip(cache.keys, cache.values):
+        K[:, :, :width].index_copy_(0, d, K[:, :, :width].index_select(0, s))
+        V[:, :, :width].index_copy_(0, d, V[:, :, :width].index_select(0, s))
+
+
+# ---- the lean step ---------------------------------------------------------------------------
 
 
 @dataclass
-class _Layer:
+class _Weights:
     """One block's weights for `step`: LayerNorms as they are, projections as W^T (in, out)."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor | None]
@@ -65,11 +248,12 @@ def supports(model: GPT) -> bool:
 
 
 class LeanStep:
-    """`step(tokens)` for one model and cache: the weights read (and transposed) once."""
+    """`step(tokens, layers, pos, mask)` for one model: the weights read (and transposed) once
+    per cache (a model that trains on gets a new cache, hence a new step)."""
 
-    def __init__(self, model: GPT, cache: list[KVCache]):
+    def __init__(self, model: GPT):
         tr = model.transformer
-        self.cache = cache
+        self.spec = model.spec
         self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, (tr.ln_f.weight, tr.ln_f.bias)
         self.pe = self.wpe.unbind(0)  # one view per position row
         self.head = self.wte.t()  # the tied head, (C, V)
@@ -77,7 +261,7 @@ class LeanStep:
             [m for b in tr.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         )
         self.layers = [
-            _Layer(
+            _Weights(
                 (b.ln_1.weight, b.ln_1.bias),
                 _wt(b.attn.c_attn),
                 _wt(b.attn.c_proj),
@@ -88,27 +272,30 @@ class LeanStep:
             for b in tr.h
         ]
         self.approximate = tr.h[0].mlp.approximate
-        # the q/k/v projection writes here; q, k, v are views of it (B, nh, 1, hs)
-        B, spec, w = cache[0].keys.shape[0], model.spec, self.wte
-        self.qkv = torch.empty(B, 3 * spec.n_embd, dtype=w.dtype, device=w.device)
-        self.qkv_views = self.qkv.view(B, 3, spec.n_head, 1, spec.head_dim).unbind(1)
+        self._qkv: dict[int, tuple] = {}  # by batch size: the q/k/v buffer and its views
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) appended to the cache -> next-token logits (B, V)."""
-        first = self.cache[0]
-        if first.offset >= first.max_len:
-            raise RuntimeError("KV cache is full: the caller must slide the window first")
+    def _buffers(self, B: int):
+        got = self._qkv.get(B)
+        if got is None:
+            spec, w = self.spec, self.wte
+            qkv = torch.empty(B, 3 * spec.n_embd, dtype=w.dtype, device=w.device)
+            got = self._qkv[B] = (qkv, qkv.view(B, 3, spec.n_head, 1, spec.head_dim).unbind(1))
+        return got
+
+    def __call__(self, tokens: torch.Tensor, cache: list, pos, mask) -> torch.Tensor:
+        """tokens (B,) at positions `pos` (an int shared by every row, or (B,)) -> next-token
+        logits (B, V); each layer's keys and values through cache[l].update_and_fetch."""
         x = self.wte.index_select(0, tokens)  # (B, C)
-        if first.rows.valid is None:  # no padding: the position is the offset for every row
-            x.add_(self.pe[first.offset])
+        if isinstance(pos, int):
+            x.add_(self.pe[pos])
         else:
-            x.add_(self.wpe.index_select(0, first.positions(1).view(-1)))
-        mask = first.mask(1)  # None, or (B, 1, 1, L) without the rows' padding
-        qkv, (q, k, v), C = self.qkv, self.qkv_views, (x.shape[1],)
-        for layer, cache in zip(self.layers, self.cache):
+            x.add_(self.wpe.index_select(0, pos))
+        qkv, (q, k, v) = self._buffers(x.shape[0])
+        C = (x.shape[1],)
+        for layer, c in zip(self.layers, cache):
             h = torch.layer_norm(x, C, *layer.ln_1, LAYER_NORM_EPS)
             _linear(h, *layer.c_attn, out=qkv)
-            keys, values = cache.update_and_fetch(k, v)  # (B, nh, L, hs)
+            keys, values = c.update_and_fetch(k, v)  # (B, nh, L, hs)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, 1, hs)
             _linear(y.view_as(x), *layer.c_proj, out=x, residual=True)
             h = torch.layer_norm(x, C, *layer.ln_2, LAYER_NORM_EPS)

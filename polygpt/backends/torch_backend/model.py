@@ -5,10 +5,11 @@ canonical parameter names of `spec.param_shapes()` (`transformer.h.0.attn.c_attn
 the LM head is `F.linear(x, wte.weight)` so no `lm_head` parameter exists. The MLX twin
 (`backends/mlx_backend/model.py`) mirrors these classes name for name.
 
-One forward path, mlx-lm's shape: `GPT.forward(idx, cache=None)` serves training, prefill and
-decode. `cache` is a list with one `KVCache` per layer (`make_cache`); the cache owns the
-offset, the left padding of each row and therefore the position ids and the attention mask,
-computed once per forward in `KVCache.positions` / `KVCache.mask`.
+One forward path, mlx-lm's shape: `GPT.forward(idx, cache=None, ...)` serves training, prefill
+and decode. With a cache (one object per layer whose `update_and_fetch(k, v)` stores the new
+keys and values and returns those to attend to: the slot cache's row operations in decode.py)
+the caller passes each token's position ids and the attention mask, which the slot cache's
+bookkeeping (backends/common.py) computes once per forward.
 """
 
 from __future__ import annotations
@@ -34,113 +35,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LAYER_NORM_EPS)
 
 
-class _Rows:
-    """What the layers of one cache share: each row's position ids and non-padding keys."""
-
-    def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None, device):
-        keys = torch.arange(max_len, device=device)
-        if pad is None:  # no row is padded
-            self.pos, self.valid = keys, None  # (L,)
-        else:
-            self.pos = (keys[None, :] - pad[:, None]).clamp_(min=0)  # (B, L)
-            self.valid = keys[None, :] >= pad[:, None]  # (B, L)
-
-
-class KVCache:
-    """One layer's keys and values, preallocated for `max_len` positions (mlx-lm's KVCache).
-
-    `update_and_fetch(k, v)` writes the new positions at `offset` and returns every key and
-    value so far. Rows may be left-padded: row b's first `pad[b]` positions are padding, masked
-    out of every attention and excluded from position ids. The layers of one cache share those
-    per-row facts (`make_cache`); the model asks the first layer's cache for positions and mask
-    before any layer writes.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: _Rows):
-        self.keys, self.values = keys, values  # (B, nh, max_len, hs)
-        self.rows = rows
-        self.offset = 0
-        # views made once per cache (which `make_cache` reuses when a window slides):
-        # (start, T) -> where to write, end -> what to read, so a decode step costs two copies
-        # and no view-making calls (see decode.py)
-        self._writes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._reads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[2]
-
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (B, nh, T, hs); returns all keys and values so far (B, nh, offset, hs)."""
-        start, T = self.offset, k.shape[2]
-        end = start + T
-        if end > self.max_len:
-            raise RuntimeError("KV cache is full: the caller must slide the window first")
-        dst = self._writes.get((start, T))
-        if dst is None:
-            dst = self._writes[start, T] = (
-                self.keys.narrow(2, start, T),
-                self.values.narrow(2, start, T),
-            )
-        dst[0].copy_(k)
-        dst[1].copy_(v)
-        self.offset = end
-        out = self._reads.get(end)
-        if out is None:
-            out = self._reads[end] = (self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end))
-        return out
-
-    def positions(self, t: int) -> torch.Tensor:
-        """Position ids of the next t tokens: (t,), or (B, t) when rows are padded."""
-        if self.offset + t > self.max_len:
-            raise RuntimeError("KV cache is full: the caller must slide the window first")
-        return self.rows.pos[..., self.offset : self.offset + t]
-
-    def mask(self, t: int) -> torch.Tensor | None:
-        """Boolean attention mask (B or 1, 1, t, offset+t), True = attend, for the next t
-        queries; None where plain causal attention is right (SDPA's is_causal when t > 1)."""
-        start, end = self.offset, self.offset + t
-        valid = self.rows.valid
-        if valid is None and (t == 1 or start == 0):
-            return None  # one new query sees the whole cache; a fresh prompt is plain causal
-        if t == 1:  # a decode step: every key so far except the row's padding
-            return valid[:, None, None, :end]
-        keys = torch.arange(end, device=self.keys.device)
-        queries = keys[start:]
-        mask = (keys[None, :] <= queries[:, None])[None]  # causal (1, t, L)
-        if valid is not None:
-            # A padding query may see only itself, so no softmax row is empty (NaN-free).
-            mask = (mask & valid[:, None, :end]) | (keys[None, :] == queries[:, None])
-        return mask[:, None]  # (B or 1, 1, t, L)
-
-
-def make_cache(
-    spec: ModelSpec,
-    batch: int,
-    pad: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    device=None,
-    reuse: list[KVCache] | None = None,
-) -> list[KVCache]:
-    """An empty cache of spec.block_size positions per layer; `pad` (B,) leading pad tokens
-    per row, or None when no row is padded. `reuse`: an earlier cache whose buffers (and
-    views) are taken over when they fit, for a window that slides many times."""
-    rows = _Rows(batch, spec.block_size, pad, device)
-    shape = (batch, spec.n_head, spec.block_size, spec.head_dim)
-    if reuse and reuse[0].keys.shape == shape and reuse[0].keys.dtype == dtype:
-        for c in reuse:
-            c.rows, c.offset = rows, 0
-        return reuse
-    return [
-        KVCache(
-            torch.empty(shape, dtype=dtype, device=device),
-            torch.empty(shape, dtype=dtype, device=device),
-            rows,
-        )
-        for _ in range(spec.n_layer)
-    ]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -152,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = spec.dropout
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None
     ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -268,21 +162,26 @@ class GPT(nn.Module):
                     p.zero_()
 
     def forward(
-        self, idx: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
+        self,
+        idx: torch.Tensor,
+        cache: list | None = None,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. With a cache, idx
-        continues the cached sequence (prefill or decode) and is appended to it."""
+        """idx (B, T) -> logits (B, T, V). With a cache, idx continues each row's cached
+        sequence at position ids `pos` ((T,) or (B, T)) under `mask` (bool (B, 1, T, L), True =
+        attend; None: causal). `last` (B,): only the logits at row b's index last[b],
+        (B, 1, V)."""
         B, T = idx.size()
         tr = self.transformer
         if cache is None:
             pos, mask, cache = torch.arange(T, device=idx.device), None, [None] * len(tr.h)
-        else:
-            pos, mask = cache[0].positions(T), cache[0].mask(T)
         x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
         for block, layer_cache in zip(tr.h, cache):
             x = block(x, mask, layer_cache)
-        if last_only:
-            x = x[:, -1:]
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last][:, None]
         x = tr.ln_f(x)
         return F.linear(x, tr.wte.weight)  # tied head
 

@@ -1,0 +1,203 @@
+"""What both backends share for generation: the slot cache's bookkeeping and the row plans.
+
+The slot cache (llama.cpp's slots, vLLM's persistent batch): per layer one K and one V array of
+shape (max_rows, n_head, block_size, head_dim), allocated once, and one length per row. Every
+row starts at column 0 and owns its whole block, so a token's position id is its column and no
+row's position depends on another's. The backends hold the arrays and run the model; this module
+turns the rows' requests into index arrays (NumPy, token data only), validates them and keeps
+the lengths, so the rule "row r attends to columns 0..length[r]" is written once.
+
+Three row operations, the same in torch and MLX:
+- `prefill_rows(cache, rows, tokens, starts)`: right-padded token lists, written at columns
+  start .. start + len - 1 of their rows; returns the logits after each row's last token.
+- `decode_rows(cache, rows, tokens)`: one token per row at column length[row].
+- `copy_rows(cache, src, dst)`: a row's keys, values and length copied onto another (a batch
+  compacted when a row leaves; n choices of one prompt sharing one prefill).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from polygpt.spec import ModelSpec
+
+
+class SlotCache:
+    """K/V arrays of every layer for `max_rows` rows (framework arrays, owned by the backend)
+    and each row's length: how many columns of the row hold keys and values."""
+
+    def __init__(self, model: Any, spec: ModelSpec, max_rows: int, keys: list, values: list):
+        if max_rows < 1:
+            raise ValueError("a slot cache needs at least one row")
+        self.model, self.spec, self.max_rows = model, spec, max_rows
+        self.keys, self.values = keys, values  # per layer (max_rows, n_head, block, head_dim)
+        self.lengths = np.zeros(max_rows, dtype=np.int64)
+        self.views: dict = {}  # backend-private: views/compiled steps keyed by shape
+
+    @property
+    def block(self) -> int:
+        return self.spec.block_size
+
+    def reset(self, rows) -> None:
+        """Empty rows (their columns are overwritten by whatever comes next)."""
+        self.lengths[_rows(self, rows)] = 0
+
+
+def _rows(cache: SlotCache, rows: Sequence[int] | np.ndarray, unique: bool = True) -> np.ndarray:
+    r = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(r) == 0:
+        raise ValueError("no rows given")
+    if r.min() < 0 or r.max() >= cache.max_rows:
+        raise ValueError(f"rows must be in 0..{cache.max_rows - 1}")
+    if unique and len(np.unique(r)) != len(r):
+        raise ValueError("a row is given twice")
+    return r
+
+
+def prefix_length(rows: np.ndarray) -> int:
+    """n when rows are exactly 0..n-1 (views of the storage serve them), else 0."""
+    n = len(rows)
+    return n if rows[0] == 0 and rows[-1] == n - 1 and np.all(np.diff(rows) == 1) else 0
+
+
+@dataclass
+class PrefillPlan:
+    """Right-padded tokens of a prefill and where they go.
+
+    tokens (n, T): row i's tokens then zeros; positions (n, T): start + j, clipped into the
+    block for padding; last (n,): index of each row's last token; fresh: every start is 0
+    (attention needs only the new keys, with a causal mask: right padding comes after every
+    real query); valid (n, T): which entries are real tokens."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    positions: np.ndarray
+    last: np.ndarray
+    valid: np.ndarray
+    fresh: bool
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    def ends(self) -> np.ndarray:
+        """Columns 0..end-1 of row i hold keys after this prefill."""
+        return self.starts + self.lengths
+
+
+def plan_prefill(
+    cache: SlotCache,
+    rows: Sequence[int] | np.ndarray,
+    tokens: Sequence[Sequence[int]] | np.ndarray,
+    starts: Sequence[int] | np.ndarray | None = None,
+) -> PrefillPlan:
+    r = _rows(cache, rows)
+    seqs = [np.asarray(t, dtype=np.int64).reshape(-1) for t in tokens]
+    if len(seqs) != len(r):
+        raise ValueError("prefill_rows needs one token list per row")
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    if lengths.min() < 1:
+        raise ValueError("prefill_rows needs at least one token per row")
+    s = np.zeros(len(r), dtype=np.int64) if starts is None else np.asarray(starts, np.int64)
+    if s.shape != r.shape or s.min() < 0:
+        raise ValueError("starts needs one non-negative column per row")
+    if np.any(s > cache.lengths[r]):
+        raise ValueError("a prefill may not start past a row's length (a gap of no keys)")
+    if np.any(s + lengths > cache.block):
+        raise ValueError(f"a row would exceed the block ({cache.block} columns)")
+    T = int(lengths.max())
+    out = np.zeros((len(r), T), dtype=np.int64)
+    j = np.arange(T)
+    valid = j[None, :] < lengths[:, None]
+    for i, q in enumerate(seqs):
+        out[i, : len(q)] = q
+    positions = np.minimum(s[:, None] + j[None, :], cache.block - 1)
+    return PrefillPlan(r, out, s, lengths, positions, lengths - 1, valid, not s.any())
+
+
+def commit_prefill(cache: SlotCache, plan: PrefillPlan) -> None:
+    cache.lengths[plan.rows] = plan.ends()
+
+
+@dataclass
+class DecodePlan:
+    """One token per row: written at column positions[i] = the row's length, which attends to
+    columns 0..positions[i]. `n`: rows are 0..n-1 (else 0); `uniform`: every row is equally
+    long (no mask needed over the first `width` columns)."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    positions: np.ndarray
+    n: int
+    uniform: bool
+
+    @property
+    def width(self) -> int:
+        """Columns any row attends to: max position + 1."""
+        return int(self.positions.max()) + 1
+
+
+def plan_decode(cache: SlotCache, rows, tokens) -> DecodePlan:
+    r = _rows(cache, rows)
+    t = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if t.shape != r.shape:
+        raise ValueError("decode_rows needs one token per row")
+    pos = cache.lengths[r]
+    if pos.max() >= cache.block:
+        raise ValueError("a row's block is full: slide its window first")
+    return DecodePlan(r, t, pos.copy(), prefix_length(r), bool(np.all(pos == pos[0])))
+
+
+def commit_decode(cache: SlotCache, plan: DecodePlan) -> None:
+    cache.lengths[plan.rows] = plan.positions + 1
+
+
+def plan_copy(cache: SlotCache, src, dst) -> tuple[np.ndarray, np.ndarray, int]:
+    """Source and destination rows and the columns worth copying (the longest source)."""
+    s, d = _rows(cache, src, unique=False), _rows(cache, dst)  # a row may go to several
+    if s.shape != d.shape:
+        raise ValueError("copy_rows needs as many destinations as sources")
+    return s, d, int(cache.lengths[s].max())
+
+
+def commit_copy(cache: SlotCache, src: np.ndarray, dst: np.ndarray) -> None:
+    cache.lengths[dst] = cache.lengths[src]
+
+
+class SlotOps:
+    """The row operations of the Backend protocol, written once: plan, run, then commit the
+    new lengths (a failed forward leaves the lengths as they were). A backend supplies
+    `_new_slot_cache`, `_prefill` and `_decode` (a plan in, logits (n, V) float32 NumPy out)
+    and `_copy`."""
+
+    def slot_cache(self, model: Any, max_rows: int) -> SlotCache:
+        """An empty slot cache for `model` with `max_rows` rows (allocated once)."""
+        return self._new_slot_cache(model, max_rows)
+
+    def prefill_rows(self, cache: SlotCache, rows, tokens, starts=None) -> np.ndarray:
+        """Write each row's tokens at columns start.. (default 0: a fresh window); returns
+        the logits after each row's last token (n, V) float32."""
+        plan = plan_prefill(cache, rows, tokens, starts)
+        logits = self._prefill(cache, plan)
+        commit_prefill(cache, plan)
+        return logits
+
+    def decode_rows(self, cache: SlotCache, rows, tokens) -> np.ndarray:
+        """Append one token per row at its length; returns next-token logits (n, V)."""
+        plan = plan_decode(cache, rows, tokens)
+        logits = self._decode(cache, plan)
+        commit_decode(cache, plan)
+        return logits
+
+    def copy_rows(self, cache: SlotCache, src, dst) -> None:
+        """Row dst[i] becomes a copy of row src[i] (keys, values, length)."""
+        s, d, width = plan_copy(cache, src, dst)
+        if width:
+            self._copy(cache, s, d, width)
+        commit_copy(cache, s, d)

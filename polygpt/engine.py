@@ -1,0 +1,439 @@
+"""The generation engine: requests in, events out, one decode call per step over a slot cache.
+
+`polygpt sample` (generate.generate), `polygpt serve` and `polygpt bench` all run on this,
+the way llama.cpp's server slots and vLLM's persistent batch work:
+
+- Rows. The engine's slot cache (backends/common.py) has `max_rows` rows; the active requests
+  occupy rows 0..n-1, so a decode step reads views of the cache. A request whose row ends
+  (finished, stopped, cancelled) leaves at once: the last active row is copied into its hole.
+- A step. Waiting requests are admitted into free rows: their prompts but the last token are
+  prefilled together in one call (identical prompts once, then copied: `n` choices of one
+  prompt share one prefill). Then one `decode_rows` call feeds every active row its pending
+  token (a new row's last prompt token, or its last sampled one) and returns the next-token
+  logits, which are sampled with each row's own settings in one vectorized pass
+  (sampling.sample_rows).
+- Context window. Positions are learned embeddings up to block_size, so a row whose block is
+  full slides: its window restarts from its last `keep` tokens (the pending one included),
+  re-prefilled in that row alone, and decoding goes on. Every token sees at least `keep`
+  tokens of context; the default keep is half the block (llama.cpp's context shift: 3/4 of
+  the block cost 3 tokens of forward pass per generated token at batch 64 on a CPU); keep =
+  block_size - 1 gives nanoGPT's full context at one re-prefill per token. The rule depends
+  only on the row's own length.
+- Randomness. Row r draws from its own stream, seeded (seed, stream) (sampling.RowStreams),
+  one uniform per token, so a request's text does not depend on what else is in the batch,
+  up to float rounding of batched matmuls.
+
+Events: `TextChunk` (text that became final, for requests that stream), `Finished(reason,
+tokens, text, usage)` with reason "stop", "length" or "cancelled", and `Failed(message)`.
+No HTTP here: serve.py relays events to clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from polygpt.errors import PolygptError
+from polygpt.sampling import RowStreams, check_settings, sample_rows
+from polygpt.textstream import TextStream, cut_at_stop
+
+log = logging.getLogger("polygpt.engine")
+
+
+def check_prompts(prompts: list[list[int]], block_size: int) -> None:
+    if not prompts:
+        raise PolygptError("no prompts given")
+    for p in prompts:
+        check_prompt(p, block_size)
+
+
+def check_prompt(prompt: list[int], block_size: int) -> None:
+    if len(prompt) == 0:
+        raise PolygptError("the prompt is empty: give at least one token (e.g. a newline)")
+    if len(prompt) > block_size:
+        raise PolygptError(
+            f"the prompt is {len(prompt)} tokens, longer than the model's context "
+            f"(block_size {block_size})"
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: a prompt (token ids) and how to continue it."""
+
+    prompt: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    stream: int = 0  # which random stream of `seed` this request draws from
+    stop: list[str] = field(default_factory=list)  # end before the first of these
+    stream_text: bool = False  # emit TextChunk events as text becomes final
+    logprobs: int | None = None  # per new token: its log-probability and the top N's
+    prompt_logprobs: bool = False  # score the prompt's tokens too (echo)
+    tag: Any = None  # the caller's: an index, a job
+    cancelled: bool = False  # set by Engine.cancel (any thread); the row leaves at the next step
+    t_submit: float = 0.0
+    t_first: float | None = None  # when its first token was sampled
+
+
+@dataclass
+class TextChunk:
+    request: Request
+    text: str
+
+
+# A token's log-probability under the model (raw logits, before temperature and filters) and
+# the N most likely tokens' (id, log-probability), most likely first.
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass
+class Finished:
+    request: Request
+    reason: str  # "stop", "length" or "cancelled"
+    tokens: list[int]  # the new tokens (before a stop string)
+    text: str | None  # their text, cut before a stop string (None without a tokenizer)
+    logprobs: list[TokenLogprob] | None = None  # one per new token (Request.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (the first has none)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        p, c = len(self.request.prompt), len(self.tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@dataclass
+class Failed:
+    request: Request
+    message: str
+
+
+Event = TextChunk | Finished | Failed
+
+
+class QueueFull(PolygptError):
+    """The waiting queue is at its bound (a server answers 429)."""
+
+
+class _Row:
+    """An admitted request: its tokens, window, random stream and text."""
+
+    def __init__(self, req: Request, decode: Callable | None, keep: int):
+        self.req = req
+        self.history = list(req.prompt)  # prompt + new tokens; the last one is pending
+        self.start = 0  # the window (what the next logits are conditioned on): history[start:]
+        self.new = 0  # tokens generated
+        self.rng = RowStreams(req.seed, [req.stream]) if req.temperature > 0 else None
+        self.keep = keep
+        self.events: list[Event] = []
+        self.text = None
+        if decode is not None and (req.stop or req.stream_text):
+            emit = self._emit if req.stream_text else None
+            self.text = TextStream(decode, req.stop, emit)
+        self.sent = 0  # characters streamed
+        self.reason: str | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if req.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+
+    def window(self) -> np.ndarray:
+        return np.asarray(self.history[self.start :], dtype=np.int64)
+
+    def _emit(self, text: str) -> None:
+        self.sent += len(text)
+        self.events.append(TextChunk(self.req, text))
+
+    def take(self, token: int) -> None:
+        """Append a sampled token; sets `reason` when the row ends."""
+        self.history.append(token)
+        self.new += 1
+        if self.text is not None and self.text.push(token):
+            self.reason = "stop"
+        elif self.new >= self.req.max_tokens:
+            self.reason = "length"
+
+    def tokens(self) -> list[int]:
+        ids = self.history[len(self.req.prompt) :]
+        if self.text is not None and self.text.kept is not None:
+            ids = ids[: self.text.kept]
+        return ids
+
+
+def top_logprobs(logits: np.ndarray, chosen: np.ndarray, n: int) -> list[TokenLogprob]:
+    """Log-softmax of each row (float64): the chosen token's value and the top n."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    out = []
+    for row, tok in zip(x, chosen):
+        top = []
+        if n > 0:
+            idx = np.argpartition(-row, min(n, len(row) - 1))[:n]
+            idx = idx[np.argsort(-row[idx], kind="stable")]
+            top = [(int(i), float(row[i])) for i in idx]
+        out.append((float(row[tok]), top))
+    return out
+
+
+class Engine:
+    """Generation for many requests at once on one model.
+
+    `submit` and `cancel` may be called from any thread; `step` (or `run`) from the one thread
+    that owns the model. `decode_text` (ids -> str) is needed for stop strings and text."""
+
+    def __init__(
+        self,
+        backend,
+        model,
+        block_size: int,
+        max_rows: int = 16,
+        keep: int = 0,
+        decode_text: Callable[[list[int]], str] | None = None,
+        max_queue: int | None = None,
+        observe: Callable[[list[_Row], np.ndarray], None] | None = None,
+    ):
+        keep = keep or max(1, block_size // 2)
+        if not 1 <= keep <= block_size:
+            raise PolygptError(f"keep must be in 1..block_size ({block_size}), got {keep}")
+        if max_rows < 1:
+            raise PolygptError("the engine needs at least one row (--max-batch >= 1)")
+        self.backend, self.model, self.block, self.keep = backend, model, block_size, keep
+        self.max_rows, self.decode_text, self.max_queue = max_rows, decode_text, max_queue
+        self.observe = observe  # (rows, logits) after every decode: tests, parity checks
+        self.cache = backend.slot_cache(model, max_rows)
+        self.active: list[_Row] = []  # row i of the cache is active[i]
+        self._waiting: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self.counts: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()  # time per phase
+        self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded
+
+    # -- any thread -------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue a request (PolygptError for a bad one, QueueFull past max_queue)."""
+        self.submit_many([req])
+
+    def submit_many(self, reqs: list[Request]) -> None:
+        """Queue requests together: all of them, or none when the queue has no room."""
+        for req in reqs:
+            self._check(req)
+        now = time.perf_counter()
+        with self._cv:
+            room = None if self.max_queue is None else self.max_queue - len(self._waiting)
+            if room is not None and len(reqs) > room:
+                raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting)")
+            for req in reqs:
+                req.t_submit = now
+                self._waiting.append(req)
+            self.counts["requests"] += len(reqs)
+            self._cv.notify()
+
+    def _check(self, req: Request) -> None:
+        check_prompt(req.prompt, self.block)
+        try:
+            check_settings(req.temperature, req.top_k, req.top_p)
+        except ValueError as e:
+            raise PolygptError(str(e)) from None
+        if req.max_tokens < 0:
+            raise PolygptError("max_tokens must be >= 0")
+        if (req.stop or req.stream_text) and self.decode_text is None:
+            raise ValueError("stop strings and streaming need decode_text")
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def idle(self) -> bool:
+        return not self.active and not self._waiting
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            return {
+                "max_batch": self.max_rows,
+                "running": len(self.active),
+                "waiting": len(self._waiting),
+                "decode_steps": sum(self.batch_sizes.values()),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                **dict(self.counts),
+            }
+
+    # -- the model thread -------------------------------------------------------------------
+    def run(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> None:
+        """Step until stop() is true, handing each event to its request's `tag.emit`; sleeps
+        while idle. A framework failure fails the running requests, not the server."""
+        while not stop():
+            try:
+                events = self.step()
+            except Exception:
+                log.exception("generation failed; failing the running requests")
+                events = self.fail_all("the model failed while generating (see the server log)")
+            for ev in events:
+                ev.request.tag.emit(ev)
+            if not events and self.idle():
+                with self._cv:
+                    if not self._waiting:
+                        self._cv.wait(poll)
+
+    def fail_all(self, message: str) -> list[Event]:
+        rows, self.active = self.active, []
+        return [Failed(r.req, message) for r in rows]
+
+    def step(self) -> list[Event]:
+        """Admit, slide, one decode call for every active row, sample. Returns the events."""
+        events: list[Event] = []
+        self._leave([r for r in self.active if r.req.cancelled], "cancelled", events)
+        t0 = time.perf_counter()
+        fresh = self._admit(events)
+        slides = [r for r in self.active if len(r.history) - r.start > self.block]
+        for r in slides:  # the pending token would fall outside the block
+            r.start = len(r.history) - self.keep
+        if fresh or slides:
+            self._prefill(fresh, slides)
+        t1 = time.perf_counter()
+        self.seconds["prefill"] += t1 - t0
+        if not self.active:
+            return events
+        rows = self.active
+        n = len(rows)
+        pending = np.array([r.history[-1] for r in rows], dtype=np.int64)
+        logits = self.backend.decode_rows(self.cache, np.arange(n), pending)
+        t2 = time.perf_counter()
+        self.seconds["decode"] += t2 - t1
+        self.batch_sizes[n] += 1
+        if self.observe is not None:
+            self.observe(rows, logits)
+        nxt = self._sample(rows, logits)
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        for i in want:
+            rows[i].logprobs.extend(
+                top_logprobs(logits[i : i + 1], nxt[i : i + 1], rows[i].req.logprobs)
+            )
+        ended = []
+        for r, tok in zip(rows, nxt.tolist()):
+            if r.req.t_first is None:
+                r.req.t_first = t2
+            r.take(tok)
+            events.extend(r.events)
+            r.events.clear()
+            if r.reason is not None:
+                ended.append(r)
+        self.seconds["sample"] += time.perf_counter() - t2
+        self._leave(ended, None, events)
+        return events
+
+    def _sample(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:
+        req = [r.req for r in rows]
+        temperature = np.array([q.temperature for q in req], dtype=np.float64)
+        u = np.zeros(len(rows))
+        for i, r in enumerate(rows):
+            if r.rng is not None:
+                u[i] = r.rng.next()[0]
+        if not temperature.any():  # all greedy: no arrays to build
+            return np.argmax(logits, axis=-1)
+        top_k = np.array([q.top_k for q in req], dtype=np.int64)
+        top_p = np.array([q.top_p for q in req], dtype=np.float64)
+        return sample_rows(logits, temperature, top_k, top_p, u)
+
+    def _admit(self, events: list[Event]) -> list[_Row]:
+        new = []
+        with self._cv:
+            while self._waiting and len(self.active) < self.max_rows:
+                req = self._waiting.popleft()
+                if req.cancelled or req.max_tokens == 0:
+                    reason = "cancelled" if req.cancelled else "length"
+                    text = "" if self.decode_text is not None else None
+                    lps = [] if req.logprobs is not None else None
+                    scored = self._score(req) if req.prompt_logprobs and not req.cancelled else None
+                    events.append(Finished(req, reason, [], text, lps, scored))
+                    continue
+                row = _Row(req, self.decode_text, self.keep)
+                if req.prompt_logprobs:
+                    row.prompt_logprobs = self._score(req)
+                self.active.append(row)
+                new.append(row)
+        return new
+
+    def _score(self, req: Request) -> list[TokenLogprob]:
+        """The prompt's tokens 1.. under the model: log-probabilities from the backend's
+        `target_logprobs` (what `polygpt eval` sums), the top N from its logits."""
+        p = np.asarray(req.prompt, dtype=np.int64)
+        if len(p) < 2:
+            return []
+        x, y = p[None, :-1], p[None, 1:]
+        lp = self.backend.target_logprobs(self.model, x, y)[0]
+        n = req.logprobs or 0
+        tops = [[] for _ in lp]
+        if n > 0:
+            tops = [t for _, t in top_logprobs(self.backend.logits(self.model, x)[0], y[0], n)]
+        self.counts["scored_tokens"] += len(lp)
+        return [(float(v), t) for v, t in zip(lp, tops)]
+
+    def _prefill(self, fresh: list[_Row], slides: list[_Row]) -> None:
+        """One prefill call for new prompts (identical ones once) and slid windows; a row
+        whose window is its pending token alone has nothing to prefill."""
+        index = {id(r): i for i, r in enumerate(self.active)}
+        rows, tokens, copies, empty = [], [], [], []
+        first: dict[tuple[int, ...], int] = {}
+        for r in fresh + slides:
+            window = tuple(r.history[r.start : -1])
+            if not window:
+                empty.append(index[id(r)])
+            elif r in fresh and window in first:
+                copies.append((first[window], index[id(r)]))
+            else:
+                if r in fresh:
+                    first[window] = index[id(r)]
+                rows.append(index[id(r)])
+                tokens.append(window)
+        if rows:
+            self.backend.prefill_rows(self.cache, rows, tokens)
+            self.counts["prefill_calls"] += 1
+            self.counts["prefill_tokens"] += sum(map(len, tokens))
+        if copies:
+            src, dst = zip(*copies)
+            self.backend.copy_rows(self.cache, list(src), list(dst))
+        if empty:
+            self.cache.reset(empty)
+        self.counts["slides"] += len(slides)
+
+    def _leave(self, ended: list[_Row], reason: str | None, events: list[Event]) -> None:
+        """Finish rows and compact: the last active rows move into the holes."""
+        if not ended:
+            return
+        gone = {id(r) for r in ended}
+        for r in ended:
+            events.extend(self._finish(r, reason or r.reason))
+        keep_n = len(self.active) - len(ended)
+        holes = [i for i, r in enumerate(self.active[:keep_n]) if id(r) in gone]
+        movers = [i for i in range(keep_n, len(self.active)) if id(self.active[i]) not in gone]
+        if holes:
+            self.backend.copy_rows(self.cache, movers, holes)
+            for h, m in zip(holes, movers):
+                self.active[h] = self.active[m]
+        del self.active[keep_n:]
+
+    def _finish(self, r: _Row, reason: str) -> list[Event]:
+        ids = r.tokens()
+        text = None
+        if self.decode_text is not None:
+            text = cut_at_stop(self.decode_text(ids), r.req.stop)
+            if r.req.stream_text and reason != "cancelled" and r.sent < len(text):
+                r._emit(text[r.sent :])  # text held back for a stop string that never came
+        events, r.events = r.events, []
+        self.counts["completion_tokens"] += len(ids)
+        lps = None if r.logprobs is None else r.logprobs[: len(ids)]
+        return [*events, Finished(r.req, reason, ids, text, lps, r.prompt_logprobs)]

@@ -1,0 +1,111 @@
+"""The slot cache's row operations in every installed backend: prefill_rows, decode_rows and
+copy_rows on ragged rows give the logits of each row run alone (a full forward over the row's
+tokens), and torch and MLX give the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polygpt.backends import get_backend
+from polygpt.spec import ModelSpec
+
+from .conftest import backends_under_test
+
+
+def _installed() -> list[str]:
+    return [p.values[0] for p in backends_under_test() if not p.marks[0].args[0]]
+
+
+SPEC = ModelSpec(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """One set of weights for every backend (saved by the first installed one)."""
+    from polygpt.weights import model_metadata
+
+    be = get_backend(_installed()[0], "cpu")
+    path = tmp_path_factory.mktemp("slots") / "model.safetensors"
+    be.save_model(be.init_model(SPEC, 3), path, model_metadata(SPEC))
+    return path
+
+
+def _script(be, model):
+    """Ragged prefills, decodes over prefix and scattered rows, a continued prefill, copies
+    and a reset: every op's logits checked against the full forward of the row's tokens.
+    Returns every logits array, for the cross-backend comparison."""
+    rng = np.random.default_rng(0)
+    cache = be.slot_cache(model, 4)
+    hist: dict[int, list[int]] = {}
+    seen, worst = [], 0.0
+
+    def check(rows, logits):
+        nonlocal worst
+        seen.append(logits)
+        for i, r in enumerate(rows):
+            full = be.logits(model, np.array([hist[r]]))[0, -1]
+            worst = max(worst, float(np.abs(full - logits[i]).max()))
+
+    prompts = {2: rng.integers(0, 50, 3), 0: rng.integers(0, 50, 1), 1: rng.integers(0, 50, 6)}
+    for r, p in prompts.items():
+        hist[r] = p.tolist()
+    check(list(prompts), be.prefill_rows(cache, list(prompts), list(prompts.values())))
+    for step in range(8):
+        rows = [0, 1, 2] if step % 2 else [2, 0]  # rows 0..n-1, and rows anywhere
+        toks = rng.integers(0, 50, len(rows))
+        for r, t in zip(rows, toks):
+            hist[r].append(int(t))
+        check(rows, be.decode_rows(cache, rows, toks))
+    assert cache.lengths[:3].tolist() == [len(hist[r]) for r in range(3)]
+    starts = [len(hist[0]), len(hist[2])]  # a continued prefill: attends to cached columns
+    hist[0] += [1, 2, 3]
+    hist[2] += [4]
+    check([0, 2], be.prefill_rows(cache, [0, 2], [[1, 2, 3], [4]], starts=starts))
+    be.copy_rows(cache, [2], [3])  # row 3 takes row 2's keys, values and length
+    hist[3] = list(hist[2])
+    for step in range(3):
+        hist[1], hist[3] = hist[1] + [7], hist[3] + [8 + step]
+        hist[0], hist[2] = hist[0] + [7], hist[2] + [7]
+        check([0, 1, 2, 3], be.decode_rows(cache, [0, 1, 2, 3], [7, 7, 7, 8 + step]))
+    cache.reset([0])
+    hist[0] = [5, 6]
+    check([0], be.prefill_rows(cache, [0], [[5, 6]]))
+    hist[0].append(9)
+    check([0], be.decode_rows(cache, [0], [9]))  # rows 0..0, one length: the view path
+    return worst, seen
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_row_ops_equal_each_row_alone(backend, weights_file):
+    be = get_backend(backend, "cpu")
+    worst, _ = _script(be, be.load_model(SPEC, weights_file))
+    assert worst <= 1e-5, f"slot cache vs full forward: max |diff| {worst:.3g}"
+
+
+def test_row_ops_agree_across_backends(weights_file):
+    names = _installed()
+    if len(names) < 2:
+        pytest.skip("needs torch and MLX")
+    runs = []
+    for name in names:
+        be = get_backend(name, "cpu")
+        runs.append(_script(be, be.load_model(SPEC, weights_file))[1])
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(*runs))
+    assert worst <= 1e-4, f"torch vs MLX logits: max |diff| {worst:.3g}"
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_row_ops_reject_what_does_not_fit(backend, weights_file):
+    be = get_backend(backend, "cpu")
+    cache = be.slot_cache(be.load_model(SPEC, weights_file), 2)
+    with pytest.raises(ValueError, match="exceed the block"):
+        be.prefill_rows(cache, [0], [list(range(17))])
+    with pytest.raises(ValueError, match="rows must be"):
+        be.decode_rows(cache, [2], [1])
+    be.prefill_rows(cache, [1], [list(range(16))])
+    with pytest.raises(ValueError, match="full"):
+        be.decode_rows(cache, [1], [1])
+    with pytest.raises(ValueError, match="past a row's length"):
+        be.prefill_rows(cache, [0], [[1]], starts=[3])
+    assert cache.lengths.tolist() == [0, 16]  # a refused op changes nothing

@@ -860,17 +860,22 @@ def serve(
 @click.option("--duration", default=20.0, show_default=True, type=float, help="Seconds per run.")
 @click.option("--max-tokens", default=64, show_default=True, type=int, help="Per request.")
 @click.option("--rounds", default=4, show_default=True, type=int, help="Alternations of 1 and N.")
+@click.option("--n", "n", default=1, show_default=True, type=int, help="Choices per request.")
+@click.option("--prompt", default="\n", show_default=True, help="Every request's prompt.")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
-def bench_serve(checkpoint, backends, device, clients, duration, max_tokens, rounds, as_json):
+def bench_serve(
+    checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, as_json
+):
     """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
     _needs_serve_extra()
     names = available_backends() if backends == "all" else backends.split(",")
-    if min(clients, max_tokens, rounds) < 1 or duration <= 0:
-        raise PolygptError("--clients, --duration, --max-tokens and --rounds must be positive")
+    if min(clients, max_tokens, rounds, n) < 1 or duration <= 0:
+        raise PolygptError("--clients, --duration, --max-tokens, --rounds, --n must be positive")
     click.echo(serve_bench.HEADER)
     res = serve_bench.bench_serve(
-        checkpoint, names, clients, duration, max_tokens, device=device or "auto", rounds=rounds
-    )
+        checkpoint, names, clients, duration, max_tokens, prompt=prompt,
+        device=device or "auto", rounds=rounds, n=n,
+    )  # fmt: skip
     for line in serve_bench.speedups(res):
         click.echo(line)
     if as_json:

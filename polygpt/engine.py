@@ -17,8 +17,8 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
   re-prefilled in that row alone, and decoding goes on. Every token sees at least `keep`
   tokens of context; the default keep is half the block (llama.cpp's context shift: 3/4 of
   the block cost 3 tokens of forward pass per generated token at batch 64 on a CPU); keep =
-  block_size - 1 gives nanoGPT's full context at one re-prefill per token. The rule depends
-  only on the row's own length.
+  block_size gives nanoGPT's full context at one re-prefill per token. The rule depends only
+  on the row's own length.
 - Randomness. Row r draws from its own stream, seeded (seed, stream) (sampling.RowStreams),
   one uniform per token, so a request's text does not depend on what else is in the batch,
   up to float rounding of batched matmuls.
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from polygpt.errors import PolygptError
-from polygpt.sampling import RowStreams, check_settings, sample_rows
+from polygpt.sampling import RowStreams, check_settings, make_sampler, sample_rows
 from polygpt.textstream import TextStream, cut_at_stop
 
 log = logging.getLogger("polygpt.engine")
@@ -215,6 +215,7 @@ class Engine:
         self.counts: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()  # time per phase
         self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded
+        self._samplers: dict[tuple, Callable] = {}  # by (temperature, top_k, top_p)
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -337,13 +338,16 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:
         req = [r.req for r in rows]
-        temperature = np.array([q.temperature for q in req], dtype=np.float64)
         u = np.zeros(len(rows))
         for i, r in enumerate(rows):
             if r.rng is not None:
                 u[i] = r.rng.next()[0]
-        if not temperature.any():  # all greedy: no arrays to build
-            return np.argmax(logits, axis=-1)
+        first = req[0]
+        key = (first.temperature, first.top_k, first.top_p)
+        if all((q.temperature, q.top_k, q.top_p) == key for q in req):  # the usual case
+            sampler = self._samplers.get(key) or self._samplers.setdefault(key, make_sampler(*key))
+            return sampler(logits, u)
+        temperature = np.array([q.temperature for q in req], dtype=np.float64)
         top_k = np.array([q.top_k for q in req], dtype=np.int64)
         top_p = np.array([q.top_p for q in req], dtype=np.float64)
         return sample_rows(logits, temperature, top_k, top_p, u)

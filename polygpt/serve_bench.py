@@ -226,17 +226,19 @@ def bench_serve(
     temperature: float = 0.8,
     device: str = "cpu",
     rounds: int = 4,
+    n: int = 1,
     log=print,
 ) -> list[Result]:
     """One client at a time and `clients` at once, per backend, alternating in `rounds`
-    rounds of duration / rounds seconds each (so a change in the machine's load hits both)."""
+    rounds of duration / rounds seconds each (so a change in the machine's load hits both).
+    `n`: choices per request (the server's rows: clients x n)."""
     weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens}
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "n": n}
     body["temperature"] = temperature
     out = []
     for backend in backends:
         server = ServerProcess(
-            checkpoint, backend, "-d", device, "--max-batch", str(max(clients, 1))
+            checkpoint, backend, "-d", device, "--max-batch", str(max(clients * n, 1))
         )
         try:
             run_clients(server, clients, 1.0, body, seed=10**6)  # warm up every batch size

@@ -1,7 +1,8 @@
-"""Issue 16's speed goals, measured the issue's way: polygpt against nanoGPT, interleaved rounds.
+"""The speed goals, measured: polygpt against nanoGPT, and the engine's batch, interleaved rounds.
 
     .venv/bin/python scripts/bench_speed.py train [--rounds 3] [key=value overrides...]
     .venv/bin/python scripts/bench_speed.py decode CHECKPOINT [--rounds 3]
+    .venv/bin/python scripts/bench_speed.py rows CHECKPOINT [--backend torch] [--rows 16]
 
 train: per round, nanoGPT's train.py loop (scripts/nanogpt_seeds.py: its model, batches,
     AdamW and `estimate_loss` every eval_interval) then `polygpt train` of the same config with
@@ -11,6 +12,9 @@ decode: per round, batch-1 tokens/s by the difference method (a SHORT- and a LON
     so start-up cancels): `polygpt sample --temperature 0.8 --top-k 200` through the CLI, and
     nanoGPT's method (`uncached_generate`: a full forward over the cropped context per token,
     same weights and sampler) in a subprocess; default threads both.
+rows: the engine's decode step (`decode_rows`) for one row and for N rows at once, rows of
+    different lengths (a server's batch), on the checkpoint's weights in this process; per round
+    the median ms of 200 steps each, the ratio N rows / 1 row (the goal: <= 2).
 
 Rounds alternate which side goes first; every round's numbers are printed, then the medians.
 Load average and thread counts are printed too: compare only numbers from one run.
@@ -122,6 +126,32 @@ def decode_round(ckpt: str, short: int, long: int, r: int) -> tuple[float, float
     return n, rate(sample)
 
 
+def rows_round(lm, n: int, steps: int = 200) -> tuple[float, float]:
+    """Median ms of one decode step over 1 row and over n rows (lengths spread over the
+    block, each row its own; the cache is refilled when a row would reach the block)."""
+    import numpy as np
+
+    be, block = lm.backend, lm.spec.block_size
+    out = []
+    for k in (1, n):
+        cache = be.slot_cache(lm.model, k)
+        rng = np.random.default_rng(k)
+        lengths = rng.integers(1, block // 2, k) if k > 1 else np.array([block // 4])
+        rows = np.arange(k)
+
+        prompts = [rng.integers(0, 50, m) for m in lengths]
+        be.prefill_rows(cache, rows, prompts)
+        times = []
+        for _ in range(steps):
+            if cache.lengths.max() >= block - 1:
+                be.prefill_rows(cache, rows, prompts)
+            t = time.perf_counter()
+            be.decode_rows(cache, rows, rng.integers(0, 50, k))
+            times.append((time.perf_counter() - t) * 1e3)
+        out.append(statistics.median(times))
+    return out[0], out[1]
+
+
 def report(name: str, unit: str, rows: list[tuple[float, float]], higher_is_better: bool) -> None:
     print(f"\n{name}: {'round':>6}{'nanoGPT':>12}{'polygpt':>12}{'speed-up':>10}  ({unit})")
     ratios = []
@@ -147,9 +177,30 @@ def main(argv: list[str] | None = None) -> None:
     de.add_argument("checkpoint")
     de.add_argument("--short", type=int, default=500, help="tokens of the short run")
     de.add_argument("--long", type=int, default=10_500, help="tokens of the long run")
-    for p in (tr, de):
+    ro = sub.add_parser("rows", help="the engine's decode step: N rows against 1")
+    ro.add_argument("checkpoint")
+    ro.add_argument("--backend", default="torch")
+    ro.add_argument("--rows", type=int, default=16)
+    for p in (tr, de, ro):
         p.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.what == "rows":
+        from polygpt import inference
+
+        lm = inference.load(args.checkpoint, backend=args.backend, device="cpu")
+        print(f"load average {_load()}; {lm.backend.describe()}")
+        rows_round(lm, args.rows, 50)  # warm-up: allocations, MLX's traces
+        res = []
+        for r in range(args.rounds):
+            res.append(rows_round(lm, args.rows))
+            print(f"round {r + 1}: 1 row {res[-1][0]:.3f} ms, {args.rows} rows {res[-1][1]:.3f} ms")
+        ratios = [b / a for a, b in res]
+        print(
+            f"median: 1 row {statistics.median(a for a, _ in res):.3f} ms, {args.rows} rows "
+            f"{statistics.median(b for _, b in res):.3f} ms, ratio {statistics.median(ratios):.2f}"
+            f" (median of the rounds'); load average after {_load()}"
+        )
+        return
     import torch  # only for the thread count it reports (the runs are subprocesses)
 
     print(f"load average {_load()}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")

@@ -53,7 +53,8 @@ def _rows(cache: SlotCache, rows: Sequence[int] | np.ndarray, unique: bool = Tru
         raise ValueError("no rows given")
     if r.min() < 0 or r.max() >= cache.max_rows:
         raise ValueError(f"rows must be in 0..{cache.max_rows - 1}")
-    if unique and len(np.unique(r)) != len(r):
+    increasing = len(r) == 1 or bool(np.all(r[1:] > r[:-1]))  # (the engine's: no sort)
+    if unique and not increasing and len(np.unique(r)) != len(r):
         raise ValueError("a row is given twice")
     return r
 
@@ -61,7 +62,9 @@ def _rows(cache: SlotCache, rows: Sequence[int] | np.ndarray, unique: bool = Tru
 def prefix_length(rows: np.ndarray) -> int:
     """n when rows are exactly 0..n-1 (views of the storage serve them), else 0."""
     n = len(rows)
-    return n if rows[0] == 0 and rows[-1] == n - 1 and np.all(np.diff(rows) == 1) else 0
+    if rows[0] != 0 or rows[-1] != n - 1:
+        return 0
+    return n if n < 3 or bool(np.all(rows[1:] > rows[:-1])) else 0
 
 
 @dataclass

@@ -862,9 +862,10 @@ def serve(
 @click.option("--rounds", default=4, show_default=True, type=int, help="Alternations of 1 and N.")
 @click.option("--n", "n", default=1, show_default=True, type=int, help="Choices per request.")
 @click.option("--prompt", default="\n", show_default=True, help="Every request's prompt.")
+@click.option("--url", default=None, help="Measure the OpenAI server running there instead.")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
 def bench_serve(
-    checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, as_json
+    checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, url, as_json
 ):
     """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
     _needs_serve_extra()
@@ -874,7 +875,7 @@ def bench_serve(
     click.echo(serve_bench.HEADER)
     res = serve_bench.bench_serve(
         checkpoint, names, clients, duration, max_tokens, prompt=prompt,
-        device=device or "auto", rounds=rounds, n=n,
+        device=device or "auto", rounds=rounds, n=n, url=url,
     )  # fmt: skip
     for line in serve_bench.speedups(res):
         click.echo(line)

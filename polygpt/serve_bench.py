@@ -92,6 +92,24 @@ class ServerProcess:
                 self.proc.wait()
 
 
+class ExternalServer:
+    """An OpenAI-compatible server already running at `url` (another project's, for a side by
+    side with the same clients); it has no /v1/stats, so batch sizes are not reported."""
+
+    def __init__(self, url: str):
+        hostport = url.split("//", 1)[-1].split("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise PolygptError(f"--url needs http://HOST:PORT/v1, got {url!r}")
+        self.url, self.host, self.port = url, host.strip("[]"), int(port)
+
+    def stats(self) -> dict:
+        return {"batch_sizes": {}}
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class Request:
     sent: float
@@ -123,10 +141,13 @@ def stream_once(host: str, port: int, body: dict, conn=None) -> Request:
         chunk = json.loads(data)
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        if any(c["text"] for c in chunk.get("choices", ())):
+        if any(c.get("text") for c in chunk.get("choices", ())):
             times.append(time.perf_counter())
     r.read()
-    return Request(sent, times[0] if times else None, times, tokens, time.perf_counter())
+    # a server that sends no usage chunk: one text chunk is one token
+    return Request(
+        sent, times[0] if times else None, times, tokens or len(times), time.perf_counter()
+    )
 
 
 @dataclass
@@ -227,19 +248,30 @@ def bench_serve(
     device: str = "cpu",
     rounds: int = 4,
     n: int = 1,
+    url: str | None = None,
     log=print,
 ) -> list[Result]:
     """One client at a time and `clients` at once, per backend, alternating in `rounds`
     rounds of duration / rounds seconds each (so a change in the machine's load hits both).
-    `n`: choices per request (the server's rows: clients x n)."""
-    weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "n": n}
+    `n`: choices per request (the server's rows: clients x n). `url`: measure the server
+    running there instead (one row, named "url")."""
+    if url is not None:
+        backends = ["url"]
+    else:
+        weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
+    body = {"prompt": prompt, "max_tokens": max_tokens}
+    if url is None:  # another server may read `model` as a model to load
+        body["model"] = "bench"
+    if n > 1:
+        body["n"] = n
     body["temperature"] = temperature
     out = []
     for backend in backends:
-        server = ServerProcess(
-            checkpoint, backend, "-d", device, "--max-batch", str(max(clients * n, 1))
-        )
+        if url is not None:
+            server = ExternalServer(url)
+        else:
+            rows = str(max(clients * n, 1))
+            server = ServerProcess(checkpoint, backend, "-d", device, "--max-batch", rows)
         try:
             run_clients(server, clients, 1.0, body, seed=10**6)  # warm up every batch size
             runs: dict[int, list[Run]] = {n: [] for n in dict.fromkeys([1, clients])}

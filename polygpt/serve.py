@@ -204,15 +204,9 @@ def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_toke
     for p in prompts:
         try:
             t = lm.encode(p)
+            eng.check_prompt(t, limits.block)
         except PolygptError as e:
             raise BadRequest(f"prompt: {e}", "prompt") from None
-        if not t:
-            raise BadRequest("prompt: the prompt is empty (give at least one token)", "prompt")
-        if len(t) > limits.block:
-            raise BadRequest(
-                f"prompt: {len(t)} tokens, longer than the model's context ({limits.block})",
-                "prompt",
-            )
         ids.append(t)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     settings = dict(

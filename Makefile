@@ -63,19 +63,29 @@ test: install
 
 # The reference blog's experiments (about two hours on 2 idle CPU cores): the sweep (runs,
 # full-split perplexity, samples, results table), the seed spread in torch, MLX and nanoGPT's own
-# recipe, the blog's last-token perplexity, the charts and docs/experiments/report.md.
+# recipe, the blog's last-token perplexity, its inference table, the charts and
+# docs/experiments/report.md. What is already in docs/experiments is not measured again.
 SWEEP_RUNS := 0.8M-500 0.8M-1000 0.8M-2000 0.8M-4000 0.8M-2000-mlx 3.2M-2000 6.3M-2000 6.3M-4000
 experiments: install data/shakespeare_char/train.bin
 	$(BIN)/polygpt sweep experiments/shakespeare.toml
 	$(BIN)/polygpt sweep experiments/seeds.toml
-	@[ -f weights/nanogpt_seeds/results.json ] || \
-		$(BIN)/python scripts/nanogpt_seeds.py --seeds 1337 1 2 --out weights/nanogpt_seeds
-	@mkdir -p weights/lasttoken
-	@for r in $(SWEEP_RUNS); do f=weights/lasttoken/$$r-50k.json; [ -s $$f ] || \
+	@[ -f docs/experiments/nanogpt_seeds.json ] || \
+		{ $(BIN)/python scripts/nanogpt_seeds.py --seeds 1337 1 2 --out weights/nanogpt_seeds \
+		&& cp weights/nanogpt_seeds/results.json docs/experiments/nanogpt_seeds.json; }
+	@mkdir -p docs/experiments/lasttoken
+	@for r in $(SWEEP_RUNS); do f=docs/experiments/lasttoken/$$r-50k.json; [ -s $$f ] || \
 		{ $(BIN)/polygpt eval weights/sweep/$$r --method last-token --max-tokens 50000 --json > $$f.tmp \
 		&& mv $$f.tmp $$f; } || exit 1; done
-	@f=weights/lasttoken/6.3M-4000-full.json; [ -s $$f ] || \
+	@f=docs/experiments/lasttoken/6.3M-4000-full.json; [ -s $$f ] || \
 		{ $(BIN)/polygpt eval weights/sweep/6.3M-4000 --method last-token --json > $$f.tmp && mv $$f.tmp $$f; }
+	@# the blog's inference table: every backend x precision on 6.3M-4000, whole-split perplexity
+	@[ -f docs/experiments/inference.json ] || \
+		{ $(BIN)/polygpt bench weights/sweep/6.3M-4000 --backends all --precisions fp32,fp16,bf16,int8,int4 \
+			--batch-sizes 1,8 --full-ppl --out weights/inference \
+		&& cp weights/inference/results.json docs/experiments/inference.json; }
+	@for p in fp32 fp16 int8; do f=docs/experiments/lasttoken/6.3M-4000-torch-$$p-50k.json; [ -s $$f ] || \
+		{ $(BIN)/polygpt eval weights/sweep/6.3M-4000 -b torch -p $$p --method last-token \
+			--max-tokens 50000 --json > $$f.tmp && mv $$f.tmp $$f; } || exit 1; done
 	$(BIN)/python scripts/experiments_report.py
 	$(BIN)/polygpt plot weights/sweep/0.8M-500 weights/sweep/0.8M-1000 weights/sweep/0.8M-2000 \
 		weights/sweep/0.8M-4000 --kind loss --out docs/experiments/loss_0.8M.png

@@ -3,11 +3,12 @@
     .venv/bin/python scripts/experiments_report.py [--out docs/experiments/report.md]
 
 Reads the sweep's results (docs/experiments/results.json), the seed sweep
-(docs/experiments/seeds/results.json), nanoGPT's seeds (weights/nanogpt_seeds/results.json,
-from scripts/nanogpt_seeds.py) and the last-token perplexities (weights/lasttoken/*.json, from
-`polygpt eval --method last-token --json`), and writes three Markdown tables: the sweep against
-the blog, the seed spread (mean ± sd) and the two perplexity definitions side by side. A missing
-input leaves its rows out and says so; nothing here trains or evaluates.
+(docs/experiments/seeds/results.json), nanoGPT's seeds (docs/experiments/nanogpt_seeds.json,
+from scripts/nanogpt_seeds.py), the last-token perplexities (docs/experiments/lasttoken/*.json,
+from `polygpt eval --method last-token --json`) and the inference table's `polygpt bench` run
+(docs/experiments/inference.json), and writes the Markdown tables: the sweep against the blog,
+the seed spread (mean ± sd) and the inference table. A missing input leaves its rows out and
+says so; nothing here trains or evaluates.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def _mean_sd(xs: list[float]) -> str:
 def sweep_table(results: list[dict], lasttoken: Path) -> list[str]:
     rows = [
         "| run | backend | params (non-emb) | iters | train loss | val loss | ppl, full split "
-        "(sliding) | ppl, last-token (first 50k val) | ms/iter | blog: train / val / ppl |",
+        "(sliding) | ppl, last-token (first 50k val) | ms/iter (load) | blog: train / val / ppl |",
         "|" + "---|" * 10,
     ]
     for r in results:
         lt = _load(lasttoken / f"{r['name']}-50k.json")
+        load = r.get("load_avg_1_5_15")
+        ms = f"{r['ms_per_iter']:.1f}" + (f" ({load[0]:.1f})" if load else "")
         b = BLOG.get(r["name"], {})
         blog = " / ".join(
             f"{b[k]:.2f}" if isinstance(b.get(k), float) else "–" for k in ("train", "val", "ppl")
@@ -59,11 +62,11 @@ def sweep_table(results: list[dict], lasttoken: Path) -> list[str]:
         rows.append(
             f"| {r['name']} | {r['backend']} | {r['params_non_embedding']:,} | {r['max_iters']} "
             f"| {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} "
-            f"| {lt['perplexity']:.3f} | {r['ms_per_iter']:.0f} | {blog} |"
+            f"| {lt['perplexity']:.3f} | {ms} | {blog} |"
             if lt
             else f"| {r['name']} | {r['backend']} | {r['params_non_embedding']:,} "
             f"| {r['max_iters']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} "
-            f"| {r['val_ppl']:.3f} | (not measured) | {r['ms_per_iter']:.0f} | {blog} |"
+            f"| {r['val_ppl']:.3f} | (not measured) | {ms} | {blog} |"
         )
     full = _load(lasttoken / "6.3M-4000-full.json")
     if full:
@@ -108,12 +111,62 @@ def seed_table(sweep: list[dict], seeds: list[dict], nano: list[dict]) -> list[s
     return rows
 
 
+# The blog's inference table (6.31M model, 4000 iterations): perplexity on 50k val tokens, its
+# last-token method. Sizes and speeds are only charted there.
+BLOG_INFERENCE = {"fp32": 4.111, "fp16": 4.113, "int8": 4.116}
+
+
+def inference_table(bench: dict | None, lasttoken: Path) -> list[str]:
+    if not bench:
+        return ["(not measured: `make experiments` runs `polygpt bench` on 6.3M-4000)"]
+    rows = [
+        "| backend | precision | size on disk | weights in memory | ppl, whole val | "
+        "ppl, first 50k (last-token) | decode b1 tokens/s | decode b8 tokens/s | "
+        "prefill b8 tokens/s | the blog: ppl (50k, last-token) |",
+        "|" + "---|" * 10,
+    ]
+    for r in bench["results"]:
+        if r["status"] != "ok":
+            rows.append(
+                f"| {r['backend']} | {r['precision']} | {r.get('reason') or r['status']} "
+                "| | | | | | | |"
+            )
+            continue
+        full = (r.get("ppl_full") or {}).get("perplexity")
+        lt = _load(lasttoken / f"6.3M-4000-{r['backend']}-{r['precision']}-50k.json")
+
+        def rate(group: str, b: str, r=r) -> str:
+            v = (r.get(group) or {}).get(b)
+            return f"{v['median']:,.0f}" if v else "–"
+
+        blog = BLOG_INFERENCE.get(r["precision"]) if r["backend"] == "torch" else None
+        mem = r.get("memory") or {}
+        rows.append(
+            f"| {r['backend']} | {r['precision']} | {_num(r.get('size_mb'), 2, ' MB')} "
+            f"| {_num(mem.get('weights_mb'), 2, ' MB')} | {_num(full, 4)} "
+            f"| {_num(lt and lt['perplexity'], 4)} | {rate('decode_kv', 'b1')} "
+            f"| {rate('decode_kv', 'b8')} | {rate('prefill', 'b8')} | {blog or '–'} |"
+        )
+    env = bench.get("environment", {})
+    load = env.get("load_avg") or env.get("load")
+    rows.append(
+        f"\n`polygpt bench` wall time {bench.get('wall_s', 0) / 60:.1f} min; "
+        f"load average at its start: {load}."
+    )
+    return rows
+
+
+def _num(v, digits: int, unit: str = "") -> str:
+    return "–" if v is None else f"{v:,.{digits}f}{unit}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="docs/experiments/results.json")
     ap.add_argument("--seeds", default="docs/experiments/seeds/results.json")
-    ap.add_argument("--nanogpt", default="weights/nanogpt_seeds/results.json")
-    ap.add_argument("--lasttoken", default="weights/lasttoken")
+    ap.add_argument("--nanogpt", default="docs/experiments/nanogpt_seeds.json")
+    ap.add_argument("--lasttoken", default="docs/experiments/lasttoken")
+    ap.add_argument("--inference", default="docs/experiments/inference.json")
     ap.add_argument("--out", default="docs/experiments/report.md")
     a = ap.parse_args()
     sweep = _load(Path(a.results)) or []
@@ -123,6 +176,8 @@ def main() -> None:
     lines += ["## The sweep against the blog", ""] + sweep_table(sweep, Path(a.lasttoken))
     lines += ["", "## Seed spread (reference config, 2000 iterations)", ""]
     lines += seed_table(sweep, seeds, nano)
+    lines += ["", "## The inference table (6.3M-4000)", ""]
+    lines += inference_table(_load(Path(a.inference)), Path(a.lasttoken))
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")
 

@@ -8,7 +8,12 @@
   exported with zero biases (the same function). polygpt's `gelu_tanh` is HF's `gelu_new`.
 
 Parameter names are the same in all three (nanoGPT copied OpenAI's), so everything else is a
-name-for-name copy, checked against the spec before anything is written.
+name-for-name copy, checked against the spec (from the headers, before a tensor is read).
+
+Conversion streams: the target file is written tensor by tensor (weights.write_tensors), each
+read from the source just before it is written (safetensors: plain reads of that tensor;
+nanoGPT: `torch.load(mmap=True)`, which maps the pickle's tensors instead of reading them all),
+so no whole copy of the weights is ever built in memory.
 """
 
 from __future__ import annotations
@@ -28,31 +33,45 @@ _DROP = ("lm_head.weight", ".attn.bias", ".attn.masked_bias")  # tied head; caus
 
 def _torch():
     # torch is imported here, not at module top: convert is the one module above backends/
-    # that needs it (torch.load of nanoGPT pickles, safetensors.torch), and only when called.
+    # that needs it (torch.load of nanoGPT pickles, the torch backend's tensor reader), and
+    # only when called.
     try:
         import torch
-        from safetensors.torch import load_file, save_file
+
+        from polygpt.backends.torch_backend import loading
     except ImportError:
         raise PolygptError("conversion needs torch: pip install 'polygpt[torch]'") from None
-    return torch, load_file, save_file
+    return torch, loading
 
 
-def _check_state(state: dict, spec: ModelSpec, source: str) -> None:
+def _check_shapes(shapes: dict, spec: ModelSpec, source: str) -> None:
     expected = spec.param_shapes()
     for name, shape in expected.items():
-        if name not in state:
+        if name not in shapes:
             raise PolygptError(f"{source}: missing tensor {name!r}")
-        if tuple(state[name].shape) != shape:
+        if tuple(shapes[name]) != shape:
             raise PolygptError(
-                f"{source}: {name} has shape {list(state[name].shape)}, expected {list(shape)}"
+                f"{source}: {name} has shape {list(shapes[name])}, expected {list(shape)}"
             )
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     if extra:
         raise PolygptError(f"{source}: unexpected tensor {extra[0]!r}")
 
 
-def _write(out, spec, state, tokenizer: dict, extra: dict, save_file) -> Path:
-    state = {k: state[k].contiguous() for k in spec.param_shapes()}
+def _write_f32(path: Path, shapes: dict, tensor, metadata: dict[str, str]) -> None:
+    """Write the tensors `shapes` lists as fp32, each made by `tensor(name)` just in time."""
+
+    torch, _ = _torch()
+
+    def data(name: str):
+        t = tensor(name).float().contiguous()
+        return t.view(-1).view(torch.uint8).numpy()  # its bytes; the array keeps t alive
+
+    weights.write_tensors(path, [(n, "F32", s) for n, s in shapes.items()], data, metadata)
+
+
+def _write(out, spec, tensor, tokenizer: dict, extra: dict) -> Path:
+    """A polygpt checkpoint of `spec` whose weights come from `tensor(name)`, one at a time."""
     config = {
         "polygpt_version": __version__,
         "spec": spec.to_dict(),
@@ -62,12 +81,15 @@ def _write(out, spec, state, tokenizer: dict, extra: dict, save_file) -> Path:
         **extra,
     }
     meta = weights.model_metadata(spec)
-    return weights.write_checkpoint(
+    shapes = spec.param_shapes()
+    out = weights.write_checkpoint(
         out,
         config=config,
         tokenizer=tokenizer,
-        save_model=lambda p: save_file(state, str(p), metadata=meta),
+        save_model=lambda p: _write_f32(p, shapes, tensor, meta),
     )
+    weights.check_model_file(out / weights.MODEL_FILE, spec)  # what we wrote reads back
+    return out
 
 
 def _tokenizer_for(vocab_size: int, tokenizer_dir: str | Path | None) -> dict:
@@ -87,15 +109,11 @@ def _tokenizer_for(vocab_size: int, tokenizer_dir: str | Path | None) -> dict:
 def from_nanogpt(
     ckpt_pt: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None
 ) -> Path:
-    torch, _, save_file = _torch()
+    torch, _ = _torch()
     p = Path(ckpt_pt)
     if not p.exists():
         raise PolygptError(f"{p} does not exist")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)  # never executes code
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad or unsafe file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PolygptError(f"cannot read {p} as a nanoGPT checkpoint: {msg}") from None
+    obj = _load_nanogpt(torch, p)
     if not isinstance(obj, dict) or "model" not in obj or "model_args" not in obj:
         raise PolygptError(f"{p} is not a nanoGPT checkpoint (no 'model' / 'model_args')")
     args = obj["model_args"]
@@ -117,20 +135,35 @@ def from_nanogpt(
         k = k.removeprefix("_orig_mod.")  # torch.compile'd models
         if k.endswith(_DROP[1:]) or k == _DROP[0]:
             continue
-        state[k] = v.float()
-    _check_state(state, spec, str(p))
+        state[k] = v  # mapped, not read: each is read (and made fp32) as it is written
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, spec, str(p))
     extra = {"converted_from": f"nanoGPT {p.name}", "nanogpt_iter_num": obj.get("iter_num")}
     if isinstance(obj.get("best_val_loss"), (int, float)) or hasattr(
         obj.get("best_val_loss"), "item"
     ):
         extra["metrics"] = {"val_loss": float(obj["best_val_loss"])}
-    return _write(
-        out, spec, state, _tokenizer_for(spec.vocab_size, tokenizer_dir), extra, save_file
-    )
+    tokenizer = _tokenizer_for(spec.vocab_size, tokenizer_dir)
+    return _write(out, spec, state.__getitem__, tokenizer, extra)
+
+
+def _load_nanogpt(torch, p: Path) -> object:
+    """torch.load with weights_only=True (it refuses to run code from the file), memory-mapped
+    where the file allows it (the zip format torch.save writes since 1.6): the optimizer state
+    beside the model is then never read at all."""
+    try:
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(p, map_location="cpu", weights_only=True)  # the legacy format
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad or unsafe file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PolygptError(f"cannot read {p} as a nanoGPT checkpoint: {msg}") from None
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    torch, load_file, save_file = _torch()
+    torch, loading = _torch()
     d = Path(hf_dir)
     cfg = weights.read_json(d / "config.json")
     if cfg.get("model_type") != "gpt2":
@@ -158,35 +191,46 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | Non
             "reads model.safetensors only (transformers' save_pretrained writes it by default)"
         )
     weights.read_header(d / "model.safetensors")  # a clear error for a bad file
-    raw = load_file(str(d / "model.safetensors"), device="cpu")
-    state = {}
-    for k, v in raw.items():
-        if k == _DROP[0] or k.endswith(_DROP[1:]):
-            continue
-        k = k if k.startswith("transformer.") else f"transformer.{k}"
-        state[k] = (v.t() if k.endswith(CONV1D) else v).float()
-    _check_state(state, spec, str(d))
-    return _write(
-        out,
-        spec,
-        state,
-        _tokenizer_for(spec.vocab_size, tokenizer_dir),
-        {"converted_from": f"Hugging Face GPT-2 {d.name}"},
-        save_file,
-    )
+    with weights.TensorFile(d / "model.safetensors") as f:
+        source, shapes = {}, {}  # polygpt name -> HF name, polygpt shape
+        for k, e in f.entries.items():
+            if k == _DROP[0] or k.endswith(_DROP[1:]):
+                continue
+            name = k if k.startswith("transformer.") else f"transformer.{k}"
+            source[name] = k
+            shapes[name] = e.shape[::-1] if name.endswith(CONV1D) else e.shape
+        _check_shapes(shapes, spec, str(d))
+        _check_float(f, source.values(), d)
+
+        def tensor(name: str):
+            e = f.entries[source[name]]
+            t = loading.read_tensor(f, e.name, e.shape, torch.float32)
+            return t.t() if name.endswith(CONV1D) else t
+
+        return _write(
+            out,
+            spec,
+            tensor,
+            _tokenizer_for(spec.vocab_size, tokenizer_dir),
+            {"converted_from": f"Hugging Face GPT-2 {d.name}"},
+        )
+
+
+def _check_float(f: weights.TensorFile, names, source) -> None:
+    for n in names:
+        if f.entries[n].dtype not in weights.FLOAT_DTYPES:
+            raise PolygptError(f"{source}: {n} has dtype {f.entries[n].dtype}, expected a float")
 
 
 def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
-    """Export a polygpt checkpoint as a directory `GPT2LMHeadModel.from_pretrained` loads."""
-    torch, load_file, save_file = _torch()
+    """Export a polygpt checkpoint as a directory `GPT2LMHeadModel.from_pretrained` loads
+    (fp32; a quantized checkpoint is dequantized)."""
+    torch, loading = _torch()
     ckpt = weights.read_checkpoint(ckpt_dir)
     spec = ckpt.spec
     weights.check_model_file(ckpt.model_file, spec)
-    state = load_file(str(ckpt.model_file), device="cpu")
-    hf = {}
     C = spec.n_embd
-    for k, v in state.items():
-        hf[k] = (v.t() if k.endswith(CONV1D) else v).float().contiguous()
+    shapes = {k: s[::-1] if k.endswith(CONV1D) else s for k, s in spec.param_shapes().items()}
     if not spec.bias:  # GPT-2 has biases everywhere: zeros compute the same function
         zeros = {
             "ln_1": C,
@@ -198,8 +242,8 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
         }
         for i in range(spec.n_layer):
             for name, n in zeros.items():
-                hf[f"transformer.h.{i}.{name}.bias"] = torch.zeros(n)
-        hf["transformer.ln_f.bias"] = torch.zeros(C)
+                shapes[f"transformer.h.{i}.{name}.bias"] = (n,)
+        shapes["transformer.ln_f.bias"] = (C,)
     bpe = ckpt.tokenizer.get("type") == "tiktoken"
     config = {
         "architectures": ["GPT2LMHeadModel"],
@@ -219,10 +263,21 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
         "bos_token_id": 50256 if bpe else None,
         "eos_token_id": 50256 if bpe else None,
     }
-    with weights.atomic_directory(out) as tmp:
-        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "polygpt_tokenizer.json").write_text(json.dumps(ckpt.tokenizer))
+    params = spec.param_shapes()
+    with weights.TensorFile(ckpt.model_file) as f:
+        q = f.metadata.get("quantization")
+        quant = weights.Quantization.from_json(q) if q else None
+
+        def tensor(name: str):
+            if name not in params:
+                return torch.zeros(shapes[name])
+            t = loading.read_tensor(f, name, params[name], torch.float32, quant)
+            return t.t() if name.endswith(CONV1D) else t
+
+        with weights.atomic_directory(out) as tmp:
+            _write_f32(tmp / "model.safetensors", shapes, tensor, {"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / "polygpt_tokenizer.json").write_text(json.dumps(ckpt.tokenizer))
     return Path(out)
 
 

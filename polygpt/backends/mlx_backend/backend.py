@@ -33,6 +33,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 import polygpt.backends.mlx_backend.decode as decode  # noqa: E402
+import polygpt.backends.mlx_backend.loading as loading  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import weights  # noqa: E402
@@ -145,8 +146,9 @@ class Backend(SlotOps):
     @_on_device
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
         """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16 (a quantized
-        file is dequantized), or int8/int4 (a float file is quantized with nn.quantize; a file
-        already quantized at those bits loads as it is)."""
+        file is dequantized), or int8/int4 (a float file is quantized as nn.quantize does; a
+        file already quantized at those bits loads as it is). Tensor by tensor from the lazy
+        mx.load: no second copy of the weights (loading.py)."""
         if precision not in PRECISIONS:
             raise PolygptError(
                 f"precision {precision!r} is not supported by the mlx backend "
@@ -155,28 +157,18 @@ class Backend(SlotOps):
         path = Path(path)
         weights.check_model_file(path, spec)
         quant = weights.model_quantization(path)
-        arrays = mx.load(str(path))  # straight from safetensors: keeps bf16, no NumPy
-        model = GPT(spec)
-        if quant is not None and precision == quant.precision:
-            layers = {n for n in arrays if n.endswith(".weight") and arrays[n].dtype == mx.uint32}
-            quantize.quantize_layers(model, quant.bits, quant.group_size, layers)
-            model.load_weights(list(arrays.items()), strict=True)
-            mx.eval(model.parameters())
-            model.eval()
-            return model
-        if quant is not None:
-            if precision not in DTYPES:
-                raise PolygptError(
-                    f"{path} is {quant.precision}-quantized: load it as {quant.precision}, or "
-                    f"dequantized as fp32/fp16/bf16 (re-quantizing to {precision} would round "
-                    "twice)"
-                )
-            arrays = _dequantize_arrays(arrays, quant)
-        target = DTYPES.get(precision, mx.float32)
-        model.load_weights([(k, v.astype(target)) for k, v in arrays.items()], strict=True)
-        mx.eval(model.parameters())
+        bits = QUANT_BITS.get(precision)
+        if quant is not None and precision not in DTYPES and precision != quant.precision:
+            raise PolygptError(
+                f"{path} is {quant.precision}-quantized: load it as {quant.precision}, or "
+                f"dequantized as fp32/fp16/bf16 (re-quantizing to {precision} would round "
+                "twice)"
+            )
+        # int8/int4: a float file is quantized from fp32, a quantized one keeps its dtypes
+        dtype = DTYPES.get(precision, None if quant is not None else mx.float32)
+        model = loading.load_gpt(spec, path, dtype, bits, quant)
         model.eval()
-        return self.set_precision(model, precision)
+        return model
 
     @_on_device
     def set_precision(self, model: GPT, precision: str) -> GPT:
@@ -377,22 +369,3 @@ class Backend(SlotOps):
 
     def synchronize(self) -> None:
         mx.synchronize()
-
-
-def _dequantize_arrays(arrays: dict, quant: weights.Quantization) -> dict:
-    """Replace each quantized weight (packed + scales + biases) by its float weights."""
-    out = {}
-    for name, a in arrays.items():
-        if name.endswith((".scales", ".biases")):
-            continue
-        if a.dtype == mx.uint32:
-            prefix = name[: -len("weight")]
-            a = quantize.affine_dequantize(
-                a,
-                arrays[prefix + "scales"],
-                arrays[prefix + "biases"],
-                quant.bits,
-                quant.group_size,
-            )
-        out[name] = a
-    return out

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import polygpt.backends.torch_backend.decode as decode
+import polygpt.backends.torch_backend.loading as loading
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
 from polygpt.backends.base import PRECISIONS
@@ -120,42 +121,40 @@ class Backend(SlotOps):
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
         """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16, or int8
         (dynamic quantization, CPU). A quantized file is dequantized first (torch has no 4-bit
-        compute; its rounded weights are kept exactly)."""
+        compute; its rounded weights are kept exactly). Tensor by tensor, straight into the
+        compute precision: no second copy of the weights (loading.py)."""
         if precision not in PRECISIONS:
             raise PolygptError(
                 f"precision {precision!r} is not supported by the torch backend "
                 f"({', '.join(PRECISIONS)}; int4 is MLX's)"
             )
+        self._check_precision(precision)
         path = Path(path)
         weights.check_model_file(path, spec)
-        quant = weights.model_quantization(path)
-        state = load_file(str(path), device=str(self._dev) if self.device != "mps" else "cpu")
-        if quant is not None:
-            state = _dequantize_state(state, quant)
         target = DTYPES.get(precision, torch.float32)
-        state = {k: v.to(target) for k, v in state.items()}
-        model = GPT(spec)
-        model.load_state_dict(state, strict=True, assign=True)
-        model = model.to(self._dev).eval()
-        return self.set_precision(model, precision)
+        model = loading.load_gpt(spec, path, target, self._dev, int8=precision == "int8")
+        return model.eval()
+
+    def _check_precision(self, precision: str) -> None:
+        if precision == "int8" and self.device != "cpu":
+            raise PolygptError(
+                f"torch int8 is dynamic quantization, which runs on the CPU only "
+                f"(not {self.device}): use --device cpu, or fp16/bf16 here"
+            )
+        if precision == "int4":
+            raise PolygptError(
+                "torch cannot compute in 4 bits: sample an int4 checkpoint with --precision "
+                "fp32 (its 4-bit weights, dequantized) or with --backend mlx"
+            )
 
     def set_precision(self, model: GPT, precision: str) -> GPT:
         if precision in DTYPES:
             # fp16 on an x86 CPU is correct but slow (no native fp16 matmul): allowed, and
             # the benchmarks say so
             return model.to(DTYPES[precision])
+        self._check_precision(precision)
         if precision == "int8":
-            if self.device != "cpu":
-                raise PolygptError(
-                    f"torch int8 is dynamic quantization, which runs on the CPU only "
-                    f"(not {self.device}): use --device cpu, or fp16/bf16 here"
-                )
             return quantize.dynamic_int8(model.float())
-        if precision == "int4":
-            raise PolygptError(
-                "torch cannot compute in 4 bits: sample an int4 checkpoint with --precision "
-                "fp32 (its 4-bit weights, dequantized) or with --backend mlx"
-            )
         raise PolygptError(f"precision {precision!r} is not supported by the torch backend")
 
     def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
@@ -351,18 +350,3 @@ class Backend(SlotOps):
             torch.cuda.synchronize()
         elif self.device == "mps":
             torch.mps.synchronize()
-
-
-def _dequantize_state(state: dict, quant: weights.Quantization) -> dict:
-    """Replace each quantized weight (packed + scales + biases) by its float weights."""
-    out = {}
-    for name, t in state.items():
-        if name.endswith((".scales", ".biases")):
-            continue
-        if t.dtype == torch.uint32:
-            prefix = name[: -len("weight")]
-            t = quantize.affine_dequantize(
-                t, state[prefix + "scales"], state[prefix + "biases"], quant.bits, quant.group_size
-            )
-        out[name] = t
-    return out

@@ -78,12 +78,22 @@ experiments: install data/shakespeare_char/train.bin
 		&& mv $$f.tmp $$f; } || exit 1; done
 	@f=docs/experiments/lasttoken/6.3M-4000-full.json; [ -s $$f ] || \
 		{ $(BIN)/polygpt eval weights/sweep/6.3M-4000 --method last-token --json > $$f.tmp && mv $$f.tmp $$f; }
-	@# the blog's inference table: every backend x precision on 6.3M-4000, whole-split perplexity
-	@[ -f docs/experiments/inference.json ] || \
-		{ $(BIN)/polygpt bench weights/sweep/6.3M-4000 --backends all --precisions fp32,fp16,bf16,int8,int4 \
-			--batch-sizes 1,8 --full-ppl --out weights/inference \
-		&& cp weights/inference/results.json docs/experiments/inference.json; }
-	@for p in fp32 fp16 int8; do f=docs/experiments/lasttoken/6.3M-4000-torch-$$p-50k.json; [ -s $$f ] || \
+	@# the blog's inference table on 6.3M-4000: torch at every precision and MLX at fp32 with the
+	@# whole-split perplexity; MLX's fp16/bf16/int8/int4 briefly (2,000 tokens: on an x86 CPU their
+	@# matmuls ran on one core, too slow for the whole split)
+	@[ -f docs/experiments/inference.json ] || { \
+		$(BIN)/polygpt bench weights/sweep/6.3M-4000 --backends torch --precisions fp32,fp16,bf16,int8 \
+			--batch-sizes 1,8 --full-ppl --out weights/inference/torch && \
+		$(BIN)/polygpt bench weights/sweep/6.3M-4000 --backends mlx --precisions fp32 \
+			--batch-sizes 1,8 --full-ppl --out weights/inference/mlx && \
+		$(BIN)/polygpt bench weights/sweep/6.3M-4000 --backends mlx --precisions fp16,bf16,int8,int4 \
+			--quick --ppl-tokens 2000 --out weights/inference/mlx_low && \
+		$(BIN)/python -c "import json, sys; print(json.dumps([json.load(open(f)) for f in sys.argv[1:]]))" \
+			weights/inference/torch/results.json weights/inference/mlx/results.json \
+			weights/inference/mlx_low/results.json > docs/experiments/inference.json; }
+	@# the blog's last-token method at fp32 (3.2M forward tokens: 7 minutes; torch's fp16 runs
+	@# ~1k tokens/s on a CPU, an hour)
+	@for p in fp32; do f=docs/experiments/lasttoken/6.3M-4000-torch-$$p-50k.json; [ -s $$f ] || \
 		{ $(BIN)/polygpt eval weights/sweep/6.3M-4000 -b torch -p $$p --method last-token \
 			--max-tokens 50000 --json > $$f.tmp && mv $$f.tmp $$f; } || exit 1; done
 	$(BIN)/python scripts/experiments_report.py

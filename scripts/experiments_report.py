@@ -116,20 +116,23 @@ def seed_table(sweep: list[dict], seeds: list[dict], nano: list[dict]) -> list[s
 BLOG_INFERENCE = {"fp32": 4.111, "fp16": 4.113, "int8": 4.116}
 
 
-def inference_table(bench: dict | None, lasttoken: Path) -> list[str]:
-    if not bench:
+def inference_table(benches: list[dict] | None, lasttoken: Path) -> list[str]:
+    """`benches`: the `polygpt bench` runs of the table (results.json each), in order."""
+    if not benches:
         return ["(not measured: `make experiments` runs `polygpt bench` on 6.3M-4000)"]
     rows = [
-        "| backend | precision | size on disk | weights in memory | ppl, whole val | "
-        "ppl, first 50k (last-token) | decode b1 tokens/s | decode b8 tokens/s | "
-        "prefill b8 tokens/s | the blog: ppl (50k, last-token) |",
-        "|" + "---|" * 10,
+        "| backend | precision | size on disk | weights in memory | ppl, whole val (64-char "
+        "windows) | ppl, first N val tokens (N) | ppl, first 50k (last-token) | decode b1 "
+        "tokens/s | decode b8 tokens/s | prefill b8 tokens/s | the blog: ppl (50k, last-token) |",
+        "|" + "---|" * 11,
     ]
-    for r in bench["results"]:
+    for r in (r for bench in benches for r in bench["results"]):
+        if r["status"] == "skipped" and r.get("scope") == "device":
+            continue  # a device this machine does not have (cuda, mps, gpu)
         if r["status"] != "ok":
             rows.append(
                 f"| {r['backend']} | {r['precision']} | {r.get('reason') or r['status']} "
-                "| | | | | | | |"
+                "| | | | | | | | |"
             )
             continue
         full = (r.get("ppl_full") or {}).get("perplexity")
@@ -141,18 +144,24 @@ def inference_table(bench: dict | None, lasttoken: Path) -> list[str]:
 
         blog = BLOG_INFERENCE.get(r["precision"]) if r["backend"] == "torch" else None
         mem = r.get("memory") or {}
+        sub = r.get("ppl") or {}
+        part = f"{_num(sub.get('perplexity'), 4)} ({sub.get('tokens', 0):,})" if sub else "–"
         rows.append(
             f"| {r['backend']} | {r['precision']} | {_num(r.get('size_mb'), 2, ' MB')} "
-            f"| {_num(mem.get('weights_mb'), 2, ' MB')} | {_num(full, 4)} "
+            f"| {_num(mem.get('weights_mb'), 2, ' MB')} | {_num(full, 4)} | {part} "
             f"| {_num(lt and lt['perplexity'], 4)} | {rate('decode_kv', 'b1')} "
             f"| {rate('decode_kv', 'b8')} | {rate('prefill', 'b8')} | {blog or '–'} |"
         )
-    env = bench.get("environment", {})
-    load = env.get("load_avg") or env.get("load")
-    rows.append(
-        f"\n`polygpt bench` wall time {bench.get('wall_s', 0) / 60:.1f} min; "
-        f"load average at its start: {load}."
-    )
+    for bench in benches:
+        env, st = bench.get("environment", {}), bench.get("settings", {})
+        rows.append(
+            f"\n`polygpt bench` of {', '.join(sorted({r['backend'] for r in bench['results']}))} "
+            f"({', '.join(st.get('precisions') or [])}): {bench.get('wall_s', 0) / 60:.1f} min, "
+            f"load average at its start {env.get('load_average')}, "
+            f"perplexity on {st.get('ppl_tokens')} val tokens"
+            + (" and the whole split" if st.get("full_ppl") else "")
+            + "."
+        )
     return rows
 
 

@@ -311,7 +311,7 @@ class Engine:
         rows = self.active
         n = len(rows)
         pending = np.array([r.history[-1] for r in rows], dtype=np.int64)
-        logits = self.backend.decode_rows(self.cache, np.arange(n), pending)
+        logits = self.backend.decode_rows(self.cache, range(n), pending)
         t2 = time.perf_counter()
         self.seconds["decode"] += t2 - t1
         self.batch_sizes[n] += 1

@@ -147,18 +147,37 @@ class DecodePlan:
 
 
 def plan_decode(cache: SlotCache, rows, tokens) -> DecodePlan:
-    r = _rows(cache, rows)
+    """`rows`: row indices, or range(n) for rows 0..n-1 (the engine's: checked in O(1))."""
+    if isinstance(rows, range) and rows.start == 0 and rows.step == 1:
+        if not 0 < rows.stop <= cache.max_rows:
+            raise ValueError(f"rows must be in 0..{cache.max_rows - 1}")
+        n = rows.stop
+        r, pos = _arange(n), cache.lengths[:n].copy()
+    else:
+        r = _rows(cache, rows)
+        n, pos = prefix_length(r), cache.lengths[r]
     t = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if t.shape != r.shape:
         raise ValueError("decode_rows needs one token per row")
-    pos = cache.lengths[r]
-    if pos.max() >= cache.block:
+    low, high = pos.min(), pos.max()
+    if high >= cache.block:
         raise ValueError("a row's block is full: slide its window first")
-    return DecodePlan(r, t, pos.copy(), prefix_length(r), bool(np.all(pos == pos[0])))
+    return DecodePlan(r, t, pos, n, bool(low == high))
+
+
+def _arange(n: int, _cache: dict[int, np.ndarray] = {}) -> np.ndarray:  # noqa: B006 - a memo
+    got = _cache.get(n)
+    if got is None:
+        got = _cache[n] = np.arange(n, dtype=np.int64)
+        got.flags.writeable = False
+    return got
 
 
 def commit_decode(cache: SlotCache, plan: DecodePlan) -> None:
-    cache.lengths[plan.rows] = plan.positions + 1
+    if plan.n:
+        cache.lengths[: plan.n] = plan.positions + 1
+    else:
+        cache.lengths[plan.rows] = plan.positions + 1
 
 
 def plan_copy(cache: SlotCache, src, dst) -> tuple[np.ndarray, np.ndarray, int]:

@@ -6,7 +6,8 @@ its active rows there) is `GPT.__call__` itself under `mx.compile`: the new key 
 scattered into the whole storage at (row, length) and attention runs over the first `width`
 columns (a power of two covering the longest row) with the columns past each row's length
 masked out (exactly zero weight), so the shapes depend on the lengths only through `width`,
-the step is traced once per (n, width), and no Python runs per op. LayerNorms, GELU, residual adds
+the step is traced once per (n, width) for a model (one row: the whole block, one trace), and
+no Python runs per op. LayerNorms, GELU, residual adds
 and the mask fuse; on the 2-core Linux CPU this halved the time per token at batch 1 against
 the eager call. Quantized models (nn.quantize) run the same step through their QuantizedLinear
 layers. The step's outputs replace the storage arrays before anything is evaluated, so MLX
@@ -16,6 +17,8 @@ takes too long to start for sampling).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -95,10 +98,8 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
     tokens = mx.array(plan.tokens.astype(np.int32))
     pos = mx.array(plan.positions.astype(np.int32))
     if plan.n:  # rows 0..n-1: the compiled step over the columns the longest row needs
-        width = attention_width(plan.width, cache.block)
-        step = cache.views.get(width)
-        if step is None:
-            step = cache.views[width] = mx.compile(_StepGraph(cache.model, width))
+        width = cache.block if plan.n == 1 else attention_width(plan.width, cache.block)
+        step = compiled_step(cache.model, width)
         logits, cache.keys, cache.values = step(tokens, pos, cache.keys, cache.values)
         return logits
     rows = mx.array(plan.rows.astype(np.int32))
@@ -115,6 +116,26 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
 
     mask = (mx.arange(W)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, W)
     return _run(cache, fetch, tokens[:, None], pos[:, None], mask)[:, -1]
+
+
+# Compiled steps by model and width, kept across caches (a server's, every `generate` call's):
+# tracing costs tens of milliseconds, as much as a hundred decoded tokens at 0.8M. The model's
+# weights are constants of a traced graph, so a step is traced again when the weights it saw
+# were replaced (a model that trained on since).
+_STEPS: dict[int, tuple[weakref.ref, dict[int, tuple[mx.array, object]]]] = {}
+
+
+def compiled_step(model: GPT, width: int):
+    key = id(model)
+    entry = _STEPS.get(key)
+    if entry is None or entry[0]() is not model:
+        entry = _STEPS[key] = (weakref.ref(model, lambda _, k=key: _STEPS.pop(k, None)), {})
+    version = model.transformer.ln_f.weight  # a new array once the weights are updated (kept
+    # by reference, not id: a freed array's id can be reused)
+    got = entry[1].get(width)
+    if got is None or got[0] is not version:
+        got = entry[1][width] = (version, mx.compile(_StepGraph(model, width)))
+    return got[1]
 
 
 def attention_width(width: int, block: int) -> int:

@@ -99,7 +99,7 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
     pos = mx.array(plan.positions.astype(np.int32))
     if plan.n:  # rows 0..n-1: the compiled step over the columns the longest row needs
         width = cache.block if plan.n == 1 else attention_width(plan.width, cache.block)
-        step = compiled_step(cache.model, width)
+        step = compiled_step(cache.model, width, plan.uniform)
         logits, cache.keys, cache.values = step(tokens, pos, cache.keys, cache.values)
         return logits
     rows = mx.array(plan.rows.astype(np.int32))
@@ -122,19 +122,20 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
 # tracing costs tens of milliseconds, as much as a hundred decoded tokens at 0.8M. The model's
 # weights are constants of a traced graph, so a step is traced again when the weights it saw
 # were replaced (a model that trained on since).
-_STEPS: dict[int, tuple[weakref.ref, dict[int, tuple[mx.array, object]]]] = {}
+_STEPS: dict[int, tuple[weakref.ref, dict[tuple[int, bool], tuple[mx.array, object]]]] = {}
 
 
-def compiled_step(model: GPT, width: int):
+def compiled_step(model: GPT, width: int, uniform: bool):
     key = id(model)
     entry = _STEPS.get(key)
     if entry is None or entry[0]() is not model:
         entry = _STEPS[key] = (weakref.ref(model, lambda _, k=key: _STEPS.pop(k, None)), {})
     version = model.transformer.ln_f.weight  # a new array once the weights are updated (kept
     # by reference, not id: a freed array's id can be reused)
-    got = entry[1].get(width)
+    got = entry[1].get((width, uniform))
     if got is None or got[0] is not version:
-        got = entry[1][width] = (version, mx.compile(_StepGraph(model, width)))
+        fn = mx.compile(_StepGraph(model, width, uniform))
+        got = entry[1][width, uniform] = (version, fn)
     return got[1]
 
 
@@ -147,22 +148,28 @@ def attention_width(width: int, block: int) -> int:
 
 class _StepGraph:
     """The function mx.compile traces: one token for rows 0..n-1, written into the whole
-    storage, attending to the first `width` columns."""
+    storage, attending to the first `width` columns. `uniform`: every row is at the same
+    column, written with one slice update (a scatter per row costs more: at batch 1 the
+    scatters were a fifth of the step)."""
 
-    def __init__(self, model: GPT, width: int):
-        # the model's weights are constants of the compiled graph: a model that trains on
-        # gets a new cache, hence a new step
-        self.model, self.width = model, width
+    def __init__(self, model: GPT, width: int, uniform: bool):
+        # the model's weights are constants of the compiled graph (see compiled_step)
+        self.model, self.width, self.uniform = model, width, uniform
 
     def __call__(self, tokens, pos, keys, values):
         n = tokens.shape[0]
         ar = mx.arange(n)
 
         w = self.width
+        start = mx.concatenate([mx.zeros((1,), dtype=pos.dtype), pos[:1]])  # (row 0, column)
 
         def fetch(K, V, k, v):
-            K[ar, :, pos] = k[:, :, 0]
-            V[ar, :, pos] = v[:, :, 0]
+            if self.uniform:
+                K = mx.slice_update(K, k, start, axes=(0, 2))
+                V = mx.slice_update(V, v, start, axes=(0, 2))
+            else:
+                K[ar, :, pos] = k[:, :, 0]
+                V[ar, :, pos] = v[:, :, 0]
             return K, V, K[:n, :, :w], V[:n, :, :w]
 
         layers = [_Layer(fetch, k, v) for k, v in zip(keys, values)]

@@ -557,7 +557,7 @@ class ServerState:
     limits: Limits
     template: ChatTemplate = field(default_factory=ChatTemplate)
     request_timeout: float | None = None
-    stream_interval: float = 0.01
+    stream_interval: float = 0.004
     created: int = field(default_factory=lambda: int(time.time()))
     timer: HttpTimer = field(default_factory=HttpTimer)
 

@@ -250,6 +250,7 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
         "model_type": "gpt2",
         "vocab_size": spec.vocab_size,
         "n_positions": spec.block_size,
+        "n_ctx": spec.block_size,  # older readers (mlx-lm's gpt2) still require it
         "n_embd": C,
         "n_layer": spec.n_layer,
         "n_head": spec.n_head,

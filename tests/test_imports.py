@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "polygpt"
 LAZY_ALLOWED = {
     "polygpt.plot": {"matplotlib", "matplotlib.pyplot"},  # the [plot] extra
     "polygpt.tokenizer": {"tiktoken"},  # the [bpe] extra
-    "polygpt.convert": {"torch", "safetensors.torch"},  # nanoGPT pickles need torch.load
+    # nanoGPT pickles need torch.load; tensors are read and written through the torch backend
+    "polygpt.convert": {"torch", "safetensors.torch", "polygpt.backends.torch_backend.loading"},
     "polygpt.cli": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)
 }
 FRAMEWORKS = ("torch", "mlx")

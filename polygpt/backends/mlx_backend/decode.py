@@ -129,7 +129,7 @@ def compiled_step(model: GPT, width: int, uniform: bool):
     key = id(model)
     entry = _STEPS.get(key)
     if entry is None or entry[0]() is not model:
-        entry = _STEPS[key] = (weakref.ref(model, lambda _, k=key: _STEPS.pop(k, None)), {})
+        entry = _STEPS[key] = (weakref.ref(model, lambda _, k=key, d=_STEPS: d.pop(k, None)), {})
     version = model.transformer.ln_f.weight  # a new array once the weights are updated (kept
     # by reference, not id: a freed array's id can be reused)
     got = entry[1].get((width, uniform))

@@ -12,8 +12,8 @@ name-for-name copy, checked against the spec (from the headers, before a tensor 
 
 Conversion streams: the target file is written tensor by tensor (weights.write_tensors), each
 read from the source just before it is written (safetensors: plain reads of that tensor;
-nanoGPT: `torch.load(mmap=True)`, which maps the pickle's tensors instead of reading them all),
-so no whole copy of the weights is ever built in memory.
+nanoGPT: `torch.load(weights_only=True, mmap=True)`, which maps the pickle's tensors instead
+of reading them all), so no whole copy of the weights is ever built in memory.
 """
 
 from __future__ import annotations

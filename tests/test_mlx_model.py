@@ -12,6 +12,8 @@ from polygpt.config import TrainConfig
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
+from .test_backend_contract import _batches
+
 pytestmark = pytest.mark.skipif(
     "mlx" not in available_backends(), reason="mlx is not installed (pip install 'polygpt[mlx]')"
 )
@@ -22,15 +24,6 @@ SPEC = ModelSpec(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
 @pytest.fixture(scope="module")
 def be():
     return get_backend("mlx", "cpu")
-
-
-def _batches(n, seed, shape=(4, 32)):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        chunk = rng.integers(0, 65, size=(shape[0], shape[1] + 1)).astype(np.int32)
-        out.append((chunk[:, :-1], chunk[:, 1:]))
-    return out
 
 
 def test_training_lowers_the_loss_and_compile_changes_nothing(be):

@@ -392,14 +392,15 @@ class Engine:
         index = {id(r): i for i, r in enumerate(self.active)}
         rows, tokens, copies, empty = [], [], [], []
         first: dict[tuple[int, ...], int] = {}
+        new = {id(r) for r in fresh}
         for r in fresh + slides:
             window = tuple(r.history[r.start : -1])
             if not window:
                 empty.append(index[id(r)])
-            elif r in fresh and window in first:
+            elif id(r) in new and window in first:
                 copies.append((first[window], index[id(r)]))
             else:
-                if r in fresh:
+                if id(r) in new:
                     first[window] = index[id(r)]
                 rows.append(index[id(r)])
                 tokens.append(window)

@@ -234,18 +234,8 @@ def test_load_peak_rss_holds_the_weights_once(process_files, backend, precision)
     if not _can_measure_rss():
         pytest.skip("/proc/self/clear_refs is not writable here")
     path, warm = process_files
-    # a fixed mmap threshold: the figure is what the load holds, not glibc's heap heuristics
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     args = [str(path), str(warm), PROCESS.to_json(), WARM.to_json()]
-    r = subprocess.run(
-        [sys.executable, "-c", _CHILD, backend, precision, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d = _run_child(_CHILD, backend, precision, *args)
     file_bytes = path.stat().st_size
     over = d["extra"] - d["model"]
     assert over <= 0.15 * file_bytes, (
@@ -281,6 +271,17 @@ print(json.dumps(peaks))
 
 @requires("torch")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def _run_child(code: str, *args: str) -> dict:
+    """Run `code` in a fresh Python process; its last stdout line, as JSON. A fixed mmap
+    threshold: the figure is what the load holds, not glibc's heap heuristics."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def test_conversion_streams_tensor_by_tensor(process_files, tmp_path, char_data):
     """polygpt -> Hugging Face GPT-2 -> polygpt: each direction's peak RSS grows by about one
     tensor (transposed on the way), not by the weights."""
@@ -295,16 +296,7 @@ def test_conversion_streams_tensor_by_tensor(process_files, tmp_path, char_data)
         tokenizer=tokenizer,
         save_model=lambda p: p.write_bytes(path.read_bytes()),
     )
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    r = subprocess.run(
-        [sys.executable, "-c", _CONVERT_CHILD, str(ckpt), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    peaks = json.loads(r.stdout.strip().splitlines()[-1])
+    peaks = _run_child(_CONVERT_CHILD, str(ckpt), str(tmp_path))
     file_bytes = path.stat().st_size
     for what, grew in peaks.items():
         assert grew <= 0.15 * file_bytes, f"{what}: peak RSS +{grew:,} for a {file_bytes:,} file"

@@ -123,6 +123,8 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> torch.Tenso
 
             layers = _layers(cache, fetch)
         pos = pos_t
+    # one lean step per cache, not per model as MLX keeps its compiled steps: torch's training
+    # updates the weights in place, so a model object's transposed copies could go stale
     step = cache.views.get("lean")
     if step is None:
         step = cache.views["lean"] = LeanStep(model) if supports(model) else False

@@ -106,6 +106,11 @@ class TrainView:
                 f"{ev.params / 1e6:.2f}M parameters (non-embedding; {ev.params_total:,} "
                 f"total) | {d['framework']} on {d['device']} ({d['device_name']}) "
                 f"| BLAS: {d['blas']} | {ev.processes}"
+                + (
+                    f" | {ev.dtype} step, {ev.eval_dtype} evaluation"
+                    if ev.dtype != "fp32" or ev.eval_dtype != "fp32"
+                    else ""
+                )
             )
             if self.want_bar:
                 self.bar = tqdm(

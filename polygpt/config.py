@@ -51,7 +51,9 @@ class TrainConfig:
     out: str = "weights/shakespeare_char"
     backend: str = "torch"
     device: str = "auto"
-    dtype: str = "fp32"  # fp32, or bf16 (autocast / bf16 compute where the backend supports it)
+    # auto (bf16 where the device computes it natively: Backend.auto_dtype, else fp32), fp32,
+    # or bf16 (autocast / bf16 compute, fp32 master weights)
+    dtype: str = "auto"
     compile: bool = False  # torch.compile / mx.compile of the train step
     threads: int = 0  # torch CPU threads; 0: pick 1 or all by timing steps (float-level changes)
     seed: int = 1337
@@ -68,6 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_iters: int = 200
+    eval_dtype: str = "auto"  # the loss estimates' forward: auto (as the training step), fp32, bf16
     log_interval: int = 10
     save_checkpoints: bool = True  # save at every eval (and at the end)
     init_from: str = ""  # a checkpoint to fine-tune: its spec and weights, a fresh optimizer

@@ -24,7 +24,7 @@ from polygpt.train import TrainEvent, train
 
 RESULT_FILE = "sweep.json"
 # Config keys added since the first sweeps ran, with the default that means "as before".
-ADDED_KEYS = {("train", "init_from"): ""}
+ADDED_KEYS = {("train", "init_from"): "", ("train", "eval_dtype"): "auto"}
 
 
 @dataclass
@@ -128,6 +128,8 @@ def run_config(sweep: Sweep, run: RunSpec) -> config.RunConfig:
     cfg.train.out = str(Path(sweep.out) / run.name)
     cfg.train.backend = run.backend
     cfg.train.device = sweep.device
+    if cfg.train.dtype == "auto":  # measurements to reproduce: the same numbers on any CPU
+        cfg.train.dtype = "fp32"
     return cfg
 
 

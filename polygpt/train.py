@@ -34,8 +34,8 @@ from polygpt.finetune import load_init
 from polygpt.spec import ModelSpec
 from polygpt.tokenizer import Tokenizer
 
-# estimate_loss stacks batches into forwards of at most this many positions and logits
-_EVAL_POSITIONS = 8192
+# estimate_loss stacks batches into forwards of at most this many logits (and as many positions
+# as the backend's eval_positions says run fastest)
 _EVAL_LOGITS = 1 << 26
 
 
@@ -72,15 +72,18 @@ def estimate_loss(
     iters: int,
     seed: int,
     vocab_size: int = 0,
+    dtype: str = "fp32",
 ) -> dict[str, float]:
     """Mean loss over `iters` batches per split; the batches depend only on (seed, split).
 
-    With `vocab_size`, equal batches are stacked into one forward of up to ~8k positions (and
-    at most 64M logits): the same mean over the same tokens in fewer, larger calls."""
+    With `vocab_size`, equal batches are stacked into one forward of up to the backend's
+    eval_positions (and at most 64M logits): the same mean over the same tokens in the calls
+    that run fastest. `dtype` is the forward's precision (dtypes())."""
     group = 1
     if vocab_size > 0:
         rows = batch_size * block_size
-        group = max(1, min(iters, _EVAL_POSITIONS // rows, _EVAL_LOGITS // (rows * vocab_size)))
+        positions = backend.eval_positions(dtype)
+        group = max(1, min(iters, positions // rows, _EVAL_LOGITS // (rows * vocab_size)))
     out = {}
     for i, (name, arr) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, i])
@@ -90,7 +93,7 @@ def estimate_loss(
             chunk = batches[j : j + group]
             x = np.concatenate([b[0] for b in chunk])
             y = np.concatenate([b[1] for b in chunk])
-            total += backend.eval_loss(model, x, y) * len(chunk)  # mean of equal batches
+            total += backend.eval_loss(model, x, y, dtype) * len(chunk)  # mean of equal batches
         out[name] = total / iters
     return out
 
@@ -110,6 +113,8 @@ class TrainStart:
     device: str
     describe: dict[str, str]  # Backend.describe(): framework, device name, BLAS, threads
     processes: str  # distributed.World.describe(): "1 process", or how many and over what
+    dtype: str = "fp32"  # the training step's precision
+    eval_dtype: str = "fp32"  # the loss estimates' forward precision
 
 
 @dataclass
@@ -126,6 +131,7 @@ class Evaluated:
     val_loss: float
     val_ppl: float
     lr: float
+    eval_s: float = 0.0  # how long the estimate took (the speed benchmarks subtract it)
 
 
 @dataclass
@@ -173,6 +179,8 @@ class Run:
     history: dict = field(default_factory=dict)  # the last evaluation's losses
     extra_config: dict = field(default_factory=dict)
     world: distributed.World = field(default_factory=distributed.World)
+    train_dtype: str = "fp32"  # the step's precision, train.dtype resolved (dtypes())
+    eval_dtype: str = "fp32"  # the loss estimates' forward precision
 
     @property
     def out(self) -> Path:
@@ -182,8 +190,17 @@ class Run:
 def _check(tc: TrainConfig) -> None:
     if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
         raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
-    if tc.dtype not in ("fp32", "bf16"):
-        raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
+    if tc.dtype not in ("auto", "fp32", "bf16"):
+        raise PolygptError(f"train.dtype must be auto, fp32 or bf16, got {tc.dtype!r}")
+    if tc.eval_dtype not in ("auto", "fp32", "bf16"):
+        raise PolygptError(f"train.eval_dtype must be auto, fp32 or bf16, got {tc.eval_dtype!r}")
+
+
+def dtypes(tc: TrainConfig, backend) -> tuple[str, str]:
+    """The training step's and the evaluation forward's precisions: `auto` is the backend's
+    fast choice for the step, and the step's for the evaluation."""
+    train_dtype = backend.auto_dtype() if tc.dtype == "auto" else tc.dtype
+    return train_dtype, train_dtype if tc.eval_dtype == "auto" else tc.eval_dtype
 
 
 def setup(
@@ -202,6 +219,7 @@ def setup(
     _check(tc)
     out = Path(tc.out)
     backend = backend or get_backend(tc.backend, tc.device)
+    train_dtype, eval_dtype = dtypes(tc, backend)
     world = world or distributed.World()
     if world.is_main:
         weights.recover(out)
@@ -271,6 +289,8 @@ def setup(
         history=history,
         extra_config=dict(extra_config or {}),
         world=world,
+        train_dtype=train_dtype,
+        eval_dtype=eval_dtype,
     )
 
 
@@ -286,6 +306,7 @@ def draw_batches(run: Run) -> list[tuple[np.ndarray, np.ndarray]]:
 def evaluate(run: Run, step: int) -> Evaluated:
     """Train/val loss estimates on fixed batches, recorded in metrics.jsonl."""
     tc = run.cfg.train
+    t0 = time.perf_counter()
     losses = estimate_loss(
         run.backend,
         run.model,
@@ -295,6 +316,7 @@ def evaluate(run: Run, step: int) -> Evaluated:
         tc.eval_iters,
         tc.seed,
         run.spec.vocab_size,
+        run.eval_dtype,
     )
     ev = Evaluated(
         step=step,
@@ -302,6 +324,7 @@ def evaluate(run: Run, step: int) -> Evaluated:
         val_loss=losses["val"],
         val_ppl=math.exp(losses["val"]),
         lr=get_lr(step, tc),
+        eval_s=round(time.perf_counter() - t0, 4),
     )
     weights.append_metrics(run.out, {"event": "eval", **vars(ev), "time": time.time()})
     run.history = {"train_loss": ev.train_loss, "val_loss": ev.val_loss, "val_ppl": ev.val_ppl}
@@ -366,11 +389,21 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
             device=backend.device,
             describe=desc,
             processes=world.describe(),
+            dtype=run.train_dtype,
+            eval_dtype=run.eval_dtype,
         )
     )
     if world.is_main:  # each run segment says how many processes ran it, and over what
         weights.append_metrics(
-            run.out, {"event": "start", "step": run.start, **world.record(), "time": time.time()}
+            run.out,
+            {
+                "event": "start",
+                "step": run.start,
+                **world.record(),
+                "dtype": run.train_dtype,
+                "eval_dtype": run.eval_dtype,
+                "time": time.time(),
+            },
         )
     tokens_per_iter = tc.batch_size * tc.grad_accum * spec.block_size
     train_time, timed_iters = 0.0, 0
@@ -400,7 +433,9 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
             batches = world.shard(draw_batches(run))  # every rank draws the global batch
             # (its collectives wait for the peers; the first step also compiles, on every rank)
             with world.deadline("in a training step", first=first_step_s is None):
-                loss = backend.train_step(run.model, run.opt, batches, lr, tc.grad_clip, tc.dtype)
+                loss = backend.train_step(
+                    run.model, run.opt, batches, lr, tc.grad_clip, run.train_dtype
+                )
             it += 1
             if first_step_s is None:
                 # the first step allocates and, with train.compile, compiles: not in ms/iter

@@ -1,13 +1,16 @@
 """The speed goals, measured: polygpt against nanoGPT, and the engine's batch, interleaved rounds.
 
-    .venv/bin/python scripts/bench_speed.py train [--rounds 3] [key=value overrides...]
+    .venv/bin/python scripts/bench_speed.py train [--rounds 5] [--cold] [key=value overrides...]
     .venv/bin/python scripts/bench_speed.py decode CHECKPOINT [--rounds 3]
     .venv/bin/python scripts/bench_speed.py rows CHECKPOINT [--backend torch] [--rows 16]
 
-train: per round, nanoGPT's train.py loop (scripts/nanogpt_seeds.py: its model, batches,
-    AdamW and `estimate_loss` every eval_interval) then `polygpt train` of the same config with
-    default settings, each timed as ms/iter over the span from the first to the last
-    evaluation (the loop plus its evaluations); the speed-up is nanoGPT's / polygpt's.
+train: per round, nanoGPT's train.py loop (scripts/nanogpt_seeds.py train_seed: its model,
+    batches, AdamW, `estimate_loss` every eval_interval and its checkpoint) and `polygpt train`
+    of the same config with default settings, each in its own process: ms/iter over the span
+    from the first to the last evaluation (the loop plus its evaluations), the step alone (the
+    span less its evaluations), the evaluations' seconds and the process's wall time (start-up
+    and any compile included); with --cold also polygpt with an empty inductor cache (the
+    default one is warmed first). Speed-ups are medians of the rounds' nanoGPT / polygpt.
 decode: per round, batch-1 tokens/s by the difference method (a SHORT- and a LONG-token run,
     so start-up cancels): `polygpt sample --temperature 0.8 --top-k 200` through the CLI, and
     nanoGPT's method (`uncached_generate`: a full forward over the cropped context per token,
@@ -30,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,53 +48,122 @@ def _load() -> str:
 
 def _polygpt(*args: str, **kw) -> subprocess.CompletedProcess:
     cmd = [PY, "-c", "from polygpt.cli import main; main()", *args]
-    return subprocess.run(cmd, env=ENV, check=True, **kw)
+    return subprocess.run(cmd, **{"env": ENV, "check": True, **kw})
 
 
 def _span_ms(times: list[float], iters: int) -> float:
     return 1000 * (times[-1] - times[0]) / iters
 
 
-def train_round(cfg_path: str, overrides: list[str], tmp: Path, r: int) -> tuple[float, float]:
-    """(nanoGPT ms/iter, polygpt ms/iter) for one round, in alternating order."""
-    code = (
-        "import json, sys; sys.path.insert(0, 'scripts');"
-        "from nanogpt_seeds import config, data, run_seed;"
-        f"cfg = config.load({cfg_path!r}, {overrides!r});"
-        "splits = {s: data.load_split(cfg.data.dir, s) for s in ('train', 'val')};"
-        f"r = run_seed(1337, cfg, splits, __import__('pathlib').Path({str(tmp / f'ng{r}')!r}));"
-        "print(json.dumps([h['time'] for h in r['history']]), cfg.train.max_iters)"
+@dataclass
+class TrainRun:
+    """One training process, timed: ms/iter over the first-to-last-evaluation span, the step
+    alone (the span less its evaluations), every evaluation's seconds, the process's wall."""
+
+    span_ms: float
+    step_ms: float
+    eval_s: float
+    wall_s: float
+
+
+def _timed(evals: list[dict], wall: float) -> TrainRun:
+    iters = evals[-1]["step"] - evals[0]["step"]
+    span = evals[-1]["time"] - evals[0]["time"]
+    in_span = sum(e["eval_s"] for e in evals[1:])
+    return TrainRun(
+        1000 * span / iters, 1000 * (span - in_span) / iters, sum(e["eval_s"] for e in evals), wall
     )
 
-    def nano() -> float:
-        out = (
-            subprocess.run(
-                [PY, "-c", code], env=ENV, cwd=ROOT, check=True, capture_output=True, text=True
+
+def nano_run(cfg_path: str, overrides: list[str], out: Path) -> TrainRun:
+    """nanoGPT's train.py loop (scripts/nanogpt_seeds.py train_seed) in its own process."""
+    code = (
+        "import json, sys, pathlib; sys.path.insert(0, 'scripts');"
+        "from nanogpt_seeds import config, data, train_seed;"
+        f"cfg = config.load({cfg_path!r}, {overrides!r});"
+        "splits = {s: data.load_split(cfg.data.dir, s) for s in ('train', 'val')};"
+        f"r = train_seed(1337, cfg, splits, pathlib.Path({str(out)!r}));"
+        "print(json.dumps(r['history']))"
+    )
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        [PY, "-c", code], env=ENV, cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    return _timed(json.loads(res.stdout.strip().splitlines()[-1]), wall)
+
+
+def poly_run(cfg_path: str, overrides: list[str], out: Path, cache: str | None) -> TrainRun:
+    """`polygpt train` with default settings in its own process; `cache`: the inductor cache
+    directory to use (a fresh one: a cold start), None for the default (warm) one."""
+    env = dict(ENV)
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+    t0 = time.perf_counter()
+    _polygpt(
+        "train", cfg_path, *overrides, "--out", str(out), "--overwrite", "-q",
+        cwd=ROOT, capture_output=True, env=env,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return _timed([json.loads(x) for x in lines if '"eval"' in x], wall)
+
+
+def train_report(rounds: list[dict[str, TrainRun]]) -> None:
+    sides = list(rounds[0])
+    print(
+        f"\n{'round':>5} {'side':<16}{'span ms/it':>11}{'step ms/it':>11}{'eval s':>8}{'wall s':>8}"
+    )
+    for i, r in enumerate(rounds, 1):
+        for side in sides:
+            t = r[side]
+            print(
+                f"{i:>5} {side:<16}{t.span_ms:11.1f}{t.step_ms:11.1f}{t.eval_s:8.1f}{t.wall_s:8.1f}"
             )
-            .stdout.strip()
-            .splitlines()[-1]
+    print("\nmedians, and the median of the rounds' ratios nanoGPT / polygpt (> 1: polygpt faster)")
+    for side in sides:
+        med = {
+            f: statistics.median(getattr(r[side], f) for r in rounds)
+            for f in TrainRun.__dataclass_fields__
+        }
+        line = f"  {side:<16}" + "".join(f"{med[f]:11.1f}" for f in ("span_ms", "step_ms"))
+        line += "".join(f"{med[f]:8.1f}" for f in ("eval_s", "wall_s"))
+        if side != "nanoGPT":
+            ratios = {
+                f: statistics.median(getattr(r["nanoGPT"], f) / getattr(r[side], f) for r in rounds)
+                for f in ("span_ms", "step_ms", "eval_s", "wall_s")
+            }
+            line += "   speed-up: " + ", ".join(f"{f} {v:.2f}x" for f, v in ratios.items())
+        print(line)
+
+
+def train_rounds(cfg_path: str, overrides: list[str], tmp: Path, rounds: int, cold: bool):
+    """Interleaved rounds of nanoGPT, polygpt with a warm inductor cache and (`cold`) polygpt
+    with an empty one, the order reversed every other round."""
+    # one short run fills the default cache (what a compile needs is the same at any length)
+    _polygpt(
+        "train", cfg_path, *overrides, "max_iters=1", "eval_iters=1", "--out",
+        str(tmp / "warmup"), "--overwrite", "-q", cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    res = []
+    for r in range(rounds):
+        runs = {
+            "nanoGPT": partial(nano_run, cfg_path, overrides, tmp / f"ng{r}"),
+            "polygpt": partial(poly_run, cfg_path, overrides, tmp / f"pg{r}", None),
+        }
+        if cold:
+            cache = str(tmp / f"inductor{r}")
+            runs["polygpt cold"] = partial(poly_run, cfg_path, overrides, tmp / f"pc{r}", cache)
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        got = {side: runs[side]() for side in order}
+        res.append({side: got[side] for side in runs})
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{s} {t.span_ms:.1f} ms/it, {t.wall_s:.1f} s" for s, t in res[-1].items())
+            + f"; load {_load()}",
+            flush=True,
         )
-        times, iters = out.rsplit(" ", 1)
-        return _span_ms(json.loads(times), int(iters))
-
-    def poly() -> float:
-        out = tmp / f"pg{r}"
-        _polygpt(
-            "train", cfg_path, *overrides, "--out", str(out), "--overwrite", "-q",
-            cwd=ROOT, capture_output=True,
-        )  # fmt: skip
-        evals = [
-            json.loads(line)
-            for line in (out / "metrics.jsonl").read_text().splitlines()
-            if '"eval"' in line
-        ]
-        return _span_ms([e["time"] for e in evals], evals[-1]["step"] - evals[0]["step"])
-
-    if r % 2:
-        p = poly()
-        return nano(), p
-    n = nano()
-    return n, poly()
+    train_report(res)
 
 
 def decode_round(ckpt: str, short: int, long: int, r: int) -> tuple[float, float]:
@@ -173,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     tr = sub.add_parser("train", help="polygpt train vs nanoGPT's train.py loop")
     tr.add_argument("overrides", nargs="*", help="config overrides, key=value")
     tr.add_argument("--config", default="configs/shakespeare_char.toml")
+    tr.add_argument(
+        "--cold", action="store_true", help="also time polygpt with an empty inductor cache"
+    )
     de = sub.add_parser("decode", help="batch-1 decode: polygpt sample vs nanoGPT's method")
     de.add_argument("checkpoint")
     de.add_argument("--short", type=int, default=500, help="tokens of the short run")
@@ -181,8 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("checkpoint")
     ro.add_argument("--backend", default="torch")
     ro.add_argument("--rows", type=int, default=16)
-    for p in (tr, de, ro):
+    for p in (de, ro):
         p.add_argument("--rounds", type=int, default=3)
+    tr.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     if args.what == "rows":
         from polygpt import inference
@@ -206,16 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average {_load()}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for r in range(args.rounds):
-            if args.what == "train":
-                rows.append(train_round(args.config, args.overrides, Path(d), r))
-            else:
+        if args.what == "train":
+            train_rounds(args.config, args.overrides, Path(d), args.rounds, args.cold)
+        else:
+            for r in range(args.rounds):
                 rows.append(decode_round(args.checkpoint, args.short, args.long, r))
-            print(f"round {r + 1}: {rows[-1][0]:.1f} / {rows[-1][1]:.1f}; load {_load()}")
-    if args.what == "train":
-        report("training", "ms/iter, loop + evaluations", rows, higher_is_better=False)
-    else:
-        report("decode b1", "tokens/s, difference method", rows, higher_is_better=True)
+                print(f"round {r + 1}: {rows[-1][0]:.1f} / {rows[-1][1]:.1f}; load {_load()}")
+            report("decode b1", "tokens/s, difference method", rows, higher_is_better=True)
     print(f"load average after {_load()}")
 
 

@@ -62,7 +62,11 @@ def get_lr(it: int, tc) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.lr - tc.min_lr)
 
 
-def run_seed(seed: int, cfg, splits, out: Path) -> dict:
+def train_seed(seed: int, cfg, splits, run_dir: Path) -> dict:
+    """nanoGPT train.py's loop: an `estimate_loss` every eval_interval, then (after step 0) its
+    checkpoint, written when the val loss improved (always_save_checkpoint = False, as its
+    shakespeare_char config): model, AdamW state, model_args. Per evaluation: the time at its
+    end and its duration."""
     torch.manual_seed(seed)
     spec = cfg.model.to_spec(65)
     model = NanoGPT(spec)
@@ -70,6 +74,12 @@ def run_seed(seed: int, cfg, splits, out: Path) -> dict:
     tc = cfg.train
     opt = model.configure_optimizers(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), "cpu")
     bs, T = tc.batch_size, spec.block_size
+    model_args = {
+        k: getattr(spec, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")
+    }
+    model_args["vocab_size"] = spec.vocab_size
+    model_args["dropout"] = 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     def get_batch(split):
         arr = splits[split]
@@ -93,6 +103,7 @@ def run_seed(seed: int, cfg, splits, out: Path) -> dict:
 
     t0 = time.perf_counter()
     history = []
+    best_val = 1e9
     x, y = get_batch("train")
     it = 0
     while True:
@@ -100,9 +111,22 @@ def run_seed(seed: int, cfg, splits, out: Path) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         if it % tc.eval_interval == 0:
+            t_eval = time.perf_counter()
             losses = estimate_loss()
-            history.append({"step": it, **losses, "time": time.perf_counter()})
+            now = time.perf_counter()
+            history.append({"step": it, **losses, "time": now, "eval_s": now - t_eval})
             print(f"seed {seed} step {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                if it > 0:  # nanoGPT's checkpoint (a pickle, as nanoGPT writes it)
+                    ckpt = {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "model_args": model_args,
+                        "iter_num": it,
+                        "best_val_loss": best_val,
+                    }
+                    torch.save(ckpt, run_dir / "ckpt.pt")
         if it >= tc.max_iters:
             break
         _, loss = model(x, y)
@@ -113,16 +137,22 @@ def run_seed(seed: int, cfg, splits, out: Path) -> dict:
         opt.zero_grad(set_to_none=True)
         it += 1
     wall = time.perf_counter() - t0
-    run_dir = out / f"seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_args = {
-        k: getattr(spec, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")
+    return {
+        "model": model,
+        "model_args": model_args,
+        "history": history,
+        "iters": it,
+        "wall_s": wall,
     }
-    model_args["vocab_size"] = spec.vocab_size
-    model_args["dropout"] = 0.0
-    # nanoGPT's checkpoint format (a pickle, as nanoGPT writes it); polygpt reads it safely
+
+
+def run_seed(seed: int, cfg, splits, out: Path) -> dict:
+    run_dir = out / f"seed{seed}"
+    r = train_seed(seed, cfg, splits, run_dir)
+    history = r["history"]
+    # the evaluated final model in nanoGPT's format; polygpt reads it safely
     torch.save(
-        {"model": model.state_dict(), "model_args": model_args, "iter_num": it},
+        {"model": r["model"].state_dict(), "model_args": r["model_args"], "iter_num": r["iters"]},
         run_dir / "ckpt.pt",
     )
     pg = [sys.executable, "-c", "from polygpt.cli import main; main()"]
@@ -144,7 +174,7 @@ def run_seed(seed: int, cfg, splits, out: Path) -> dict:
         "val_loss": history[-1]["val"],
         "val_nll_full": full.get("nll"),
         "val_ppl_full": full.get("perplexity"),
-        "wall_s": wall,
+        "wall_s": r["wall_s"],
         "history": history,
     }
 

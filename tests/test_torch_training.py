@@ -135,3 +135,36 @@ def test_errors_are_not_swallowed_once_eager(char_data, tmp_path, restore_thread
     x, y = batches[0][0]
     with pytest.raises(Exception):  # noqa: B017 - a token id out of range is an indexing error
         be.train_step(model, opt, [(x, y + 1000)], 1e-3, 1.0)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_the_tuner_starts_where_a_quick_probe_says(monkeypatch, restore_threads, pays):
+    """An idle machine starts (and evaluates at step 0) on all threads, a busy one on one."""
+    monkeypatch.setattr(tb, "DEFAULT_THREADS", 2)
+    monkeypatch.setattr(tb, "parallel_pays", lambda n: pays)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    tuner = tb.make_thread_tuner("cpu", 0)
+    assert tuner.chosen == (2 if pays else 1) and torch.get_num_threads() == tuner.chosen
+    # a compiled step keeps the count it is compiled at: no tuner, the probe's choice applied
+    torch.set_num_threads(2 if not pays else 1)
+    assert tb.make_thread_tuner("cpu", 0, compiled=True) is None
+    assert torch.get_num_threads() == (2 if pays else 1)
+
+
+def test_the_probe_restores_the_thread_count(restore_threads):
+    torch.set_num_threads(1)
+    assert isinstance(tb.parallel_pays(2, rounds=2), bool)
+    assert torch.get_num_threads() == 1
+
+
+def test_inductor_cache_is_kept_under_the_user_cache_directory(monkeypatch, tmp_path):
+    from polygpt.backends.torch_backend import backend as tbk
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(tbk.sys, "platform", "linux")
+    tbk._persistent_inductor_cache()
+    assert tbk.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "polygpt" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")  # the user's choice wins
+    tbk._persistent_inductor_cache()
+    assert tbk.os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"

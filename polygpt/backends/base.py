@@ -100,8 +100,17 @@ class Backend(Protocol):
         `autocast` (one of train_dtypes; fp32 master weights either way). Returns the mean
         loss as a lazy scalar: `float()` it only when logging (avoids a host sync)."""
 
-    def eval_loss(self, model: Any, x: np.ndarray, y: np.ndarray) -> float:
-        """Mean cross-entropy without dropout or gradients."""
+    def auto_dtype(self) -> str:
+        """What `train.dtype = "auto"` computes in here: bf16 (autocast, fp32 master weights)
+        where the device multiplies bf16 natively and training gains from it, else fp32."""
+
+    def eval_positions(self, dtype: str) -> int:
+        """How many positions one evaluation forward should hold to run fastest (training's
+        loss estimates stack equal batches up to this many)."""
+
+    def eval_loss(self, model: Any, x: np.ndarray, y: np.ndarray, dtype: str = "fp32") -> float:
+        """Mean cross-entropy without dropout or gradients, computing in `dtype` (eval_dtype's
+        answer; the loss itself is reduced in fp32)."""
 
     def save_optimizer(self, opt: Any, path: Path, metadata: dict[str, str]) -> None:
         """AdamW moments as `exp_avg/<name>` and `exp_avg_sq/<name>`, step in metadata."""

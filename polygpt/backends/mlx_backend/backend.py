@@ -19,6 +19,7 @@ import functools
 import math
 import platform
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,22 @@ class Optimizer:
     compiled: dict = field(default_factory=dict)  # (n_micro, autocast, clip) -> step fn
     # a distributed run's cross-rank gradient mean (nn.average_gradients; distributed.py)
     grad_average: Callable | None = None
+
+
+_EVAL_FNS: dict[int, tuple[weakref.ref, Callable]] = {}
+
+
+def _compiled_loss(model: GPT) -> Callable:
+    """model.loss under mx.compile, as the train step is: one fused graph per batch shape
+    instead of a few hundred eager ops. The weights are inputs (model.state), so the function
+    follows training's updates; traced in eval mode (no dropout), as eval_loss calls it."""
+    key = id(model)
+    entry = _EVAL_FNS.get(key)
+    if entry is None or entry[0]() is not model:
+        fn = mx.compile(model.loss, inputs=[model.state])
+        ref = weakref.ref(model, lambda _, k=key, d=_EVAL_FNS: d.pop(k, None))
+        entry = _EVAL_FNS[key] = (ref, fn)
+    return entry[1]
 
 
 class Backend(SlotOps):
@@ -299,10 +316,24 @@ class Backend(SlotOps):
         mx.async_eval(loss, model.parameters(), opt.state)
         return loss
 
+    def auto_dtype(self) -> str:
+        return "fp32"  # MLX's CPU ops have no bf16 fast path to gain from
+
+    def eval_positions(self, dtype: str) -> int:
+        return 8192
+
     @_on_device
-    def eval_loss(self, model: GPT, x: np.ndarray, y: np.ndarray) -> float:
+    def eval_loss(self, model: GPT, x: np.ndarray, y: np.ndarray, dtype: str = "fp32") -> float:
         model.eval()
-        return float(model.loss(self._tokens(x), self._tokens(y)))
+        x, y = self._tokens(x), self._tokens(y)
+        if dtype == "bf16":  # the weights cast for this forward, then the fp32 ones back
+            params = model.parameters()
+            model.update(tree_map(lambda p: p.astype(mx.bfloat16), params))
+            try:
+                return float(model.loss(x, y))
+            finally:
+                model.update(params)
+        return float(_compiled_loss(model)(x, y))
 
     def save_optimizer(self, opt: Optimizer, path: Path, metadata: dict[str, str]) -> None:
         tensors = {}

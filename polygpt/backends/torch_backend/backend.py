@@ -15,7 +15,9 @@ scripts/bench_train.py; see docs/BENCHMARKS.md):
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +79,19 @@ def _resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda", "mps"):
         raise PolygptError(f"unknown torch device {device!r} (cpu, cuda, mps or auto)")
     return device
+
+
+def _persistent_inductor_cache() -> None:
+    """inductor caches its generated kernels in /tmp/torchinductor_<user>, which a reboot
+    empties: a cold compile of the reference model takes ~25 s on a 2-core CPU, a warm one a
+    few. Keep them under the user's cache directory unless TORCHINDUCTOR_CACHE_DIR says where."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "polygpt" / "torchinductor")
 
 
 class Backend(SlotOps):
@@ -200,10 +215,12 @@ class Backend(SlotOps):
         )
         state = Optimizer(opt, {p: n for n, p in named}, loss_fn=model.loss)
         if getattr(cfg, "compile", False):
+            _persistent_inductor_cache()
             # shapes are fixed for a run (batch_size x block_size): no dynamic-shape guards
             state.loss_fn = torch.compile(model.loss, dynamic=False)
             state.compiled = True
-        state.threads = make_thread_tuner(self.device, int(getattr(cfg, "threads", 0) or 0))
+        threads = int(getattr(cfg, "threads", 0) or 0)
+        state.threads = make_thread_tuner(self.device, threads, compiled=state.compiled)
         return state
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
@@ -257,10 +274,29 @@ class Backend(SlotOps):
             opt.threads.after()
         return loss
 
+    def auto_dtype(self) -> str:
+        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 at twice fp32's rate
+        # (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is emulated.
+        # GPUs keep fp32 here: not measured by this project's machines.
+        native = self.device == "cpu" and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        )
+        return "bf16" if native else "fp32"
+
+    def eval_positions(self, dtype: str) -> int:
+        if self.device != "cpu":
+            return 8192  # an accelerator wants large forwards
+        # on the CPU fp32 activations of one 12x64 batch stay in the L2 cache and stacking them
+        # slows the forward; bf16 (half the bytes, faster matmuls) gains from 2 batches
+        return 2048 if dtype == "bf16" else 1024
+
     @torch.inference_mode()
-    def eval_loss(self, model, x, y) -> float:
+    def eval_loss(self, model, x, y, dtype: str = "fp32") -> float:
         if model.training:
             model.eval()
+        if dtype == "bf16":
+            with torch.autocast(self._dev.type, dtype=torch.bfloat16):
+                return float(model.loss(self._tensor(x), self._tensor(y)))
         return float(model.loss(self._tensor(x), self._tensor(y)))
 
     def save_optimizer(self, opt, path: Path, metadata: dict[str, str]) -> None:

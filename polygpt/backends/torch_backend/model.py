@@ -53,16 +53,39 @@ class CausalSelfAttention(nn.Module):
         # q, k, v: (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-        )
+        p = self.dropout if self.training else 0.0
+        if cache is None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            y = _causal_attention(q, k, v, p)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None and T > 1
+            )
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+_CAUSAL_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + causal mask)·v in three batched ops, for bf16 on the CPU: there
+    SDPA's flash kernel runs its backward ~5x slower than these ops' (docs/BENCHMARKS.md,
+    "Training speed against nanoGPT"). The same function as SDPA's within float rounding."""
+    B, H, T, D = q.shape
+    key = (T, q.dtype, q.device)
+    mask = _CAUSAL_MASKS.get(key)
+    if mask is None:
+        mask = _CAUSAL_MASKS[key] = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
+    att = torch.baddbmm(
+        mask.expand(B * H, T, T),
+        q.reshape(B * H, T, D),
+        k.reshape(B * H, T, D).transpose(1, 2),
+        alpha=D**-0.5,
+    )
+    att = att.softmax(-1, dtype=torch.float32).to(q.dtype)  # as flash: softmax in fp32
+    if dropout_p > 0:
+        att = F.dropout(att, dropout_p, training=True)
+    return torch.bmm(att, v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 _GELU_K = math.sqrt(2.0 / math.pi)

@@ -4,7 +4,9 @@ OpenMP threads that meet at a barrier after every op are a win on an idle machin
 disaster on a busy one: when another process holds a core, each of a training step's ~1000
 barriers waits for a scheduler slice (on the 2-core box under load a 2-thread step took
 0.3-4 s against 0.1 s at 1 thread). So `ThreadTuner` times real training steps at 1 thread and
-at torch's default, keeps the faster, and checks again every RETUNE_EVERY steps. Thread count
+at torch's default, keeps the faster, and checks again every RETUNE_EVERY steps. It starts where
+a 20 ms probe of matmuls says the machine is now (`parallel_pays`): all threads when they are
+faster, so an idle machine's first evaluation and first steps do not run on one core. Thread count
 changes reduction order only (float rounding); set `train.threads` to a number (or
 OMP_NUM_THREADS) for bit-for-bit repeatable runs. Generation runs one thread (`cpu_threads`).
 """
@@ -31,16 +33,17 @@ MULTITHREAD_GENERATION_BYTES = 64 << 20
 class ThreadTuner:
     """Chooses torch's intra-op thread count for CPU training by timing real steps.
 
-    Starts at 1 thread (never the disaster). A check runs the candidate counts in turn and
-    keeps the one with the lower median step time, PROBE_STEPS steps each, or after one step
-    each when one is over twice as slow as the other (so a busy machine costs one slow step).
+    Starts at `start` (default 1 thread: never the disaster). A check runs the candidate
+    counts in turn and keeps the one with the lower median step time, PROBE_STEPS steps each,
+    or after one step each when one is over twice as slow as the other (so a busy machine
+    costs one slow step).
     It switches only for a gain of 10% or more, so an idle machine settles on one choice.
     Every timed step is a real training step; checks repeat every RETUNE_EVERY steps.
     """
 
-    def __init__(self, candidates: list[int]):
+    def __init__(self, candidates: list[int], start: int | None = None):
         self.candidates = candidates
-        self.chosen = candidates[0]
+        self.chosen = candidates[0] if start is None else start
         self.step = 0
         self.next_check = WARMUP_STEPS
         self.samples: dict[int, list[float]] = {c: [] for c in candidates}
@@ -84,9 +87,31 @@ class ThreadTuner:
             self.next_check = self.step + RETUNE_EVERY
 
 
-def make_thread_tuner(device: str, threads: int) -> ThreadTuner | None:
+def parallel_pays(n: int, rounds: int = 7) -> bool:
+    """Whether `n` threads beat one on this machine right now: interleaved timings of a matmul
+    of a small model's size (~20 ms in all). Another process on a core makes every barrier
+    wait, and the n-thread timing shows it at once."""
+    a, w = torch.randn(768, 128), torch.randn(512, 128)
+    times: dict[int, list[float]] = {1: [], n: []}
+    prev = torch.get_num_threads()
+    try:
+        for r in range(rounds + 2):
+            for c in (1, n):
+                torch.set_num_threads(c)
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    torch.nn.functional.linear(a, w)
+                if r >= 2:  # the first rounds start the thread pool
+                    times[c].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    return float(np.median(times[1])) > 1.25 * float(np.median(times[n]))
+
+
+def make_thread_tuner(device: str, threads: int, compiled: bool = False) -> ThreadTuner | None:
     """A tuner for CPU training when the thread count is left to us, else None (and `threads`
-    > 0 is applied as given)."""
+    > 0 is applied as given). A compiled step gets no tuner: inductor generates its loops for
+    the thread count it compiles at, so the run keeps the count the probe chose."""
     if device != "cpu":
         return None
     if threads > 0:
@@ -95,7 +120,13 @@ def make_thread_tuner(device: str, threads: int) -> ThreadTuner | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None  # the user chose
     n = DEFAULT_THREADS
-    return ThreadTuner([1, n]) if n > 1 else None
+    if n <= 1:
+        return None
+    start = n if parallel_pays(n) else 1
+    if compiled:
+        torch.set_num_threads(start)
+        return None
+    return ThreadTuner([1, n], start=start)
 
 
 class cpu_threads:  # noqa: N801 (a context manager used like a function)

@@ -450,9 +450,11 @@ def train(
     every checkpoint's config.json (e.g. a sweep's fingerprint)."""
     tc = cfg.train
     _check(tc)
+    # under torchrun / mlx.launch: a launcher's SIGTERM is said from here on; then join the
+    # group (or fail); rank 0 alone writes and reports
+    world = distributed.arrive(tc)
     backend = get_backend(tc.backend, tc.device)
-    # under torchrun / mlx.launch: join the group (or fail); rank 0 alone writes and reports
-    world = distributed.join(backend, tc)
+    distributed.join(world, backend, tc)
     try:
         # one writer per --out (rank 0's lock); a killed run's leftovers cleaned first
         owner = rundir.owned(tc.out, resume) if world.is_main else contextlib.nullcontext()

@@ -29,12 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from polygpt import bench_report, limits, weights
-from polygpt.backends import available_backends, known_backends
+from polygpt.backends import available_backends, backend_class, known_backends
 from polygpt.bench_measure import BenchConfig, BenchResult, Row
-
-# The devices `--devices auto` tries per backend (an unavailable one is a skipped row).
-# TODO(backend facts): Backend.devices
-DEVICES = {"torch": ("cpu", "cuda", "mps"), "mlx": ("cpu", "gpu")}
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -136,10 +132,14 @@ def auto_threads() -> tuple[int, str]:
 
 
 def plan(cfg: BenchConfig) -> list[tuple[str, str, str]]:
-    """(backend, device, precision) of every configuration to try, in order."""
+    """(backend, device, precision) of every configuration to try, in order. `--devices auto`
+    tries every device the backend knows (an unavailable one is a skipped row); a backend that
+    is not installed is one skipped row per precision on the CPU."""
     out = []
+    installed = available_backends()
     for b in cfg.backends or known_backends():
-        for d in cfg.devices or list(DEVICES.get(b, ("cpu",))):
+        known = backend_class(b).devices if b in installed else ("cpu",)
+        for d in cfg.devices or list(known):
             for p in cfg.precisions:
                 out.append((b, d, p))
     return out

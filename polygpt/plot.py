@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from polygpt import weights
-from polygpt.backends.base import PRECISIONS
+from polygpt.backends.base import PRECISIONS, known_backends
 from polygpt.errors import PolygptError
 
 if TYPE_CHECKING:  # only bench results need it
@@ -196,7 +196,7 @@ def bench_charts(result: BenchResult, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    markers = {"torch": "o", "mlx": "s"}
+    markers = dict(zip(known_backends(), "os^D"))
     colors = dict(zip(PRECISIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     stacked: dict[tuple, int] = {}  # labels at the same spot go one above the other
     for r, label in zip(ok, labels):

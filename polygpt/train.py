@@ -182,8 +182,6 @@ class Run:
 def _check(tc: TrainConfig) -> None:
     if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
         raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
-    if tc.dtype not in ("fp32", "bf16"):
-        raise PolygptError(f"train.dtype must be fp32 or bf16, got {tc.dtype!r}")
 
 
 def setup(
@@ -202,6 +200,9 @@ def setup(
     _check(tc)
     out = Path(tc.out)
     backend = backend or get_backend(tc.backend, tc.device)
+    if tc.dtype not in backend.train_dtypes:
+        can = " or ".join(backend.train_dtypes)
+        raise PolygptError(f"train.dtype must be {can} ({backend.name}), got {tc.dtype!r}")
     world = world or distributed.World()
     if world.is_main:
         weights.recover(out)

@@ -60,8 +60,8 @@ def _resolve_device(device: str) -> str:
         return "gpu" if _gpu_available() else "cpu"
     if device == "gpu" and not _gpu_available():
         raise PolygptError("device 'gpu' is not available to MLX on this machine (use cpu)")
-    if device not in ("cpu", "gpu"):
-        raise PolygptError(f"unknown mlx device {device!r} (cpu, gpu or auto)")
+    if device not in Backend.devices:
+        raise PolygptError(f"unknown mlx device {device!r} ({', '.join(Backend.devices)} or auto)")
     return device
 
 

@@ -74,8 +74,10 @@ def _resolve_device(device: str) -> str:
         raise PolygptError("device 'cuda' is not available to torch on this machine")
     if device == "mps" and not torch.backends.mps.is_available():
         raise PolygptError("device 'mps' is not available to torch on this machine")
-    if device not in ("cpu", "cuda", "mps"):
-        raise PolygptError(f"unknown torch device {device!r} (cpu, cuda, mps or auto)")
+    if device not in Backend.devices:
+        raise PolygptError(
+            f"unknown torch device {device!r} ({', '.join(Backend.devices)} or auto)"
+        )
     return device
 
 

@@ -1,6 +1,7 @@
 """Data-parallel training on the launchers users already run: torchrun (PyTorch DDP) and
 mlx.launch (MLX's `mx.distributed`: ring, MPI, ...). Written once; each backend package has a
-small `distributed` module that joins its framework's group and averages the gradients.
+small `distributed` module whose `Comm` joins its framework's group and averages the gradients,
+and whose `available()` lists the framework's distributed backends.
 
 The semantics make a run's result independent of the world size (to float rounding):
 
@@ -278,7 +279,7 @@ def join(world: World, backend, train_cfg) -> World:
     if world.launcher is None:
         return world
     module = backend_module(backend.name, "distributed")
-    comm = module.join(backend, train_cfg, world.timeout)
+    comm = module.Comm(backend, train_cfg, world.timeout)  # joins the group
     if comm.size == 1:
         comm.close()
         world.rank, world.size = 0, 1

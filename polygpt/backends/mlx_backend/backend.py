@@ -37,6 +37,7 @@ import polygpt.backends.mlx_backend.loading as loading  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import weights  # noqa: E402
+from polygpt.backends import common  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
 from polygpt.backends.common import SlotCache, SlotOps  # noqa: E402
 from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
@@ -313,17 +314,11 @@ class Backend(SlotOps):
 
     @_on_device
     def load_optimizer(self, opt: Optimizer, path: Path) -> int:
-        _, meta = weights.read_header(Path(path))
-        step = int(meta.get("step", 0))
+        step = common.optimizer_step(path)
         state = mx.load(str(path))
-        for name in opt.names:
-            try:
-                m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
-            except KeyError:
-                raise PolygptError(f"{path}: no optimizer state for {name}") from None
+        shapes = {name: opt.state["exp_avg"][name].shape for name in opt.names}
+        for name, m, v in common.checked_moments(state, path, shapes):
             ref = opt.state["exp_avg"][name]
-            if m.shape != ref.shape or v.shape != ref.shape:
-                raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
             # assign into the same dicts: the compiled step captured these containers
             opt.state["exp_avg"][name] = m.astype(ref.dtype)
             opt.state["exp_avg_sq"][name] = v.astype(ref.dtype)

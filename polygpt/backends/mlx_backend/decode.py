@@ -40,15 +40,10 @@ class _Layer:
 
 
 def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
-    spec = model.spec
     dtype = model.transformer.ln_f.weight.dtype  # LayerNorms are never quantized
-    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
-    # zeros, not garbage: the compiled step attends over every column (masked, but NaN * 0 is
-    # NaN)
-    keys = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
-    values = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
-    mx.eval(keys, values)
-    return common.SlotCache(model, spec, max_rows, keys, values)
+    cache = common.allocate_slot_cache(model, max_rows, lambda s: mx.zeros(s, dtype=dtype))
+    mx.eval(cache.keys, cache.values)
+    return cache
 
 
 def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:

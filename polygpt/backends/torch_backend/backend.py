@@ -31,6 +31,7 @@ import polygpt.backends.torch_backend.decode as decode
 import polygpt.backends.torch_backend.loading as loading
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
+from polygpt.backends import common
 from polygpt.backends.base import PRECISIONS
 from polygpt.backends.common import SlotCache, SlotOps
 from polygpt.backends.torch_backend.model import GPT
@@ -277,16 +278,12 @@ class Backend(SlotOps):
         save_file(tensors, str(path), metadata={**metadata, "step": str(step)})
 
     def load_optimizer(self, opt, path: Path) -> int:
-        _, meta = weights.read_header(Path(path))
-        step = int(meta.get("step", 0))
+        step = common.optimizer_step(path)
         state = load_file(str(path), device="cpu")
-        for p, name in opt.names.items():
-            try:
-                m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
-            except KeyError:
-                raise PolygptError(f"{path}: no optimizer state for {name}") from None
-            if m.shape != p.shape or v.shape != p.shape:
-                raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
+        params = {name: p for p, name in opt.names.items()}
+        shapes = {name: p.shape for name, p in params.items()}
+        for name, m, v in common.checked_moments(state, path, shapes):
+            p = params[name]
             opt.opt.state[p] = {
                 "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),
                 "exp_avg": m.to(p.device, p.dtype),

@@ -49,12 +49,9 @@ class _Layer:
 
 
 def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
-    spec, w = model.spec, model.transformer.ln_f.weight  # LayerNorms carry the compute dtype
-    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
-    make = lambda: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
-    keys = [make() for _ in range(spec.n_layer)]
-    values = [make() for _ in range(spec.n_layer)]
-    return common.SlotCache(model, spec, max_rows, keys, values)
+    w = model.transformer.ln_f.weight  # LayerNorms carry the compute dtype
+    zeros = lambda shape: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
+    return common.allocate_slot_cache(model, max_rows, zeros)
 
 
 def _layers(cache: common.SlotCache, fetch) -> list[_Layer]:

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polygpt.spec import INIT_STD, LAYER_NORM_EPS, ModelSpec
+from polygpt.backends import common
+from polygpt.spec import LAYER_NORM_EPS, ModelSpec
 
 
 class LayerNorm(nn.Module):
@@ -145,21 +146,15 @@ class GPT(nn.Module):
         )
 
     def init_weights(self, generator: torch.Generator) -> None:
-        """normal(0, 0.02), residual projections 0.02/sqrt(2·n_layer), biases 0, LN weight 1."""
-        resid = set(self.spec.residual_projections())
+        """The shared init rule (common.init_rule), normals drawn from `generator`."""
+        rules = common.init_rule(self.spec)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if p.ndim >= 2:
-                    std = INIT_STD / math.sqrt(2 * self.spec.n_layer) if name in resid else INIT_STD
-                    p.normal_(0.0, std, generator=generator)
-                elif (
-                    name.endswith("ln_1.weight")
-                    or name.endswith("ln_2.weight")
-                    or name.endswith("ln_f.weight")
-                ):
-                    p.fill_(1.0)
+                kind, value = rules[name]
+                if kind == "normal":
+                    p.normal_(0.0, value, generator=generator)
                 else:
-                    p.zero_()
+                    p.fill_(value)
 
     def forward(
         self,

@@ -10,7 +10,7 @@ distributed.py), takes the run lock, then runs `setup` (new run, fine-tuning ini
 and `loop`; the loop's parts are small functions of one `Run` (`draw_batches`, `evaluate`,
 `save`). Every rank draws the same global batch and trains on its slice; rank 0 alone
 evaluates, writes and reports. It prints nothing: it reports typed events (TrainStart,
-TrainStep, Evaluated, Saved, TrainEnd) to `on_event`, and the caller (cli.py) draws them.
+TrainStep, Evaluated, Saved, TrainEnd) to `on_event`, and the caller (cli/views.py) draws them.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def estimate_loss(
     return out
 
 
-# ---- events: what a run reports (cli.py turns them into lines and a progress bar) --------------
+# ---- events: what a run reports (cli/views.py draws them as lines and a progress bar) ---------
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`polygpt bench`, measuring: one backend x device x precision in this process.
 
-Runs inside a worker subprocess (`python -m polygpt.bench_measure ARGS RESULT`, started by
-bench.py), so its peak RSS, thread settings and compiled kernels are its own. What one
+Runs inside a worker subprocess (`python -m polygpt.bench.measure ARGS RESULT`, started by
+run.py), so its peak RSS, thread settings and compiled kernels are its own. What one
 configuration measures, with a warm-up and repeats (median, min, max, spread):
 
 - prefill tokens/s: full-context prompts (B, block_size) through `Backend.prefill_rows`;
@@ -407,7 +407,7 @@ def _ppl(res: evaluate.EvalResult) -> Perplexity:
     )
 
 
-# ---- worker entry point: python -m polygpt.bench_measure ARGS.json RESULT.json ----------------
+# ---- worker entry point: python -m polygpt.bench.measure ARGS.json RESULT.json ----------------
 
 
 def worker_main(argv: list[str]) -> int:

@@ -1,10 +1,10 @@
 """`polygpt bench`: one checkpoint measured on every backend x device x precision available.
 
-Three modules: this one orchestrates (the plan of configurations, one worker subprocess per
-configuration, the machine's description), bench_measure.py measures one configuration inside
-a worker, bench_report.py writes the results (JSON, CSV, Markdown; the charts are in plot.py).
+This module orchestrates (the plan of configurations, one worker subprocess per configuration,
+the machine's description); measure.py measures one configuration inside a worker, report.py
+writes the results (JSON, CSV, Markdown) and charts.py draws them.
 
-Each configuration runs in its own subprocess (`python -m polygpt.bench_measure ...`): its
+Each configuration runs in its own subprocess (`python -m polygpt.bench.measure ...`): its
 peak RSS is its own, thread settings and compiled kernels do not leak between configurations,
 and a backend that crashes is one failed row, not a failed benchmark. What is not available
 (framework not installed, no such device, precision unsupported) is a skipped row with the
@@ -28,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from polygpt import bench_report, limits, weights
+from polygpt import weights
 from polygpt.backends import available_backends, backend_class, known_backends
-from polygpt.bench_measure import BenchConfig, BenchResult, Row
+from polygpt.bench import limits, report
+from polygpt.bench.measure import BenchConfig, BenchResult, Row
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -157,7 +158,7 @@ def _run_worker(cfg: BenchConfig, b: str, d: str, p: str, log_dir: Path) -> Row:
         if cfg.threads > 0:  # (auto was resolved to a number or 0 by run_bench)
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(cfg.threads)
-        cmd = [sys.executable, "-m", "polygpt.bench_measure", str(args_file), str(result_file)]
+        cmd = [sys.executable, "-m", "polygpt.bench.measure", str(args_file), str(result_file)]
         try:
             with open(log_path, "w") as logf:
                 proc = subprocess.run(
@@ -226,5 +227,5 @@ def run_bench(
         wall_s=time.perf_counter() - t0,
         limits=ceilings,
     )
-    bench_report.write_outputs(result, out)
+    report.write_outputs(result, out)
     return result

@@ -76,7 +76,8 @@ class CausalSelfAttention(nn.Module):
 
 
 # GPT-2's tanh GELU without calling tanh. MLX's CPU backend evaluates tanh/exp one scalar at a
-# time (~100 ns each: nn.gelu_approx was ~40% of a training step on x86), while multiply-add
+# time (docs/BENCHMARKS.md, "Figures behind the code": nn.gelu_approx's share of a training
+# step on x86), while multiply-add
 # chains compile into one vectorized loop. tanh here is Eigen's rational approximation
 # (generic_fast_tanh_float, a few ulp; max |diff| to torch's GELU 1e-6, derivative 5e-6),
 # computed in float32 for every input dtype (as torch's CPU kernels do for fp16/bf16).

@@ -10,7 +10,8 @@ of each call, not arithmetic, sets the speed. `GPT.forward` spends ~30 torch cal
 nn.Module calls per layer on a token; the lean step computes the same function in ~15 calls per
 layer: functional calls on the weights, the residual adds fused into the projections
 (`torch.addmm(x, y, W)`), and each weight matrix transposed once per model so a one-row matrix
-product reads it in order (~1.6x faster than against the (out, in) layout here). It serves
+product reads it in order (faster than against the (out, in) layout: docs/BENCHMARKS.md,
+"Figures behind the code"). It serves
 float models made of plain nn.Linear layers; any other model (torch's dynamically quantized
 int8 Linear) decodes through `GPT.forward` itself (`supports`).
 

@@ -72,8 +72,8 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """0.5·x·(1 + tanh(z)) written x·sigmoid(2z), z = sqrt(2/π)(x + 0.044715x³): the same
     function within float rounding (0.5(1 + tanh z) = sigmoid(2z); max diff 5e-7). ATen's CPU
-    tanh-GELU forward is its slow part: 1.75 ms for 768x512 floats against 1.04 for these
-    five passes (erf GELU: 0.69; its backward costs the same as erf's)."""
+    tanh-GELU forward is its slow part and these five passes beat it (docs/BENCHMARKS.md,
+    "Figures behind the code"); its backward costs the same as erf's."""
     s = torch.addcmul(x, x * x, x, value=0.044715).mul_(2 * _GELU_K).sigmoid_()  # sigmoid(2z)
     return s.mul_(x)
 
@@ -96,7 +96,7 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate != "tanh":
         return F.gelu(x)
     if torch.compiler.is_compiling():
-        # inductor fuses this into one loop; its vectorized exp is ~2x faster than its tanh
+        # inductor fuses this into one loop; its vectorized exp is faster than its tanh
         return x / (1.0 + torch.exp(-2 * _GELU_K * (x + 0.044715 * x * x * x)))
     if x.dtype != torch.float32:  # ATen computes fp16/bf16 GELU in fp32 internally: keep it
         return F.gelu(x, approximate="tanh")

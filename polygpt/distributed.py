@@ -264,9 +264,13 @@ def arrive(train_cfg) -> World:
         )
     rank, size = _launcher_place(launcher)
     world = World(
-        rank=rank, size=size, launcher=launcher, timeout=timeout_s(), out=Path(train_cfg.out)
+        rank=rank,
+        size=size,
+        launcher=launcher,
+        timeout=timeout_s(),
+        out=Path(train_cfg.out),
+        backend_name=want,
     )
-    world.backend_name = want
     _on_sigterm(world)
     return world
 

@@ -100,7 +100,7 @@ class Optimizer:
 class Backend(SlotOps):
     name = "mlx"
     devices = ("cpu", "gpu")
-    precisions = ("fp32", "fp16", "bf16", "int8", "int4")
+    precisions = PRECISIONS  # every one: int8/int4 computed as stored
     train_dtypes = ("fp32", "bf16")
     native_quantized = True
 

@@ -386,17 +386,42 @@ def test_a_launcher_stopping_the_job_leaves_each_rank_s_error_line(tmp_path, cha
         _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
     finally:
         _end(proc)
+    resume = f"torchrun --nproc_per_node=2 -m polygpt train --resume --out {out} --backend torch"
+    _assert_stopped(stderr, out, "torchrun", resume)
+
+
+def _assert_stopped(stderr: str, out: Path, launcher: str, resume: str) -> None:
+    """Each rank's error line says what stopped it, where the checkpoint is and the command that
+    resumes it. A rank may see its peer's exit in a collective before its own SIGTERM: then its
+    line says a peer failed; the first rank to go says it was stopped."""
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     ckpt = weights.read_checkpoint(out)
     assert ckpt.optimizer_file.exists()
-    # each rank's line: what stopped it, the checkpoint on disk, the command that resumes it
-    resume = f"torchrun --nproc_per_node=2 -m polygpt train --resume --out {out} --backend torch"
     for rank in (0, 1):
-        mine = [e for e in errors if f"rank {rank}/2: stopped by torchrun" in e]
-        assert len(mine) == 1 and mine[0].endswith(f"; resume with: {resume}"), stderr
+        mine = [e for e in errors if f"rank {rank}/2: " in e]
+        assert mine and all(e.endswith(f"; resume with: {resume}") for e in mine), stderr
+    assert any(f"stopped by {launcher} (SIGTERM" in e for e in errors), stderr
     # rank 0 finishes a checkpoint write before it stops, and names the step on disk
-
     assert f"{out} holds the checkpoint of step {ckpt.step}; resume with" in stderr, stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@requires("mlx")
+def test_a_sigterm_to_each_mlx_rank_leaves_its_error_line(tmp_path, char_data):
+    """mlx.launch's ranks meet SIGTERM from a job scheduler (or a user's kill): each says it
+    was stopped, where the checkpoint is and how to resume, and the checkpoint is whole."""
+    out = tmp_path / "out"
+    proc = _training("mlx.launch", char_data, out, tmp_path)
+    try:
+        ranks = [_rank_pid(proc.pid, r, "MLX_RANK") for r in (0, 1)]
+        assert None not in ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        _end(proc)
+    resume = f"mlx.launch -n 2 --python PYTHON -- -m polygpt train --resume --out {out}"
+    _assert_stopped(stderr, out, "mlx.launch", f"{resume} --backend mlx")
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")

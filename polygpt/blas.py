@@ -6,8 +6,8 @@ unoptimized Fortran sgemm that runs a matmul at a few GFLOP/s. Debian/Ubuntu's O
 library's undefined symbols in the *global* scope (the program and everything loaded with
 RTLD_GLOBAL) before the library's own dependencies. So loading OpenBLAS with RTLD_GLOBAL before
 `mlx.core` is imported makes MLX's matmuls run on OpenBLAS, in process: no LD_PRELOAD, no
-re-exec, and it works the same under the CLI, pytest and a notebook. (Measured on the 2-core
-box: a 768x512x384 matmul 340 ms -> 35 ms.) The MLX backend calls `preload_openblas()` first
+re-exec, and it works the same under the CLI, pytest and a notebook (the gain:
+docs/BENCHMARKS.md, "Figures behind the code"). The MLX backend calls `preload_openblas()` first
 thing; `POLYGPT_NO_BLAS_FIX=1` opts out.
 
 Side effect worth knowing: PyTorch's CPU wheel also exports `sgemm_`, and in a process where
@@ -73,7 +73,8 @@ def preload_openblas() -> str | None:
         return None
     # OpenBLAS picks its kernels at load time from CPUID; in VMs that hide the CPU model
     # (e.g. "Intel(R) Xeon(R) Processor") it falls back to generic "Prescott" SSE3 kernels,
-    # 4-7x slower than the AVX2/AVX-512 ones the CPU has. Name the core from the CPU flags
+    # far slower than the AVX2/AVX-512 ones the CPU has (docs/BENCHMARKS.md, "Figures behind
+    # the code"). Name the core from the CPU flags
     # for the load only (a user's own OPENBLAS_CORETYPE wins), then restore the environment.
     forced = None
     if "OPENBLAS_CORETYPE" not in os.environ:

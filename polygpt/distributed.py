@@ -1,6 +1,7 @@
 """Data-parallel training on the launchers users already run: torchrun (PyTorch DDP) and
 mlx.launch (MLX's `mx.distributed`: ring, MPI, ...). Written once; each backend package has a
-small `distributed` module that joins its framework's group and averages the gradients.
+small `distributed` module whose `Comm` joins its framework's group and averages the gradients,
+and whose `available()` lists the framework's distributed backends.
 
 The semantics make a run's result independent of the world size (to float rounding):
 
@@ -24,9 +25,9 @@ The semantics make a run's result independent of the world size (to float roundi
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -35,11 +36,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from polygpt.backends import available_backends
+from polygpt import weights
+from polygpt.backends import available_backends, backend_module, entry, launcher_backend
 from polygpt.errors import PolygptError
 
 TIMEOUT_ENV = "POLYGPT_DIST_TIMEOUT"
@@ -47,17 +50,6 @@ DEFAULT_TIMEOUT_S = 1800.0
 # added to the limit of the first training step, which compiles (MLX's graph, torch.compile) at a
 # speed that depends on the machine's load, not on the peers
 FIRST_STEP_ALLOWANCE_S = 300.0
-
-# launcher -> the backend whose engine it starts
-_LAUNCHER_BACKEND = {"torchrun": "torch", "mlx.launch": "mlx", "mpirun": "mlx"}
-_MODULES = {
-    "torch": "polygpt.backends.torch_backend.distributed",
-    "mlx": "polygpt.backends.mlx_backend.distributed",
-}
-_FIX = {
-    "torch": "torchrun --nproc_per_node=N -m polygpt train CONFIG --backend torch",
-    "mlx": "mlx.launch -n N --python PYTHON -- -m polygpt train CONFIG --backend mlx",
-}
 
 
 def detect_launcher(env: dict | None = None) -> str | None:
@@ -103,6 +95,8 @@ class World:
     launcher: str | None = None
     comm: Any = None  # the backend's communicator (None in one process)
     timeout: float = DEFAULT_TIMEOUT_S
+    out: Path | None = None  # the run's checkpoint directory (for the resume hint)
+    backend_name: str | None = None  # the framework backend a launcher runs
     _watchdog: _Watchdog | None = field(default=None, repr=False)
     # held while rank 0 writes a checkpoint: a SIGTERM waits for the write to finish
     saving: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -111,6 +105,24 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def label(self) -> str:
+        """'rank 1/2', or 'rank 1' before the group says how many."""
+        return f"rank {self.rank}/{self.size}" if self.size else f"rank {self.rank}"
+
+    def on_disk(self) -> str:
+        """What a stopped rank leaves on disk and how to go on from it, for its error line."""
+        if self.out is None or self.backend_name is None:
+            return "checkpoints are written whole, so resume from the last one with --resume"
+        args = f"train --resume --out {shlex.quote(str(self.out))}"
+        cmd = entry(self.backend_name).launch.format(n=self.size or "N", args=args)
+        if not self.is_main:  # rank 0 may be mid-write: it alone reads and names the step
+            return f"rank 0 writes the checkpoints, in {self.out}; resume with: {cmd}"
+        try:  # whatever the disk holds, the line is said
+            step = weights.read_checkpoint(self.out).step
+        except Exception:
+            return f"no checkpoint was saved in {self.out} yet"
+        return f"{self.out} holds the checkpoint of step {step}; resume with: {cmd}"
 
     def describe(self) -> str:
         if self.size == 1:
@@ -196,9 +208,8 @@ class World:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         first = re.sub(r"^\[[^\]]*/[^\]]*\]\s*", "", first)[:160]  # gloo's source location
         return (
-            f"rank {self.rank}/{self.size}: a peer process failed or stopped while {what} "
-            f"({first}); checkpoints are written whole, so resume from the last one with "
-            "--resume"
+            f"{self.label()}: a peer process failed or stopped while {what} ({first}); "
+            f"{self.on_disk()}"
         )
 
     def close(self) -> None:
@@ -229,51 +240,77 @@ class _Watchdog:
 def _timed_out(world: World, what: str, limit: float) -> None:
     # runs on a timer thread while the main thread is stuck in a collective: say so, leave now
     sys.stderr.write(
-        f"error: rank {world.rank}/{world.size}: timed out after {limit:.0f}s "
-        f"{what} (a peer process died or hangs; {TIMEOUT_ENV} sets the limit); checkpoints "
-        "are written whole, so resume from the last one with --resume\n"
+        f"error: {world.label()}: timed out after {limit:.0f}s {what} (a peer process died "
+        f"or hangs; {TIMEOUT_ENV} sets the limit); {world.on_disk()}\n"
     )
     sys.stderr.flush()
     os._exit(1)
 
 
-def join(backend, train_cfg) -> World:
-    """Join the launcher's process group, if a launcher started this process.
-
-    `backend` is the constructed Backend (its device picks gloo or nccl); a launcher for the
-    other framework, or a world size that does not divide the global batch, is an error."""
+def arrive(train_cfg) -> World:
+    """This process's place before any work: World() in one process. Under a launcher, the
+    run's backend must be the launcher's, and from here on the launcher's SIGTERM ends the rank
+    with its one `error:` line (see `_on_sigterm`), even while the framework still imports."""
     launcher = detect_launcher()
     if launcher is None:
         return World()
-    want = _LAUNCHER_BACKEND[launcher]
-    if backend.name != want:
+    want = launcher_backend(launcher)
+    if train_cfg.backend != want:
+        fix = entry(train_cfg.backend).launch.format(n="N", args="train CONFIG")
         raise PolygptError(
             f"this process was started by {launcher}, which runs the {want} backend, but the "
-            f"run uses --backend {backend.name}: pass --backend {want}, or launch with "
-            f"`{_FIX[backend.name]}`"
+            f"run uses --backend {train_cfg.backend}: pass --backend {want}, or launch with "
+            f"`{fix}`"
         )
-    timeout = timeout_s()
-    module = importlib.import_module(_MODULES[backend.name])
-    comm = module.join(backend, train_cfg, timeout)
+    rank, size = _launcher_place(launcher)
+    world = World(
+        rank=rank,
+        size=size,
+        launcher=launcher,
+        timeout=timeout_s(),
+        out=Path(train_cfg.out),
+        backend_name=want,
+    )
+    _on_sigterm(world)
+    return world
+
+
+def join(world: World, backend, train_cfg) -> World:
+    """Join the launcher's process group, if a launcher started this process (see `arrive`).
+
+    `backend` is the constructed Backend (its device picks gloo or nccl); a world size that
+    does not divide the global batch is an error."""
+    if world.launcher is None:
+        return world
+    module = backend_module(backend.name, "distributed")
+    comm = module.Comm(backend, train_cfg, world.timeout)  # joins the group
     if comm.size == 1:
         comm.close()
-        return World(launcher=launcher, timeout=timeout)
-    world = World(
-        rank=comm.rank,
-        size=comm.size,
-        local_rank=comm.local_rank,
-        backend=comm.backend,
-        launcher=launcher,
-        comm=comm,
-        timeout=timeout,
-    )
+        world.rank, world.size = 0, 1
+        return world
+    world.rank, world.size, world.local_rank = comm.rank, comm.size, comm.local_rank
+    world.backend, world.comm = comm.backend, comm
     try:
         check_batch(train_cfg.batch_size, world.size)
     except PolygptError:
         world.close()
         raise
-    _on_sigterm(world)
     return world
+
+
+def _launcher_place(launcher: str) -> tuple[int, int]:
+    """(rank, world size) as the launcher's environment gives them before the group is joined
+    (0: not given; mlx.launch names no world size)."""
+    env = os.environ
+    for rank, size in (
+        ("RANK", "WORLD_SIZE"),
+        ("MLX_RANK", "MLX_WORLD_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+    ):
+        if rank in env:
+            return int(env[rank]), int(env.get(size, "0"))
+    return 0, 0
 
 
 def _on_sigterm(world: World) -> None:
@@ -282,7 +319,8 @@ def _on_sigterm(world: World) -> None:
     traceback alone. Python runs signal handlers only when the main thread is between bytecodes,
     and it may sit in a collective waiting for the dead peer: the C-level handler writes the
     signal number to a wakeup socket at once, and a thread reading it speaks and exits (after a
-    checkpoint write in progress, so what is on disk stays whole)."""
+    checkpoint write in progress, so what is on disk stays whole). Installed before any work,
+    so no SIGTERM finds the rank without it."""
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be installed from the main thread
     r, w = socket.socketpair()
@@ -295,10 +333,9 @@ def _on_sigterm(world: World) -> None:
             pass  # other signals (Ctrl-C) keep their own handlers
         with world.saving:
             sys.stderr.write(
-                f"error: rank {world.rank}/{world.size}: stopped by {world.launcher} (SIGTERM: "
-                "a launcher stops every rank when a peer process failed, or the job was "
-                "cancelled); checkpoints are written whole, so resume from the last one with "
-                "--resume\n"
+                f"error: {world.label()}: stopped by {world.launcher} (SIGTERM: a launcher "
+                "stops every rank when a peer process failed, or the job was cancelled); "
+                f"{world.on_disk()}\n"
             )
             sys.stderr.flush()
             os._exit(128 + signal.SIGTERM)
@@ -312,12 +349,11 @@ def environment_lines() -> list[str]:
     lines = []
     for name in available_backends():
         try:
-            module = importlib.import_module(_MODULES[name])
-        except ImportError as e:
+            module = backend_module(name, "distributed")
+        except PolygptError as e:
             lines.append(f"{name:<6}  distributed: unavailable ({e})")
             continue
         have = module.available()
         names = ", ".join(f"{b} ({'yes' if ok else 'no'})" for b, ok in have.items())
-        launch = "torchrun" if name == "torch" else "mlx.launch"
-        lines.append(f"{name:<6}  distributed ({launch}): {names}")
+        lines.append(f"{name:<6}  distributed ({entry(name).launchers[0]}): {names}")
     return lines

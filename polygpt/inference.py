@@ -9,7 +9,7 @@ from typing import Any
 
 from polygpt import config, weights
 from polygpt import tokenizer as tok
-from polygpt.backends import available_backends, get_backend
+from polygpt.backends import Backend, available_backends, get_backend
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig, generate
 from polygpt.spec import ModelSpec
@@ -74,7 +74,7 @@ def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
     return trained if trained in avail else avail[0]
 
 
-def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: str) -> str:
+def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: Backend) -> str:
     """The compute precision to load a checkpoint at. Asked for: that (the backend says if it
     can't). Not asked for: the checkpoint's own, where the backend computes at it; torch
     dequantizes int8/int4 files to fp32 (their rounded weights, exactly)."""
@@ -82,7 +82,7 @@ def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: 
         return requested
     have = weights.check_model_file(ckpt.model_file, ckpt.spec)
     own = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have)
-    if own.startswith("int") and backend != "mlx":  # TODO(backend facts): ask the backend
+    if own.startswith("int") and not backend.native_quantized:
         return "fp32"
     return own
 
@@ -94,6 +94,6 @@ def load(
     computes at it (see resolve_precision), else fp32/fp16/bf16/int8/int4."""
     ckpt = weights.read_checkpoint(path)
     be = get_backend(backend or default_backend(ckpt), device)
-    precision = resolve_precision(precision, ckpt, be.name)
+    precision = resolve_precision(precision, ckpt, be)
     model = be.load_model(ckpt.spec, ckpt.model_file, precision)
     return LanguageModel(be, model, ckpt.spec, tok.from_dict(ckpt.tokenizer), ckpt, precision)

@@ -1,5 +1,5 @@
 """Charts (matplotlib, headless): loss curves and perplexity vs iterations/size of training
-runs, and `polygpt bench`'s tokens/s and perplexity-vs-size charts.
+runs (`polygpt bench`'s charts: bench/charts.py).
 
 Loss curves come from each run's `metrics.jsonl` (written by the training loop); perplexity
 comes from the full-split evaluation recorded in the run's config.json (`polygpt eval --save`,
@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from polygpt import weights
-from polygpt.backends.base import PRECISIONS
 from polygpt.errors import PolygptError
 
-if TYPE_CHECKING:  # only bench results need it
-    from polygpt.bench_measure import BenchResult
-
 KINDS = ("loss", "ppl-iters", "ppl-params")
-_NO_RATE = SimpleNamespace(median=0)
 
 
-def _pyplot():
+def pyplot():
     try:  # matplotlib is the optional [plot] extra: imported only to draw
         import matplotlib
 
@@ -58,7 +49,7 @@ def _has(row: dict, event: str, *keys: str) -> bool:
 
 
 def plot_losses(runs: list[Path], out: Path, title: str | None = None) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
         rows = weights.read_metrics(run)
@@ -100,7 +91,7 @@ def plot_losses(runs: list[Path], out: Path, title: str | None = None) -> Path:
 def plot_perplexity(
     runs: list[Path], out: Path, x: str = "iters", title: str | None = None
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     pts = []
     for run in runs:
         ck = weights.read_checkpoint(run)
@@ -159,71 +150,3 @@ def plot(
     if kind == "loss":
         return plot_losses(paths, Path(out), title)
     return plot_perplexity(paths, Path(out), "iters" if kind == "ppl-iters" else "params", title)
-
-
-def bench_charts(result: BenchResult, out: Path) -> list[Path]:
-    """tokens_per_s.png (decode/prefill rates by configuration, log scale) and
-    ppl_vs_size.png (perplexity against saved size)."""
-    plt = _pyplot()
-    ok = [r for r in result.results if r.status == "ok"]
-    big = max(result.settings.batch_sizes)
-    labels = [r.name for r in ok]
-    series = [
-        ("KV decode b1", "decode_kv", "b1"),
-        ("no-cache b1", "decode_nocache", "b1"),
-        (f"KV decode b{big}", "decode_kv", f"b{big}"),
-        (f"no-cache b{big}", "decode_nocache", f"b{big}"),
-        (f"prefill b{big}", "prefill", f"b{big}"),
-    ]
-    paths = []
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok) + 2), 4.5))
-    width = 0.8 / len(series)
-    x = np.arange(len(ok))
-    for i, (name, group, key) in enumerate(series):
-        vals = [(getattr(r, group).get(key) or _NO_RATE).median for r in ok]
-        ax.bar(x + (i - len(series) / 2 + 0.5) * width, vals, width, label=name)
-    tr = [r.train.median if r.train else 0 for r in ok]
-    if any(tr):
-        ax.scatter(x, tr, marker="D", color="black", zorder=3, label="training")
-    ax.set_xticks(x, labels, rotation=30, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("tokens/s (log)")
-    ax.set_title("polygpt bench: tokens/s by configuration")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "tokens_per_s.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    markers = {"torch": "o", "mlx": "s"}
-    colors = dict(zip(PRECISIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    stacked: dict[tuple, int] = {}  # labels at the same spot go one above the other
-    for r, label in zip(ok, labels):
-        if r.ppl is None or not r.size_mb:
-            continue
-        ppl = r.ppl.perplexity
-        ax.scatter(
-            r.size_mb,
-            ppl,
-            marker=markers.get(r.backend, "^"),
-            color=colors.get(r.precision),
-            zorder=3,
-        )
-        spot = (round(r.size_mb, 1), round(ppl, 2))
-        k = stacked[spot] = stacked.get(spot, -1) + 1
-        ax.annotate(
-            label,
-            (r.size_mb, ppl),
-            fontsize=7,
-            xytext=(4, 3 + 9 * k),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("saved model size (MB)")
-    ax.set_ylabel(f"perplexity ({result.settings.ppl_tokens:,} val tokens)")
-    ax.set_title("perplexity vs size")
-    fig.tight_layout()
-    paths.append(out / "ppl_vs_size.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths

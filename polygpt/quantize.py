@@ -7,7 +7,8 @@ and computes in 8 or 4 bits; torch reads the same bytes and dequantizes them (to
 write it, byte for byte the same tensors (the torch quantizer reproduces mx.quantize), so the
 `--backend` of this command only says which framework does the arithmetic. Why this format and
 not, say, torch's per-tensor int8: it is the one an MLX user already has (mlx-lm's checkpoints),
-it covers 4 bits, group-wise scales keep int8 error ~5x below per-tensor int8 here, and its
+it covers 4 bits, group-wise scales keep int8 error below per-tensor int8's (by how much:
+docs/BENCHMARKS.md, "Figures behind the code"), and its
 layout is documented by one line of arithmetic (w = scale * q + bias).
 
 fp16 / bf16 checkpoints are plain float safetensors in that dtype.

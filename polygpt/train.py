@@ -10,7 +10,7 @@ distributed.py), takes the run lock, then runs `setup` (new run, fine-tuning ini
 and `loop`; the loop's parts are small functions of one `Run` (`draw_batches`, `evaluate`,
 `save`). Every rank draws the same global batch and trains on its slice; rank 0 alone
 evaluates, writes and reports. It prints nothing: it reports typed events (TrainStart,
-TrainStep, Evaluated, Saved, TrainEnd) to `on_event`, and the caller (cli.py) draws them.
+TrainStep, Evaluated, Saved, TrainEnd) to `on_event`, and the caller (cli/views.py) draws them.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def estimate_loss(
     return out
 
 
-# ---- events: what a run reports (cli.py turns them into lines and a progress bar) --------------
+# ---- events: what a run reports (cli/views.py draws them as lines and a progress bar) ---------
 
 
 @dataclass
@@ -190,8 +190,6 @@ class Run:
 def _check(tc: TrainConfig) -> None:
     if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
         raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
-    if tc.dtype not in ("auto", "fp32", "bf16"):
-        raise PolygptError(f"train.dtype must be auto, fp32 or bf16, got {tc.dtype!r}")
     if tc.eval_dtype not in ("auto", "fp32", "bf16"):
         raise PolygptError(f"train.eval_dtype must be auto, fp32 or bf16, got {tc.eval_dtype!r}")
 
@@ -199,6 +197,11 @@ def _check(tc: TrainConfig) -> None:
 def dtypes(tc: TrainConfig, backend) -> tuple[str, str]:
     """The training step's and the evaluation forward's precisions: `auto` is the backend's
     fast choice for the step, and the step's for the evaluation."""
+    if tc.dtype != "auto" and tc.dtype not in backend.train_dtypes:
+        *rest, last = ("auto", *backend.train_dtypes)
+        raise PolygptError(
+            f"train.dtype must be {', '.join(rest)} or {last} ({backend.name}), got {tc.dtype!r}"
+        )
     train_dtype = backend.auto_dtype() if tc.dtype == "auto" else tc.dtype
     return train_dtype, train_dtype if tc.eval_dtype == "auto" else tc.eval_dtype
 
@@ -485,9 +488,11 @@ def train(
     every checkpoint's config.json (e.g. a sweep's fingerprint)."""
     tc = cfg.train
     _check(tc)
+    # under torchrun / mlx.launch: a launcher's SIGTERM is said from here on; then join the
+    # group (or fail); rank 0 alone writes and reports
+    world = distributed.arrive(tc)
     backend = get_backend(tc.backend, tc.device)
-    # under torchrun / mlx.launch: join the group (or fail); rank 0 alone writes and reports
-    world = distributed.join(backend, tc)
+    distributed.join(world, backend, tc)
     try:
         # one writer per --out (rank 0's lock); a killed run's leftovers cleaned first
         owner = rundir.owned(tc.out, resume) if world.is_main else contextlib.nullcontext()

@@ -78,7 +78,7 @@ def _timed(evals: list[dict], wall: float) -> TrainRun:
 def nano_run(cfg_path: str, overrides: list[str], out: Path) -> TrainRun:
     """nanoGPT's train.py loop (scripts/nanogpt_seeds.py train_seed) in its own process."""
     code = (
-        "import json, sys, pathlib; sys.path.insert(0, 'scripts');"
+        "import json, pathlib;"
         "from nanogpt_seeds import config, data, train_seed;"
         f"cfg = config.load({cfg_path!r}, {overrides!r});"
         "splits = {s: data.load_split(cfg.data.dir, s) for s in ('train', 'val')};"
@@ -86,8 +86,9 @@ def nano_run(cfg_path: str, overrides: list[str], out: Path) -> TrainRun:
         "print(json.dumps(r['history']))"
     )
     t0 = time.perf_counter()
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "scripts")])}
     res = subprocess.run(
-        [PY, "-c", code], env=ENV, cwd=ROOT, check=True, capture_output=True, text=True
+        [PY, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True, text=True
     )
     wall = time.perf_counter() - t0
     return _timed(json.loads(res.stdout.strip().splitlines()[-1]), wall)

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from bench_train import NanoGPT  # noqa: E402  (the faithful copy of nanoGPT's model.py)
+from nanogpt import NanoGPT  # noqa: E402  (scripts/nanogpt.py: nanoGPT's model.py)
 
 from polygpt import config, data  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 from polygpt.backends import base
 
 PKG = Path(base.__file__).parent
-BACKENDS = {name: PKG / module.rsplit(".", 1)[1] for name, (module, _, _) in base._REGISTRY.items()}
+BACKENDS = {name: PKG / e.module.rsplit(".", 1)[1] for name, e in base._REGISTRY.items()}
 
 
 def _classes(path: Path) -> dict[str, ast.ClassDef]:

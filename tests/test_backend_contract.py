@@ -1,9 +1,10 @@
 """The backend contract, one test per behaviour, run on every installed backend (as mlx-lm runs
 one test runner over every model): names and shapes from the spec, init statistics,
 safetensors round trips (dtype kept), optimizer state round trip, gradient accumulation,
-dropout, log-probs, precision errors, describe(). Tiny random models, no training data.
-Framework-specific checks: test_torch_model.py, test_mlx_model.py; the slot cache's row
-operations: test_slots.py; cross-backend numbers: test_parity.py."""
+dropout, log-probs, precision errors, describe(), devices and the framework facts. Tiny random
+models, no training data. Framework-specific checks: test_torch_training.py,
+test_torch_decode.py, test_mlx_model.py; the slot cache's row operations: test_slots.py;
+cross-backend numbers: test_parity.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from polygpt import weights
-from polygpt.backends import get_backend
+from polygpt.backends import backend_class, get_backend
 from polygpt.config import TrainConfig
 from polygpt.errors import PolygptError
 from polygpt.spec import INIT_STD, ModelSpec
@@ -190,3 +191,27 @@ def test_describe(be):
     d = be.describe()
     assert set(d) >= {"backend", "framework", "device", "device_name", "threads", "blas"}
     assert d["backend"] == be.name and d["framework"].startswith(be.name + " ")
+
+
+def test_facts(be):
+    """The class attributes every module above backends/ reads instead of a backend's name."""
+    cls = type(be)
+    assert cls.devices[0] == "cpu" and set(cls.train_dtypes) <= set(cls.precisions)
+    assert backend_class(be.name) is cls
+    assert set(be.device_precisions("cpu")) <= set(cls.precisions) and "fp32" in cls.precisions
+    assert isinstance(cls.native_quantized, bool)
+
+
+def test_devices(be):
+    """cpu always; an unknown name is an error naming the backend; every other known device is
+    either there or a one-line "not available"."""
+    assert get_backend(be.name, "cpu").device == "cpu"
+    with pytest.raises(PolygptError, match=f"unknown {be.name} device"):
+        get_backend(be.name, "tpu")
+    for device in type(be).devices[1:]:
+        try:
+            other = get_backend(be.name, device)
+        except PolygptError as e:
+            assert "not available" in str(e)
+        else:
+            assert other.device == device

@@ -14,7 +14,9 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from polygpt import bench, bench_measure, weights
+from polygpt import weights
+from polygpt.bench import measure as bench_measure
+from polygpt.bench import run as bench
 from polygpt.cli import main
 
 from .conftest import backends_under_test

@@ -8,7 +8,7 @@ from polygpt.errors import PolygptError
 def test_shakespeare_split_sizes(char_data):
     train = data.load_split(char_data, "train")
     val = data.load_split(char_data, "val")
-    assert len(train) == 1_003_854 and len(val) == 111_540
+    assert len(train) == 180_906 and len(val) == 20_101  # 90% / 10% of the slice
     tok = data.load_tokenizer(char_data)
     assert tok.vocab_size == 65
     assert train.dtype == np.uint16 and int(train.max()) < 65
@@ -49,7 +49,8 @@ def _bpe_or_skip():
 def test_bpe_shakespeare_is_nanogpts_split(shakespeare_text, tmp_path):
     enc = _bpe_or_skip()
     res = data.prepare_bpe(shakespeare_text, tmp_path)
-    assert (res.train_tokens, res.val_tokens) == (301_966, 36_059)  # nanoGPT's README numbers
+    # nanoGPT's split (its README: 301,966 / 36,059 on the whole corpus), here of the slice
+    assert (res.train_tokens, res.val_tokens) == (55_133, 5_984)
     val_text = shakespeare_text[int(len(shakespeare_text) * 0.9) :]
     assert data.load_split(tmp_path, "val").tolist() == enc.encode(val_text)
 
@@ -64,7 +65,7 @@ def test_prepare_text_streams_in_chunks_like_one_shot(shakespeare_text, tmp_path
     assert ids.tolist() == enc.encode(shakespeare_text) + [50256]
     assert res.val_tokens / len(ids) == pytest.approx(0.1, abs=0.01)  # 10% of the bytes
     ch = data.prepare_text([src], tmp_path / "c", "char", val_fraction=0.1, chunk_bytes=7_777)
-    assert (ch.train_tokens, ch.val_tokens, ch.vocab_size) == (1_003_854, 111_540, 65)
+    assert (ch.train_tokens, ch.val_tokens, ch.vocab_size) == (180_906, 20_101, 65)
 
 
 def test_prepare_text_several_files_and_bad_utf8(tmp_path):

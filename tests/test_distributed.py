@@ -300,9 +300,15 @@ def test_launcher_for_the_other_framework_is_an_error(
 def test_world_size_must_divide_the_batch(tmp_path, char_data):
     res = _launch("torchrun", _args(char_data, tmp_path / "out", "batch_size=7"), tmp_path / "cwd")
     assert res.returncode != 0
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    errors = _error_lines(res.stderr)
     assert errors and all("multiple of the 2 processes" in e for e in errors), res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """polygpt's `error:` lines; mlx.launch writes its own warnings from another thread, so one
+    may begin mid-line."""
+    return [line[line.index("error: ") :] for line in stderr.splitlines() if "error: " in line]
 
 
 def _children(pid: int) -> list[int]:
@@ -342,13 +348,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _training(launcher: str, char_data: Path, out: Path, cwd: Path) -> subprocess.Popen:
-    """A 2-process run, returned once its first checkpoint exists (training runs)."""
+def _training(
+    launcher: str, char_data: Path, out: Path, cwd: Path, timeout: str = "120"
+) -> subprocess.Popen:
+    """A 2-process run, returned once its first checkpoint exists (training runs). `timeout`
+    (POLYGPT_DIST_TIMEOUT) is long by default: a wait that outlives it is a failure, and no
+    step, evaluation or checkpoint of the tiny model comes near it even on a loaded machine."""
     args = _args(char_data, out, "max_iters=100000", "eval_interval=20", "log_interval=5")
     proc = subprocess.Popen(
         _command(launcher, args),
         cwd=cwd,
-        env=_env(POLYGPT_DIST_TIMEOUT="5"),
+        env=_env(POLYGPT_DIST_TIMEOUT=timeout),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -382,29 +392,73 @@ def test_a_launcher_stopping_the_job_leaves_each_rank_s_error_line(tmp_path, cha
         _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
     finally:
         _end(proc)
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    resume = f"torchrun --nproc_per_node=2 -m polygpt train --resume --out {out} --backend torch"
+    _assert_stopped(stderr, out, "torchrun", resume)
+
+
+def _assert_stopped(stderr: str, out: Path, launcher: str, resume: str) -> None:
+    """Each rank's error line says what stopped it, where the checkpoint is and the command that
+    resumes it. A rank may see its peer's exit in a collective before its own SIGTERM: then its
+    line says a peer failed; the first rank to go says it was stopped."""
+    errors = _error_lines(stderr)
+    ckpt = weights.read_checkpoint(out)
+    assert ckpt.optimizer_file.exists()
     for rank in (0, 1):
-        assert any(f"rank {rank}/2: stopped by torchrun" in e for e in errors), stderr
-    assert weights.read_checkpoint(out).optimizer_file.exists()
+        mine = [e for e in errors if f"rank {rank}/2: " in e]
+        assert mine and all(e.endswith(f"; resume with: {resume}") for e in mine), stderr
+    assert any(f"stopped by {launcher} (SIGTERM" in e for e in errors), stderr
+    # rank 0 finishes a checkpoint write before it stops, and names the step on disk
+    assert f"{out} holds the checkpoint of step {ckpt.step}; resume with" in stderr, stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@requires("mlx")
+def test_a_sigterm_to_each_mlx_rank_leaves_its_error_line(tmp_path, char_data):
+    """mlx.launch's ranks meet SIGTERM from a job scheduler (or a user's kill): each says it
+    was stopped, where the checkpoint is and how to resume, and the checkpoint is whole."""
+    out = tmp_path / "out"
+    proc = _training("mlx.launch", char_data, out, tmp_path)
+    try:
+        ranks = [_rank_pid(proc.pid, r, "MLX_RANK") for r in (0, 1)]
+        assert None not in ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        _end(proc)
+    resume = f"mlx.launch -n 2 --python PYTHON -- -m polygpt train --resume --out {out}"
+    _assert_stopped(stderr, out, "mlx.launch", f"{resume} --backend mlx")
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize(
-    "launcher,var,sig,expect",
+    "launcher,var,sig,timeout,expect",
     [
         pytest.param(
-            "torchrun", "RANK", signal.SIGKILL, "a peer process failed", marks=requires("torch")
+            "torchrun",
+            "RANK",
+            signal.SIGKILL,
+            "120",  # gloo sees the dead peer's closed socket: no wait runs out
+            "a peer process failed",
+            marks=requires("torch"),
         ),
         pytest.param(
-            "mlx.launch", "MLX_RANK", signal.SIGSTOP, "timed out after 5s", marks=requires("mlx")
+            "mlx.launch",
+            "MLX_RANK",
+            signal.SIGSTOP,
+            # a stopped peer keeps its socket open: only the limit ends rank 0's wait, so it is
+            # as short as keeps a loaded machine's evaluation and checkpoint well inside it
+            "20",
+            "timed out after 20s",
+            marks=requires("mlx"),
         ),
     ],
 )
 def test_a_dead_or_stopped_peer_is_an_error_not_a_hang(
-    tmp_path, char_data, launcher, var, sig, expect
+    tmp_path, char_data, launcher, var, sig, timeout, expect
 ):
     out = tmp_path / "out"
-    proc = _training(launcher, char_data, out, tmp_path)
+    proc = _training(launcher, char_data, out, tmp_path, timeout)
     victim = None
     try:
         main, victim = _rank_pid(proc.pid, 0, var), _rank_pid(proc.pid, 1, var)
@@ -424,10 +478,12 @@ def test_a_dead_or_stopped_peer_is_an_error_not_a_hang(
         _end(proc)
     # rank 0 either sees the dead peer in a collective, or torchrun's SIGTERM reaches it first
     # (torchrun stops the survivors at once): both say so in one line
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert any(expect in e and "rank 0/2" in e for e in errors), stderr
-    # the last checkpoint is whole: it loads and resumes
+    errors = _error_lines(stderr)
+    mine = [e for e in errors if expect in e and "rank 0/2" in e]
+    assert mine, stderr
+    # the last checkpoint is whole: it loads and resumes, and the line names it
     ckpt = weights.read_checkpoint(out)
     assert ckpt.step % 20 == 0 and ckpt.optimizer_file.exists()
+    assert f"{out} holds the checkpoint of step {ckpt.step}; resume with: " in mine[0], stderr
     lock = rundir.lock_path(out).name
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) in ([], [lock])

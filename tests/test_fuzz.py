@@ -285,12 +285,12 @@ def test_fuzz_mutated_model_file(tmp_path, valid, data):
 
 # ---- config.json ------------------------------------------------------------------------------
 def _load_checkpoint(path: Path):
-    from polygpt import cli
+    from polygpt.cli import views
     from polygpt.train import config_for_resume
 
     ck = weights.read_checkpoint(path)
     (ck.step, ck.spec.num_params(), ck.model_file, ck.optimizer_file)
-    cli.checkpoint_lines(path)
+    views.checkpoint_lines(path)
     config_for_resume(path, [])
 
 

@@ -15,7 +15,7 @@ LAZY_ALLOWED = {
     "polygpt.tokenizer": {"tiktoken"},  # the [bpe] extra
     # nanoGPT pickles need torch.load; tensors are read and written through the torch backend
     "polygpt.convert": {"torch", "safetensors.torch", "polygpt.backends.torch_backend.loading"},
-    "polygpt.cli": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)
+    "polygpt.cli.generation": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)
 }
 FRAMEWORKS = ("torch", "mlx")
 

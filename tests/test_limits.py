@@ -2,7 +2,8 @@
 
 import pytest
 
-from polygpt import bench, limits
+from polygpt.bench import limits
+from polygpt.bench import run as bench
 from polygpt.spec import ModelSpec
 
 GPT2 = ModelSpec(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)

@@ -27,7 +27,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from polygpt.serve_bench import ServerProcess, format_row, run_clients, summarize  # noqa: E402
+from polygpt.bench.serving import ServerProcess, format_row, run_clients, summarize  # noqa: E402
 
 PROMPTS = ["ROMEO:", "\n", "First Citizen:\nBefore we", "KING", "O, ", "JULIET:\nAh"]
 

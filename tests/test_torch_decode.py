@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from polygpt.backends import backend_class, get_backend, known_backends  # noqa: E402
+from polygpt.backends import get_backend  # noqa: E402
 from polygpt.backends.torch_backend import decode, model  # noqa: E402
 from polygpt.spec import ModelSpec  # noqa: E402
 
@@ -49,15 +49,3 @@ def test_int8_models_decode_through_the_forward(gpt):
     cache = be.slot_cache(q, 1)
     be.prefill_rows(cache, [0], [[0, 0, 0]])
     assert be.decode_rows(cache, [0], [0]).shape == (1, 50) and cache.views["lean"] is False
-
-
-@pytest.mark.parametrize("name", known_backends())
-def test_backend_facts(name):
-    try:
-        cls = backend_class(name)
-    except Exception as e:  # noqa: BLE001 - a missing framework
-        pytest.skip(str(e))
-    assert cls.devices[0] == "cpu" and set(cls.train_dtypes) <= set(cls.precisions)
-    be = cls("cpu")
-    assert set(be.device_precisions("cpu")) <= set(cls.precisions) and "fp32" in cls.precisions
-    assert isinstance(cls.native_quantized, bool)

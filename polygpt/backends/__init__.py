@@ -4,8 +4,20 @@ from polygpt.backends.base import (
     Backend,
     available_backends,
     backend_class,
+    backend_module,
+    entry,
     get_backend,
     known_backends,
+    launcher_backend,
 )
 
-__all__ = ["Backend", "available_backends", "backend_class", "get_backend", "known_backends"]
+__all__ = [
+    "Backend",
+    "available_backends",
+    "backend_class",
+    "backend_module",
+    "entry",
+    "get_backend",
+    "known_backends",
+    "launcher_backend",
+]

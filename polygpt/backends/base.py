@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,10 +25,34 @@ import numpy as np
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
-# name -> (module implementing it, framework module it needs, pip extra that installs it)
-_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "torch": ("polygpt.backends.torch_backend", "torch", "torch"),
-    "mlx": ("polygpt.backends.mlx_backend", "mlx", "mlx"),
+
+@dataclass(frozen=True)
+class Entry:
+    """What is known of a backend without importing its framework."""
+
+    module: str  # the package implementing it (its `distributed` module joins a launcher)
+    framework: str  # the module it needs
+    extra: str  # the pip extra that installs it
+    launchers: tuple[str, ...]  # the launchers whose ranks run this backend
+    launch: str  # how to start {n} ranks of `polygpt {args}` with it
+
+
+# the one registry: every backend known to polygpt
+_REGISTRY: dict[str, Entry] = {
+    "torch": Entry(
+        "polygpt.backends.torch_backend",
+        "torch",
+        "torch",
+        ("torchrun",),
+        "torchrun --nproc_per_node={n} -m polygpt {args} --backend torch",
+    ),
+    "mlx": Entry(
+        "polygpt.backends.mlx_backend",
+        "mlx",
+        "mlx",
+        ("mlx.launch", "mpirun"),
+        "mlx.launch -n {n} --python PYTHON -- -m polygpt {args} --backend mlx",
+    ),
 }
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -153,7 +178,19 @@ def known_backends() -> list[str]:
 
 def available_backends() -> list[str]:
     """Backends whose framework is installed (imports nothing)."""
-    return [name for name, (_, fw, _) in _REGISTRY.items() if importlib.util.find_spec(fw)]
+    return [n for n, e in _REGISTRY.items() if importlib.util.find_spec(e.framework)]
+
+
+def entry(name: str) -> Entry:
+    """A backend's registry entry (imports nothing); a one-line PolygptError if unknown."""
+    if name not in _REGISTRY:
+        raise PolygptError(f"unknown backend {name!r} (choose from {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def launcher_backend(launcher: str) -> str:
+    """The backend whose ranks `launcher` (torchrun, mlx.launch, mpirun) starts."""
+    return next(n for n, e in _REGISTRY.items() if launcher in e.launchers)
 
 
 def get_backend(name: str, device: str = "auto") -> Backend:
@@ -164,16 +201,19 @@ def get_backend(name: str, device: str = "auto") -> Backend:
 def backend_class(name: str) -> type[Backend]:
     """A backend's class, for its facts (devices, precisions, ...) without choosing a device;
     imports the framework. A one-line PolygptError if it can't be had."""
-    if name not in _REGISTRY:
-        raise PolygptError(f"unknown backend {name!r} (choose from {', '.join(_REGISTRY)})")
-    module_name, framework, extra = _REGISTRY[name]
-    if importlib.util.find_spec(framework) is None:
+    return backend_module(name).Backend
+
+
+def backend_module(name: str, part: str = "") -> Any:
+    """A backend's package, or its module `part` (e.g. "distributed"); imports the framework.
+    A one-line PolygptError if it can't be had."""
+    e = entry(name)
+    if importlib.util.find_spec(e.framework) is None:
         raise PolygptError(
-            f"the {name} backend needs {framework}, which is not installed: "
-            f"pip install 'polygpt[{extra}]'"
+            f"the {name} backend needs {e.framework}, which is not installed: "
+            f"pip install 'polygpt[{e.extra}]'"
         )
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PolygptError(f"the {name} backend failed to import: {e}") from None
-    return module.Backend
+        return importlib.import_module(f"{e.module}.{part}" if part else e.module)
+    except ImportError as err:
+        raise PolygptError(f"the {name} backend failed to import: {err}") from None

@@ -38,6 +38,7 @@ import polygpt.backends.mlx_backend.loading as loading  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import weights  # noqa: E402
+from polygpt.backends import common  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
 from polygpt.backends.common import SlotCache, SlotOps  # noqa: E402
 from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
@@ -61,8 +62,8 @@ def _resolve_device(device: str) -> str:
         return "gpu" if _gpu_available() else "cpu"
     if device == "gpu" and not _gpu_available():
         raise PolygptError("device 'gpu' is not available to MLX on this machine (use cpu)")
-    if device not in ("cpu", "gpu"):
-        raise PolygptError(f"unknown mlx device {device!r} (cpu, gpu or auto)")
+    if device not in Backend.devices:
+        raise PolygptError(f"unknown mlx device {device!r} ({', '.join(Backend.devices)} or auto)")
     return device
 
 
@@ -116,7 +117,7 @@ def _compiled_loss(model: GPT) -> Callable:
 class Backend(SlotOps):
     name = "mlx"
     devices = ("cpu", "gpu")
-    precisions = ("fp32", "fp16", "bf16", "int8", "int4")
+    precisions = PRECISIONS  # every one: int8/int4 computed as stored
     train_dtypes = ("fp32", "bf16")
     native_quantized = True
 
@@ -344,17 +345,11 @@ class Backend(SlotOps):
 
     @_on_device
     def load_optimizer(self, opt: Optimizer, path: Path) -> int:
-        _, meta = weights.read_header(Path(path))
-        step = int(meta.get("step", 0))
+        step = common.optimizer_step(path)
         state = mx.load(str(path))
-        for name in opt.names:
-            try:
-                m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
-            except KeyError:
-                raise PolygptError(f"{path}: no optimizer state for {name}") from None
+        shapes = {name: opt.state["exp_avg"][name].shape for name in opt.names}
+        for name, m, v in common.checked_moments(state, path, shapes):
             ref = opt.state["exp_avg"][name]
-            if m.shape != ref.shape or v.shape != ref.shape:
-                raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
             # assign into the same dicts: the compiled step captured these containers
             opt.state["exp_avg"][name] = m.astype(ref.dtype)
             opt.state["exp_avg_sq"][name] = v.astype(ref.dtype)

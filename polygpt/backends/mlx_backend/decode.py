@@ -8,8 +8,8 @@ columns (a power of two covering the longest row) with the columns past each row
 masked out (exactly zero weight), so the shapes depend on the lengths only through `width`,
 the step is traced once per (n, width) for a model (one row: the whole block, one trace), and
 no Python runs per op. LayerNorms, GELU, residual adds
-and the mask fuse; on the 2-core Linux CPU this halved the time per token at batch 1 against
-the eager call. Quantized models (nn.quantize) run the same step through their QuantizedLinear
+and the mask fuse (the gain over the eager call: docs/BENCHMARKS.md, "Figures behind the
+code"). Quantized models (nn.quantize) run the same step through their QuantizedLinear
 layers. The step's outputs replace the storage arrays before anything is evaluated, so MLX
 updates the storage in place (the inputs' last references are gone) rather than copying it.
 The torch twin is backends/torch_backend/decode.py (there a lean eager step: torch.compile
@@ -40,15 +40,10 @@ class _Layer:
 
 
 def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
-    spec = model.spec
     dtype = model.transformer.ln_f.weight.dtype  # LayerNorms are never quantized
-    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
-    # zeros, not garbage: the compiled step attends over every column (masked, but NaN * 0 is
-    # NaN)
-    keys = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
-    values = [mx.zeros(shape, dtype=dtype) for _ in range(spec.n_layer)]
-    mx.eval(keys, values)
-    return common.SlotCache(model, spec, max_rows, keys, values)
+    cache = common.allocate_slot_cache(model, max_rows, lambda s: mx.zeros(s, dtype=dtype))
+    mx.eval(cache.keys, cache.values)
+    return cache
 
 
 def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:
@@ -119,7 +114,7 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
 
 
 # Compiled steps by model and width, kept across caches (a server's, every `generate` call's):
-# tracing costs tens of milliseconds, as much as a hundred decoded tokens at 0.8M. The model's
+# tracing costs as much as many decoded tokens of a small model. The model's
 # weights are constants of a traced graph, so a step is traced again when the weights it saw
 # were replaced (a model that trained on since).
 _STEPS: dict[int, tuple[weakref.ref, dict[tuple[int, bool], tuple[mx.array, object]]]] = {}

@@ -99,9 +99,5 @@ class Comm:
         pass  # MLX groups have no teardown
 
 
-def join(backend, train_cfg, timeout: float) -> Comm:
-    return Comm(backend, train_cfg, timeout)
-
-
 def available() -> dict[str, bool]:
     return {b: bool(mx.distributed.is_available(b)) for b in BACKENDS}

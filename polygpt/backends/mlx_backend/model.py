@@ -20,7 +20,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from polygpt.spec import INIT_STD, LAYER_NORM_EPS, ModelSpec
+from polygpt.backends import common
+from polygpt.spec import LAYER_NORM_EPS, ModelSpec
 
 
 class LayerNorm(nn.Module):
@@ -75,7 +76,8 @@ class CausalSelfAttention(nn.Module):
 
 
 # GPT-2's tanh GELU without calling tanh. MLX's CPU backend evaluates tanh/exp one scalar at a
-# time (~100 ns each: nn.gelu_approx was ~40% of a training step on x86), while multiply-add
+# time (docs/BENCHMARKS.md, "Figures behind the code": nn.gelu_approx's share of a training
+# step on x86), while multiply-add
 # chains compile into one vectorized loop. tanh here is Eigen's rational approximation
 # (generic_fast_tanh_float, a few ulp; max |diff| to torch's GELU 1e-6, derivative 5e-6),
 # computed in float32 for every input dtype (as torch's CPU kernels do for fp16/bf16).
@@ -176,22 +178,19 @@ class GPT(nn.Module):
         self.transformer.ln_f = LayerNorm(spec.n_embd, spec.bias)
 
     def init_weights(self, key: mx.array) -> None:
-        """normal(0, 0.02), residual projections 0.02/sqrt(2·n_layer), biases 0, LN weight 1.
-
-        Drawn from MLX's RNG (`key`), so the values differ from torch's init; to start both
-        backends from the same weights, initialize once and load the saved safetensors."""
-        resid = set(self.spec.residual_projections())
+        """The shared init rule (common.init_rule), normals drawn from MLX's RNG (`key`), so
+        the values differ from torch's init; to start both backends from the same weights,
+        initialize once and load the saved safetensors."""
+        rules = common.init_rule(self.spec)
         params = self.named_parameters()
         keys = mx.random.split(key, len(params))
         new = []
         for k, (name, p) in zip(keys, params.items()):
-            if p.ndim >= 2:
-                std = INIT_STD / math.sqrt(2 * self.spec.n_layer) if name in resid else INIT_STD
-                new.append((name, mx.random.normal(p.shape, key=k) * std))
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                new.append((name, mx.ones(p.shape)))
+            kind, value = rules[name]
+            if kind == "normal":
+                new.append((name, mx.random.normal(p.shape, key=k) * value))
             else:
-                new.append((name, mx.zeros(p.shape)))
+                new.append((name, mx.full(p.shape, value)))
         self.load_weights(new)
 
     def named_parameters(self) -> dict[str, mx.array]:

@@ -33,6 +33,7 @@ import polygpt.backends.torch_backend.decode as decode
 import polygpt.backends.torch_backend.loading as loading
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
+from polygpt.backends import common
 from polygpt.backends.base import PRECISIONS
 from polygpt.backends.common import SlotCache, SlotOps
 from polygpt.backends.torch_backend.model import GPT
@@ -76,8 +77,10 @@ def _resolve_device(device: str) -> str:
         raise PolygptError("device 'cuda' is not available to torch on this machine")
     if device == "mps" and not torch.backends.mps.is_available():
         raise PolygptError("device 'mps' is not available to torch on this machine")
-    if device not in ("cpu", "cuda", "mps"):
-        raise PolygptError(f"unknown torch device {device!r} (cpu, cuda, mps or auto)")
+    if device not in Backend.devices:
+        raise PolygptError(
+            f"unknown torch device {device!r} ({', '.join(Backend.devices)} or auto)"
+        )
     return device
 
 
@@ -311,16 +314,12 @@ class Backend(SlotOps):
         save_file(tensors, str(path), metadata={**metadata, "step": str(step)})
 
     def load_optimizer(self, opt, path: Path) -> int:
-        _, meta = weights.read_header(Path(path))
-        step = int(meta.get("step", 0))
+        step = common.optimizer_step(path)
         state = load_file(str(path), device="cpu")
-        for p, name in opt.names.items():
-            try:
-                m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
-            except KeyError:
-                raise PolygptError(f"{path}: no optimizer state for {name}") from None
-            if m.shape != p.shape or v.shape != p.shape:
-                raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
+        params = {name: p for p, name in opt.names.items()}
+        shapes = {name: p.shape for name, p in params.items()}
+        for name, m, v in common.checked_moments(state, path, shapes):
+            p = params[name]
             opt.opt.state[p] = {
                 "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),
                 "exp_avg": m.to(p.device, p.dtype),

@@ -10,7 +10,8 @@ of each call, not arithmetic, sets the speed. `GPT.forward` spends ~30 torch cal
 nn.Module calls per layer on a token; the lean step computes the same function in ~15 calls per
 layer: functional calls on the weights, the residual adds fused into the projections
 (`torch.addmm(x, y, W)`), and each weight matrix transposed once per model so a one-row matrix
-product reads it in order (~1.6x faster than against the (out, in) layout here). It serves
+product reads it in order (faster than against the (out, in) layout: docs/BENCHMARKS.md,
+"Figures behind the code"). It serves
 float models made of plain nn.Linear layers; any other model (torch's dynamically quantized
 int8 Linear) decodes through `GPT.forward` itself (`supports`).
 
@@ -49,12 +50,9 @@ class _Layer:
 
 
 def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
-    spec, w = model.spec, model.transformer.ln_f.weight  # LayerNorms carry the compute dtype
-    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
-    make = lambda: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
-    keys = [make() for _ in range(spec.n_layer)]
-    values = [make() for _ in range(spec.n_layer)]
-    return common.SlotCache(model, spec, max_rows, keys, values)
+    w = model.transformer.ln_f.weight  # LayerNorms carry the compute dtype
+    zeros = lambda shape: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
+    return common.allocate_slot_cache(model, max_rows, zeros)
 
 
 def _layers(cache: common.SlotCache, fetch) -> list[_Layer]:

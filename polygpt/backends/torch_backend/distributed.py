@@ -101,10 +101,6 @@ class Comm:
             dist.destroy_process_group()
 
 
-def join(backend, train_cfg, timeout: float) -> Comm:
-    return Comm(backend, train_cfg, timeout)
-
-
 def available() -> dict[str, bool]:
     return {
         "gloo": dist.is_available() and dist.is_gloo_available(),

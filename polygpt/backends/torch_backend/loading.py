@@ -59,7 +59,7 @@ def load_gpt(
 class _SkipInit(TorchFunctionMode):
     """Random and constant fills of parameters (nn.Linear / nn.Embedding's init) do nothing
     while a model whose weights are read next is built: on the meta device they compute
-    nothing anyway, but torch's meta `normal_` imports torch._dynamo (~70 MB of RSS)."""
+    nothing anyway, but torch's meta `normal_` imports torch._dynamo (tens of MB of RSS)."""
 
     FILLS = frozenset({"normal_", "uniform_", "fill_", "zero_"})
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polygpt.spec import INIT_STD, LAYER_NORM_EPS, ModelSpec
+from polygpt.backends import common
+from polygpt.spec import LAYER_NORM_EPS, ModelSpec
 
 
 class LayerNorm(nn.Module):
@@ -94,8 +95,8 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """0.5·x·(1 + tanh(z)) written x·sigmoid(2z), z = sqrt(2/π)(x + 0.044715x³): the same
     function within float rounding (0.5(1 + tanh z) = sigmoid(2z); max diff 5e-7). ATen's CPU
-    tanh-GELU forward is its slow part: 1.75 ms for 768x512 floats against 1.04 for these
-    five passes (erf GELU: 0.69; its backward costs the same as erf's)."""
+    tanh-GELU forward is its slow part and these five passes beat it (docs/BENCHMARKS.md,
+    "Figures behind the code"); its backward costs the same as erf's."""
     s = torch.addcmul(x, x * x, x, value=0.044715).mul_(2 * _GELU_K).sigmoid_()  # sigmoid(2z)
     return s.mul_(x)
 
@@ -118,7 +119,7 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate != "tanh":
         return F.gelu(x)
     if torch.compiler.is_compiling():
-        # inductor fuses this into one loop; its vectorized exp is ~2x faster than its tanh
+        # inductor fuses this into one loop; its vectorized exp is faster than its tanh
         return x / (1.0 + torch.exp(-2 * _GELU_K * (x + 0.044715 * x * x * x)))
     if x.dtype != torch.float32:  # ATen computes fp16/bf16 GELU in fp32 internally: keep it
         return F.gelu(x, approximate="tanh")
@@ -168,21 +169,15 @@ class GPT(nn.Module):
         )
 
     def init_weights(self, generator: torch.Generator) -> None:
-        """normal(0, 0.02), residual projections 0.02/sqrt(2·n_layer), biases 0, LN weight 1."""
-        resid = set(self.spec.residual_projections())
+        """The shared init rule (common.init_rule), normals drawn from `generator`."""
+        rules = common.init_rule(self.spec)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if p.ndim >= 2:
-                    std = INIT_STD / math.sqrt(2 * self.spec.n_layer) if name in resid else INIT_STD
-                    p.normal_(0.0, std, generator=generator)
-                elif (
-                    name.endswith("ln_1.weight")
-                    or name.endswith("ln_2.weight")
-                    or name.endswith("ln_f.weight")
-                ):
-                    p.fill_(1.0)
+                kind, value = rules[name]
+                if kind == "normal":
+                    p.normal_(0.0, value, generator=generator)
                 else:
-                    p.zero_()
+                    p.fill_(value)
 
     def forward(
         self,

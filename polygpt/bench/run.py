@@ -1,10 +1,10 @@
 """`polygpt bench`: one checkpoint measured on every backend x device x precision available.
 
-Three modules: this one orchestrates (the plan of configurations, one worker subprocess per
-configuration, the machine's description), bench_measure.py measures one configuration inside
-a worker, bench_report.py writes the results (JSON, CSV, Markdown; the charts are in plot.py).
+This module orchestrates (the plan of configurations, one worker subprocess per configuration,
+the machine's description); measure.py measures one configuration inside a worker, report.py
+writes the results (JSON, CSV, Markdown) and charts.py draws them.
 
-Each configuration runs in its own subprocess (`python -m polygpt.bench_measure ...`): its
+Each configuration runs in its own subprocess (`python -m polygpt.bench.measure ...`): its
 peak RSS is its own, thread settings and compiled kernels do not leak between configurations,
 and a backend that crashes is one failed row, not a failed benchmark. What is not available
 (framework not installed, no such device, precision unsupported) is a skipped row with the
@@ -28,13 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from polygpt import bench_report, limits, weights
-from polygpt.backends import available_backends, known_backends
-from polygpt.bench_measure import BenchConfig, BenchResult, Row
-
-# The devices `--devices auto` tries per backend (an unavailable one is a skipped row).
-# TODO(backend facts): Backend.devices
-DEVICES = {"torch": ("cpu", "cuda", "mps"), "mlx": ("cpu", "gpu")}
+from polygpt import weights
+from polygpt.backends import available_backends, backend_class, known_backends
+from polygpt.bench import limits, report
+from polygpt.bench.measure import BenchConfig, BenchResult, Row
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
@@ -120,7 +117,8 @@ def auto_threads() -> tuple[int, str]:
 
     OpenMP runtimes (torch's) make every thread meet at a barrier after each op; on a machine
     whose cores are partly taken, that wait is a scheduler slice per op, and a 2-thread
-    forward on a busy 2-core box ran 10-30x slower than a 1-thread one. So when the 1-minute
+    forward on a busy machine runs many times slower than a 1-thread one (docs/BENCHMARKS.md,
+    "Figures behind the code"). So when the 1-minute
     load average says k cores are busy, each framework gets cpu_count - k threads (at least
     1); on an idle machine (k = 0) the frameworks keep their own defaults."""
     n = os.cpu_count() or 1
@@ -136,10 +134,14 @@ def auto_threads() -> tuple[int, str]:
 
 
 def plan(cfg: BenchConfig) -> list[tuple[str, str, str]]:
-    """(backend, device, precision) of every configuration to try, in order."""
+    """(backend, device, precision) of every configuration to try, in order. `--devices auto`
+    tries every device the backend knows (an unavailable one is a skipped row); a backend that
+    is not installed is one skipped row per precision on the CPU."""
     out = []
+    installed = available_backends()
     for b in cfg.backends or known_backends():
-        for d in cfg.devices or list(DEVICES.get(b, ("cpu",))):
+        known = backend_class(b).devices if b in installed else ("cpu",)
+        for d in cfg.devices or list(known):
             for p in cfg.precisions:
                 out.append((b, d, p))
     return out
@@ -157,7 +159,7 @@ def _run_worker(cfg: BenchConfig, b: str, d: str, p: str, log_dir: Path) -> Row:
         if cfg.threads > 0:  # (auto was resolved to a number or 0 by run_bench)
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(cfg.threads)
-        cmd = [sys.executable, "-m", "polygpt.bench_measure", str(args_file), str(result_file)]
+        cmd = [sys.executable, "-m", "polygpt.bench.measure", str(args_file), str(result_file)]
         try:
             with open(log_path, "w") as logf:
                 proc = subprocess.run(
@@ -226,5 +228,5 @@ def run_bench(
         wall_s=time.perf_counter() - t0,
         limits=ceilings,
     )
-    bench_report.write_outputs(result, out)
+    report.write_outputs(result, out)
     return result

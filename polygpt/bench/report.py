@@ -1,5 +1,5 @@
 """`polygpt bench`, reporting: results.json, results.csv (one row per configuration),
-results.md (the table, also printed) and the charts (plot.bench_charts)."""
+results.md (the table, also printed) and the charts (charts.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from polygpt import limits, plot
-from polygpt.bench_measure import PROBE_TOKENS, BenchResult, Rate, Row
+from polygpt.bench import charts, limits
+from polygpt.bench.measure import PROBE_TOKENS, BenchResult, Rate, Row
 from polygpt.spec import ModelSpec
 
 
@@ -184,4 +184,4 @@ def write_outputs(result: BenchResult, out: Path) -> None:
         for fr in flats:
             w.writerow({k: "" if v is None else v for k, v in fr.items()})
     (out / "results.md").write_text(markdown(result))
-    plot.bench_charts(result, out)
+    charts.bench_charts(result, out)

@@ -1,7 +1,7 @@
 """`polygpt bench`, measuring: one backend x device x precision in this process.
 
-Runs inside a worker subprocess (`python -m polygpt.bench_measure ARGS RESULT`, started by
-bench.py), so its peak RSS, thread settings and compiled kernels are its own. What one
+Runs inside a worker subprocess (`python -m polygpt.bench.measure ARGS RESULT`, started by
+run.py), so its peak RSS, thread settings and compiled kernels are its own. What one
 configuration measures, with a warm-up and repeats (median, min, max, spread):
 
 - prefill tokens/s: full-context prompts (B, block_size) through `Backend.prefill_rows`;
@@ -45,7 +45,6 @@ from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig, generate, uncached_generate
 from polygpt.quantize import quantize_checkpoint
 
-TRAIN_DTYPES = ("fp32", "bf16")  # the precisions that also measure a training step
 PROBE_TOKENS = 8  # decode probe: warms up and predicts a full run's cost
 
 
@@ -379,7 +378,7 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
     # below load another fp32 copy of the weights
     inference_peak_mb = _peak_rss_mb()
     row.size_mb, row.size_note = _saved_size(be, model, ckpt, precision)
-    if precision in TRAIN_DTYPES and cfg.train_steps > 0:
+    if precision in be.train_dtypes and cfg.train_steps > 0:  # a training step measured too
         del model, lm  # training loads its own fp32 copy
         try:
             row.train = _train_rate(be, ckpt, spec, precision, cfg, data_dir, deadline)
@@ -408,7 +407,7 @@ def _ppl(res: evaluate.EvalResult) -> Perplexity:
     )
 
 
-# ---- worker entry point: python -m polygpt.bench_measure ARGS.json RESULT.json ----------------
+# ---- worker entry point: python -m polygpt.bench.measure ARGS.json RESULT.json ----------------
 
 
 def worker_main(argv: list[str]) -> int:

@@ -1,15 +1,20 @@
 """PyTorch implementation of the Backend protocol (see polygpt/backends/base.py).
 
-The training step is fast without changing its numbers beyond float rounding (measured with
-scripts/bench_train.py; see docs/BENCHMARKS.md):
+The training step is fast on the machine it runs on (measured with scripts/bench_speed.py and
+scripts/bench_train.py; docs/BENCHMARKS.md, "Training speed against nanoGPT"):
 
+- precision (`train.dtype = auto`, `auto_dtype`): bf16 autocast (fp32 master weights, AdamW
+  and loss) on a CPU with bf16 dot products, where matmuls run at twice fp32's rate; fp32
+  elsewhere, and fp32 whenever a run asks for it (then the numbers move by float rounding only).
 - fused AdamW (one kernel for every tensor on CPU and CUDA) and foreach gradient clipping; the
   step returns the loss as a tensor, so nothing waits for the device until the loop logs.
-- `train.compile`: `torch.compile` (inductor) of the forward + loss, which fuses LayerNorms,
-  residual adds and the GELU into a few generated kernels. On CPU it needs a C++ compiler; when
-  compiling fails the step says so once (a warning) and runs eager, and so do later steps.
-- CPU threads (`train.threads = 0`): a tuner times real steps at 1 thread and at torch's
-  default and keeps the faster (threads.py); generation runs one thread.
+- `train.compile` (off by default: it did not pay on the CPUs measured here): `torch.compile`
+  (inductor) of the forward + loss, compiled at the thread count the run keeps, its kernels
+  cached under the user's cache directory. On CPU it needs a C++ compiler; when compiling fails
+  the step says so once (a warning) and runs eager, and so do later steps.
+- CPU threads (`train.threads = 0`): a tuner starts where a quick probe says and times real
+  steps at 1 thread and at torch's default, keeping the faster (threads.py); generation runs
+  one thread.
 """
 
 from __future__ import annotations
@@ -86,8 +91,9 @@ def _resolve_device(device: str) -> str:
 
 def _persistent_inductor_cache() -> None:
     """inductor caches its generated kernels in /tmp/torchinductor_<user>, which a reboot
-    empties: a cold compile of the reference model takes ~25 s on a 2-core CPU, a warm one a
-    few. Keep them under the user's cache directory unless TORCHINDUCTOR_CACHE_DIR says where."""
+    empties, and a cold compile costs tens of seconds where a warm one costs a few (docs/
+    BENCHMARKS.md, "Figures behind the code"). Keep them under the user's cache directory
+    unless TORCHINDUCTOR_CACHE_DIR says where."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return
     if sys.platform == "darwin":
@@ -278,9 +284,9 @@ class Backend(SlotOps):
         return loss
 
     def auto_dtype(self) -> str:
-        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 at twice fp32's rate
-        # (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is emulated.
-        # GPUs keep fp32 here: not measured by this project's machines.
+        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 at about twice
+        # fp32's rate (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is
+        # emulated. GPUs keep fp32: not measured on this project's machines.
         native = self.device == "cpu" and (
             torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         )

@@ -70,8 +70,9 @@ _CAUSAL_MASKS: dict[tuple, torch.Tensor] = {}
 
 def _causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
     """softmax(q·kᵀ/√d + causal mask)·v in three batched ops, for bf16 on the CPU: there
-    SDPA's flash kernel runs its backward ~5x slower than these ops' (docs/BENCHMARKS.md,
-    "Training speed against nanoGPT"). The same function as SDPA's within float rounding."""
+    SDPA's flash kernel runs its backward several times slower than these ops (docs/
+    BENCHMARKS.md, "Training speed against nanoGPT"). SDPA's function within float rounding;
+    the softmax in fp32, as flash computes it."""
     B, H, T, D = q.shape
     key = (T, q.dtype, q.device)
     mask = _CAUSAL_MASKS.get(key)
@@ -83,7 +84,7 @@ def _causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
         k.reshape(B * H, T, D).transpose(1, 2),
         alpha=D**-0.5,
     )
-    att = att.softmax(-1, dtype=torch.float32).to(q.dtype)  # as flash: softmax in fp32
+    att = att.softmax(-1, dtype=torch.float32).to(q.dtype)
     if dropout_p > 0:
         att = F.dropout(att, dropout_p, training=True)
     return torch.bmm(att, v.reshape(B * H, T, D)).view(B, H, T, D)

@@ -2,13 +2,13 @@
 
 OpenMP threads that meet at a barrier after every op are a win on an idle machine and a
 disaster on a busy one: when another process holds a core, each of a training step's ~1000
-barriers waits for a scheduler slice (on the 2-core box under load a 2-thread step took
-0.3-4 s against 0.1 s at 1 thread). So `ThreadTuner` times real training steps at 1 thread and
-at torch's default, keeps the faster, and checks again every RETUNE_EVERY steps. It starts where
-a 20 ms probe of matmuls says the machine is now (`parallel_pays`): all threads when they are
-faster, so an idle machine's first evaluation and first steps do not run on one core. Thread count
-changes reduction order only (float rounding); set `train.threads` to a number (or
-OMP_NUM_THREADS) for bit-for-bit repeatable runs. Generation runs one thread (`cpu_threads`).
+barriers waits for a scheduler slice (docs/BENCHMARKS.md, "Figures behind the code"). So
+`ThreadTuner` times real training steps at 1 thread and at torch's default, keeps the faster,
+and checks again every RETUNE_EVERY steps. It starts where a 20 ms probe of matmuls says the
+machine is now (`parallel_pays`): all threads when they are faster, so an idle machine's first
+evaluation and first steps do not run on one core. Thread count changes reduction order only
+(float rounding); set `train.threads` to a number (or OMP_NUM_THREADS) for bit-for-bit
+repeatable runs. Generation runs one thread (`cpu_threads`).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import click
 
 from polygpt import convert as convert_mod
 from polygpt import data, distributed, quantize
-from polygpt.cli import views
 from polygpt.cli.app import BACKEND, main, precision_option
+from polygpt.cli.views import byte_bar, checkpoint_lines, environment_lines
 from polygpt.errors import PolygptError
 
 
@@ -45,7 +45,7 @@ def prepare(dataset, files, input_path, out, tokenizer, val_fraction) -> None:
     if dataset == "text":
         if not files or not out or input_path:
             raise PolygptError("usage: polygpt prepare text FILE... --out DIR [--tokenizer ...]")
-        res = data.prepare_text(files, out, tokenizer, val_fraction, on_progress=views.byte_bar())
+        res = data.prepare_text(files, out, tokenizer, val_fraction, on_progress=byte_bar())
     else:
         if files:
             raise PolygptError(f"{dataset} takes no FILE arguments (use --input FILE)")
@@ -101,10 +101,10 @@ def quantize_(checkpoint, out, precision, group_size, backend, overwrite) -> Non
 def info(checkpoint) -> None:
     """Show a checkpoint (spec, parameters, step, losses, files) and the frameworks here."""
     if checkpoint:
-        for line in views.checkpoint_lines(checkpoint):
+        for line in checkpoint_lines(checkpoint):
             click.echo(line)
         click.echo("")
-    for line in views.environment_lines() + distributed.environment_lines():
+    for line in environment_lines() + distributed.environment_lines():
         click.echo(line)
 
 

@@ -13,7 +13,6 @@ from polygpt.backends import available_backends
 from polygpt.backends.base import PRECISIONS
 from polygpt.bench import measure, report, serving
 from polygpt.bench import run as bench
-from polygpt.cli import views
 from polygpt.cli.app import (
     BACKEND,
     DATA,
@@ -24,6 +23,7 @@ from polygpt.cli.app import (
     needs_serve_extra,
     precision_option,
 )
+from polygpt.cli.views import EvalBar, bench_line, eval_lines
 from polygpt.errors import PolygptError
 
 
@@ -66,7 +66,7 @@ def eval_(
 ) -> None:
     """Perplexity of a checkpoint over a whole split: every token scored once, with as much
     left context as the block allows (sliding windows, batched)."""
-    bar = views.EvalBar() if bar_wanted(as_json) else None
+    bar = EvalBar() if bar_wanted(as_json) else None
     try:
         res = evaluate.evaluate_checkpoint(
             checkpoint,
@@ -89,7 +89,7 @@ def eval_(
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
     else:
-        for line in views.eval_lines(res):
+        for line in eval_lines(res):
             click.echo(line)
 
 
@@ -179,7 +179,7 @@ def bench_(
     )
     if quick:
         cfg = bench.quick(cfg)
-    result = bench.run_bench(cfg, out, on_event=views.bench_line)
+    result = bench.run_bench(cfg, out, on_event=bench_line)
     click.echo(report.markdown(result))
     click.echo(
         f"wrote {out}/results.json, results.csv, results.md, tokens_per_s.png, "

@@ -11,8 +11,8 @@ import click
 
 from polygpt import config, plot, sweep
 from polygpt import train as train_mod
-from polygpt.cli import views
 from polygpt.cli.app import BACKEND, DEVICE, QUIET, bar_wanted, main
+from polygpt.cli.views import TrainView, interrupted
 from polygpt.errors import PolygptError
 
 
@@ -50,13 +50,13 @@ def train(config_file, overrides, backend, device, out, resume, overwrite, quiet
         cfg.train.device = device
     if out:
         cfg.train.out = out
-    view = views.TrainView(bar=bar_wanted(quiet))
+    view = TrainView(bar=bar_wanted(quiet))
     try:
         res = train_mod.train(cfg, resume=resume, overwrite=overwrite, on_event=view)
     except train_mod.TrainInterrupted as e:
         view.close()
         click.echo(
-            views.interrupted(e, f"polygpt train --resume --out {shlex.quote(str(e.out))}"),
+            interrupted(e, f"polygpt train --resume --out {shlex.quote(str(e.out))}"),
             err=True,
         )
         sys.exit(130)
@@ -78,7 +78,7 @@ def sweep_(sweep_file, only, quiet) -> None:
     polygpt sweep experiments/shakespeare.toml --only 0.8M-500
     """
     sw = sweep.load_sweep(sweep_file)
-    view = views.TrainView(bar=bar_wanted(quiet))
+    view = TrainView(bar=bar_wanted(quiet))
 
     def on_event(ev) -> None:
         if isinstance(ev, sweep.RunSkipped):
@@ -93,7 +93,7 @@ def sweep_(sweep_file, only, quiet) -> None:
         results = sweep.run_sweep(sw, only=list(only) or None, on_event=on_event)
     except train_mod.TrainInterrupted as e:
         view.close()
-        click.echo(views.interrupted(e, f"polygpt sweep {shlex.quote(sweep_file)}"), err=True)
+        click.echo(interrupted(e, f"polygpt sweep {shlex.quote(sweep_file)}"), err=True)
         sys.exit(130)
     click.echo(sweep.results_table(results))
     click.echo(f"results: {sw.results}/results.json, {sw.results}/results.md")

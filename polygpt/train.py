@@ -190,8 +190,6 @@ class Run:
 def _check(tc: TrainConfig) -> None:
     if tc.grad_accum < 1 or tc.batch_size < 1 or tc.max_iters < 0:
         raise PolygptError("train.batch_size and train.grad_accum must be >= 1")
-    if tc.eval_dtype not in ("auto", "fp32", "bf16"):
-        raise PolygptError(f"train.eval_dtype must be auto, fp32 or bf16, got {tc.eval_dtype!r}")
 
 
 def dtypes(tc: TrainConfig, backend) -> tuple[str, str]:
@@ -202,6 +200,8 @@ def dtypes(tc: TrainConfig, backend) -> tuple[str, str]:
         raise PolygptError(
             f"train.dtype must be {', '.join(rest)} or {last} ({backend.name}), got {tc.dtype!r}"
         )
+    if tc.eval_dtype not in ("auto", "fp32", "bf16"):
+        raise PolygptError(f"train.eval_dtype must be auto, fp32 or bf16, got {tc.eval_dtype!r}")
     train_dtype = backend.auto_dtype() if tc.dtype == "auto" else tc.dtype
     return train_dtype, train_dtype if tc.eval_dtype == "auto" else tc.eval_dtype
 

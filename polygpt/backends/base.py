@@ -134,8 +134,8 @@ class Backend(Protocol):
         loss estimates stack equal batches up to this many)."""
 
     def eval_loss(self, model: Any, x: np.ndarray, y: np.ndarray, dtype: str = "fp32") -> float:
-        """Mean cross-entropy without dropout or gradients, computing in `dtype` (eval_dtype's
-        answer; the loss itself is reduced in fp32)."""
+        """Mean cross-entropy without dropout or gradients, computing in `dtype` (fp32 or bf16;
+        the loss itself is reduced in fp32)."""
 
     def save_optimizer(self, opt: Any, path: Path, metadata: dict[str, str]) -> None:
         """AdamW moments as `exp_avg/<name>` and `exp_avg_sq/<name>`, step in metadata."""

@@ -301,8 +301,9 @@ class Backend(SlotOps):
         grad_clip: float,
         autocast: str = "fp32",
     ):
-        if autocast not in ("fp32", "bf16"):
-            raise PolygptError(f"mlx training dtype must be fp32 or bf16, got {autocast!r}")
+        if autocast not in self.train_dtypes:
+            can = " or ".join(self.train_dtypes)
+            raise PolygptError(f"mlx training dtype must be {can}, got {autocast!r}")
         model.train()
         opt.step += 1
         # torch computes these in float64 on the host; so do we, then pass float32 scalars

@@ -76,13 +76,13 @@ def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
 
 def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: Backend) -> str:
     """The compute precision to load a checkpoint at. Asked for: that (the backend says if it
-    can't). Not asked for: the checkpoint's own, where the backend computes at it; torch
-    dequantizes int8/int4 files to fp32 (their rounded weights, exactly)."""
+    can't). Not asked for: the checkpoint's own, where the backend's device computes at it;
+    else fp32 (a quantized file dequantized: its rounded weights, exactly)."""
     if requested not in (None, "auto"):
         return requested
     have = weights.check_model_file(ckpt.model_file, ckpt.spec)
     own = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have)
-    if own.startswith("int") and not backend.native_quantized:
+    if own not in backend.device_precisions():
         return "fp32"
     return own
 
@@ -95,5 +95,5 @@ def load(
     ckpt = weights.read_checkpoint(path)
     be = get_backend(backend or default_backend(ckpt), device)
     precision = resolve_precision(precision, ckpt, be)
-    model = be.load_model(ckpt.spec, ckpt.model_file, precision)
+    model = be.prepare(be.load_model(ckpt.spec, ckpt.model_file, precision))
     return LanguageModel(be, model, ckpt.spec, tok.from_dict(ckpt.tokenizer), ckpt, precision)

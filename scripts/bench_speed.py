@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench_speed.py train [--rounds 5] [--cold] [key=value overrides...]
     .venv/bin/python scripts/bench_speed.py decode CHECKPOINT [--rounds 3]
     .venv/bin/python scripts/bench_speed.py rows CHECKPOINT [--backend torch] [--rows 16]
+    .venv/bin/python scripts/bench_speed.py decode-rows CHECKPOINT [--precisions fp32,int8,int4]
+        [--rows 1,16] [--steps 64] [--threads 2] [--json]
 
 train: per round, nanoGPT's train.py loop (scripts/nanogpt_seeds.py train_seed: its model,
     batches, AdamW, `estimate_loss` every eval_interval and its checkpoint) and `polygpt train`
@@ -18,6 +20,9 @@ decode: per round, batch-1 tokens/s by the difference method (a SHORT- and a LON
 rows: the engine's decode step (`decode_rows`) for one row and for N rows at once, rows of
     different lengths (a server's batch), on the checkpoint's weights in this process; per round
     the median ms of 200 steps each, the ratio N rows / 1 row (the goal: <= 2).
+decode-rows: the decode step alone (no sampling, no start-up; what llama-bench's tg test
+    times), tokens/s for each precision and row count after a 16-token prompt per row, the
+    precisions interleaved in each round (scripts/bench_llamacpp.sh runs it beside llama.cpp).
 
 Rounds alternate which side goes first; every round's numbers are printed, then the medians.
 Load average and thread counts are printed too: compare only numbers from one run.
@@ -227,6 +232,58 @@ def rows_round(lm, n: int, steps: int = 200) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def decode_rows_rates(lms: dict, rows_list: list[int], steps: int, prompt: int = 16) -> list:
+    """One round: per precision and row count, decode steps/s x rows (tokens/s) of `steps`
+    decode_rows calls after a `prompt`-token prefill per row: the decode alone, as
+    llama-bench's tg test times it (no sampling, no start-up)."""
+    import numpy as np
+
+    out = []
+    for precision, lm in lms.items():
+        be = lm.backend
+        for n in rows_list:
+            rng = np.random.default_rng(n)
+            cache = be.slot_cache(lm.model, n)
+            be.prefill_rows(cache, np.arange(n), [rng.integers(0, 50, prompt) for _ in range(n)])
+            be.decode_rows(cache, np.arange(n), rng.integers(0, 50, n))  # warm
+            t = time.perf_counter()
+            for _ in range(steps):
+                be.decode_rows(cache, np.arange(n), rng.integers(0, 50, n))
+            dt = time.perf_counter() - t
+            out.append(dict(precision=precision, rows=n, steps=steps, tokens_per_s=n * steps / dt,
+                            ms_per_step=1e3 * dt / steps, kernel=be.kernel(precision)))  # fmt: skip
+    return out
+
+
+def decode_rows_main(args) -> None:
+    import torch
+
+    from polygpt import inference
+
+    torch.set_num_threads(args.threads)
+    precisions = args.precisions.split(",")
+    be = args.backend
+    lms = {p: inference.load(args.checkpoint, backend=be, precision=p) for p in precisions}
+    rows_list = [int(r) for r in args.rows.split(",")]
+    got = []
+    for r in range(args.rounds):
+        order = dict(reversed(lms.items())) if r % 2 else lms
+        for rec in decode_rows_rates(order, rows_list, args.steps):
+            rec.update(round=r + 1, load=_load(), threads=args.threads)
+            got.append(rec)
+            if args.json:
+                print(json.dumps(rec), flush=True)
+    if args.json:
+        return
+    print(f"{lms[precisions[0]].backend.describe()}; threads {args.threads}")
+    for p in precisions:
+        for n in rows_list:
+            ts = [g["tokens_per_s"] for g in got if g["precision"] == p and g["rows"] == n]
+            print(f"{p:>5} {n:>3} rows: median {statistics.median(ts):8.1f} tokens/s "
+                  f"({min(ts):.1f}-{max(ts):.1f}, {len(ts)} rounds)")  # fmt: skip
+    print(f"load average after {_load()}")
+
+
 def report(name: str, unit: str, rows: list[tuple[float, float]], higher_is_better: bool) -> None:
     print(f"\n{name}: {'round':>6}{'nanoGPT':>12}{'polygpt':>12}{'speed-up':>10}  ({unit})")
     ratios = []
@@ -259,10 +316,20 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("checkpoint")
     ro.add_argument("--backend", default="torch")
     ro.add_argument("--rows", type=int, default=16)
-    for p in (de, ro):
+    dr = sub.add_parser("decode-rows", help="decode steps alone: tokens/s per precision and rows")
+    dr.add_argument("checkpoint")
+    dr.add_argument("--backend", default="torch")
+    dr.add_argument("--precisions", default="fp32,int8,int4")
+    dr.add_argument("--rows", default="1,16")
+    dr.add_argument("--steps", type=int, default=64, help="decode steps timed per measurement")
+    dr.add_argument("--threads", type=int, default=2)
+    dr.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    for p in (de, ro, dr):
         p.add_argument("--rounds", type=int, default=3)
     tr.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.what == "decode-rows":
+        return decode_rows_main(args)
     if args.what == "rows":
         from polygpt import inference
 

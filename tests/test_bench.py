@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -18,6 +19,7 @@ from polygpt import weights
 from polygpt.bench import measure as bench_measure
 from polygpt.bench import run as bench
 from polygpt.cli import main
+from polygpt.errors import PolygptError
 
 from .conftest import backends_under_test
 
@@ -71,12 +73,22 @@ def test_run_config_measures_everything(tiny_ckpt, backend):
     assert bench_measure.Row.from_dict(row.to_dict()) == row  # the worker's JSON round trip
 
 
-def test_unavailable_precision_and_device_are_skipped_with_reasons(tiny_ckpt):
+def test_unavailable_precision_and_device_are_skipped_with_reasons(tiny_ckpt, monkeypatch):
+    from polygpt.backends.torch_backend.backend import Backend
+
+    def no_int4(self, precision):  # a machine whose torch lacks the 4-bit kernel
+        if precision == "int4":
+            raise PolygptError("torch int4 is not available here")
+
+    monkeypatch.setattr(Backend, "_check_precision", no_int4)
     cfg = bench_measure.BenchConfig(checkpoint=str(tiny_ckpt), **QUICK)
-    row = bench_measure.measure(cfg, "torch", "cpu", "int4")  # torch has no 4-bit compute
-    assert row.status == "skipped" and row.scope == "precision" and row.reason
+    row = bench_measure.measure(cfg, "torch", "cpu", "int4")
+    assert row.status == "skipped" and row.scope == "precision" and "int4" in row.reason
     row = bench_measure.measure(cfg, "torch", "nodevice", "fp32")
     assert row.status == "skipped" and row.scope == "device" and "nodevice" in row.reason
+
+
+ABSENT = "mps" if sys.platform.startswith("linux") else "cuda"  # a device torch never has here
 
 
 def test_cli_writes_every_output(tiny_ckpt, tmp_path):
@@ -87,9 +99,9 @@ def test_cli_writes_every_output(tiny_ckpt, tmp_path):
         "--backends",
         "torch",
         "--devices",
-        "cpu",
+        f"cpu,{ABSENT}",
         "--precisions",
-        "fp32,int4",
+        "fp32",
         "--batch-sizes",
         "1,2",
         "--new-tokens",
@@ -103,20 +115,20 @@ def test_cli_writes_every_output(tiny_ckpt, tmp_path):
     ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "| torch | cpu | fp32 |" in res.output and "torch/cpu/int4: skipped" in res.output
+    assert "| torch | cpu | fp32 |" in res.output and f"torch/{ABSENT}/fp32: skipped" in res.output
 
     result = json.loads((out / "results.json").read_text())
     assert set(result) >= {"checkpoint", "environment", "settings", "results", "wall_s"}
     env = result["environment"]
     assert env["cpu"] and env["python"] and env["versions"]["torch"] and env["logical_cpus"] >= 1
-    rows = {r["precision"]: r for r in result["results"]}
-    assert rows["fp32"]["status"] == "ok" and rows["int4"]["status"] == "skipped"
-    assert rows["fp32"]["describe"]["framework"].startswith("torch")
+    rows = {r["device"]: r for r in result["results"]}
+    assert rows["cpu"]["status"] == "ok" and rows[ABSENT]["status"] == "skipped"
+    assert rows["cpu"]["describe"]["framework"].startswith("torch")
     assert result["settings"]["batch_sizes"] == [1, 2]
 
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["precision"] for r in table] == ["fp32", "int4"]
+    assert [r["device"] for r in table] == ["cpu", ABSENT]
     fp32 = table[0]
     for col in (
         "decode_kv_b1_median",

@@ -42,10 +42,17 @@ def test_lean_step_equals_the_forward(gpt, lengths):
     np.testing.assert_allclose(a[0], full, rtol=0, atol=1e-5)
 
 
-def test_int8_models_decode_through_the_forward(gpt):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_models_decode_through_the_lean_step(precision):
+    """A quantized model's lean step equals its own GPT.forward (the same prepared modules)."""
     be = get_backend("torch", "cpu")
-    q = be.set_precision(model.GPT(SPEC).eval(), "int8")
-    assert decode.supports(gpt) and not decode.supports(q)
-    cache = be.slot_cache(q, 1)
-    be.prefill_rows(cache, [0], [[0, 0, 0]])
-    assert be.decode_rows(cache, [0], [0]).shape == (1, 50) and cache.views["lean"] is False
+    m = model.GPT(SPEC)
+    m.init_weights(torch.Generator().manual_seed(0))
+    q = be.set_precision(m.eval(), precision)
+    lean, fwd = be.slot_cache(q, 2), be.slot_cache(q, 2)
+    fwd.views["lean"] = False
+    for c in (lean, fwd):
+        be.prefill_rows(c, [0, 1], [[1, 2, 3], [4, 5]])
+    a, b = be.decode_rows(lean, [0, 1], [6, 7]), be.decode_rows(fwd, [0, 1], [6, 7])
+    assert isinstance(lean.views["lean"], decode.LeanStep)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)

@@ -90,6 +90,13 @@ class Backend(Protocol):
         compute precision `precision` (one of PRECISIONS); a one-line PolygptError for a
         precision this backend/device cannot compute at."""
 
+    def prepare(self, model: Any) -> Any:
+        """The model with its inference weights prepared for this machine (packed, quantized
+        for the fastest kernel here); the model is for inference only from here."""
+
+    def kernel(self, precision: str) -> str:
+        """Which kernel `precision`'s matmuls run on here (for info, bench, sample --stats)."""
+
     def set_precision(self, model: Any, precision: str) -> Any:
         """The model converted to compute at `precision` (the same object or a new one); a
         one-line PolygptError where this backend/device cannot."""

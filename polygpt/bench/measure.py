@@ -134,6 +134,7 @@ class Row:
     scope: str | None = None
     load_s: float | None = None
     describe: dict = field(default_factory=dict)  # Backend.describe()
+    kernel: str = ""  # what this precision's matmuls run on (Backend.kernel)
     size_mb: float | None = None
     size_note: str | None = None  # why size_mb is missing
     ppl: Perplexity | None = None
@@ -330,6 +331,7 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
     be, model, spec, ckpt = lm.backend, lm.model, lm.spec, lm.checkpoint
     row.load_s = time.perf_counter() - t_start
     row.describe = be.describe()
+    row.kernel = be.kernel(lm.precision)
     weights_mb = None
     if hasattr(be, "model_bytes"):
         weights_mb = be.model_bytes(model) / 1e6

@@ -32,6 +32,7 @@ def flat_row(row: Row, batch_sizes: list[int]) -> dict:
         "framework": d.get("framework", ""),
         "blas": d.get("blas", ""),
         "threads": d.get("threads", ""),
+        "kernel": row.kernel,
         "size_mb": row.size_mb,
         "peak_rss_mb": row.memory.get("peak_rss_mb"),
     }
@@ -123,6 +124,9 @@ def markdown(result: BenchResult) -> str:
             what = r.status if r.status != "ok" else "note"
             lines.append(f"- {r.name}: {what}: {r.reason or r.size_note}")
     lines += limit_lines(result)
+    kernels = [f"{r.name}: {r.kernel}" for r in ok if r.kernel]
+    if kernels:
+        lines += ["", "- matmul kernels: " + "; ".join(kernels)]
     descs: dict[tuple[str, str], dict] = {}
     for r in ok:
         descs.setdefault((r.backend, r.device), r.describe or {})

@@ -163,7 +163,8 @@ def sample(checkpoint, backend, device, precision, opts: SampleOptions, no_strea
         size = lm.sizes()
         n = sum(len(lm.encode(t)) for t in texts)
         click.echo(
-            f"{lm.backend.name} on {lm.backend.device}, {lm.precision}; model "
+            f"{lm.backend.name} on {lm.backend.device}, {lm.precision} "
+            f"({lm.backend.kernel(lm.precision)}); model "
             f"{size['file_bytes'] / 1e6:.2f} MB on disk, {size['memory_bytes'] / 1e6:.2f} MB "
             f"in memory; {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):,.0f} tokens/s)",
             err=True,

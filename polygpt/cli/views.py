@@ -202,4 +202,5 @@ def environment_lines() -> list[str]:
             f"{name:<6}  {d['framework']}, device {d['device']} ({d['device_name']}), "
             f"BLAS: {d['blas']}, threads {d['threads']}"
         )
+        lines.append(f"{'':<6}  matmul kernels: {d['kernels']}")
     return lines

@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 import polygpt.backends.mlx_backend.decode as decode  # noqa: E402
 import polygpt.backends.mlx_backend.loading as loading  # noqa: E402
+import polygpt.backends.mlx_backend.prepared as prepared  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import weights  # noqa: E402
@@ -151,7 +152,16 @@ class Backend(SlotOps):
             "device_name": dev_name,
             "threads": threads.describe(),
             "blas": blas_name,
+            "kernels": ", ".join(
+                f"{p} {k}" for p, k in prepared.kernels(self.device_precisions()).items()
+            ),
         }
+
+    def kernel(self, precision: str) -> str:
+        return prepared.kernels((precision,))[precision]
+
+    def prepare(self, model: GPT) -> GPT:
+        return prepared.prepare(model)
 
     # -- models ------------------------------------------------------------------------------
     @_on_device

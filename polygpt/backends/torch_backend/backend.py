@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 import polygpt.backends.torch_backend.decode as decode
 import polygpt.backends.torch_backend.loading as loading
+import polygpt.backends.torch_backend.prepared as prepared
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
 from polygpt.backends import common
@@ -106,9 +107,9 @@ def _persistent_inductor_cache() -> None:
 class Backend(SlotOps):
     name = "torch"
     devices = ("cpu", "cuda", "mps")
-    precisions = ("fp32", "fp16", "bf16", "int8")  # int4 files load dequantized (fp32/16)
+    precisions = ("fp32", "fp16", "bf16", "int8", "int4")  # int8/int4: CPU (prepared.py)
     train_dtypes = ("fp32", "bf16")  # bf16: autocast
-    native_quantized = False
+    native_quantized = True
     # CPU threads of prefill/decode for small models: see threads.cpu_threads
     decode_threads = 1
 
@@ -117,7 +118,7 @@ class Backend(SlotOps):
         self._dev = torch.device(self.device)
 
     def device_precisions(self, device: str | None = None) -> tuple[str, ...]:
-        # int8 is dynamic quantization, whose kernels exist for the CPU only
+        # torch's int8 and int4 kernels used here (prepared.py) are the CPU's
         return self.precisions if (device or self.device) == "cpu" else ("fp32", "fp16", "bf16")
 
     def describe(self) -> dict[str, str]:
@@ -134,7 +135,12 @@ class Backend(SlotOps):
             "device_name": dev_name,
             "threads": str(torch.get_num_threads()),
             "blas": torch.backends.mkldnn.is_available() and "MKL/oneDNN" or "default",
+            "kernels": ", ".join(f"{p} {k}" for p, k in prepared.kernels(self.device).items()),
         }
+
+    def kernel(self, precision: str) -> str:
+        """The kernel `precision`'s matmuls run on here (prepared.kernels)."""
+        return prepared.kernels(self.device).get(precision, "aten")
 
     # -- models ------------------------------------------------------------------------------
     def init_model(self, spec: ModelSpec, seed: int) -> GPT:
@@ -143,32 +149,32 @@ class Backend(SlotOps):
         return model.to(self._dev)
 
     def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
-        """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16, or int8
-        (dynamic quantization, CPU). A quantized file is dequantized first (torch has no 4-bit
-        compute; its rounded weights are kept exactly). Tensor by tensor, straight into the
+        """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16 (a quantized
+        file dequantized: its rounded weights exactly), or int8/int4 (CPU: prepared for torch's
+        int8 and int4 kernels, from the file's bytes). Tensor by tensor, straight into the
         compute precision: no second copy of the weights (loading.py)."""
         if precision not in PRECISIONS:
             raise PolygptError(
                 f"precision {precision!r} is not supported by the torch backend "
-                f"({', '.join(PRECISIONS)}; int4 is MLX's)"
+                f"({', '.join(PRECISIONS)})"
             )
         self._check_precision(precision)
         path = Path(path)
         weights.check_model_file(path, spec)
         target = DTYPES.get(precision, torch.float32)
-        model = loading.load_gpt(spec, path, target, self._dev, int8=precision == "int8")
+        model = loading.load_gpt(spec, path, target, self._dev, precision)
         return model.eval()
 
+    def prepare(self, model: GPT) -> GPT:
+        """The model with its inference weights prepared for this machine, in place: from here
+        it is for inference only (prepared.py)."""
+        return prepared.prepare(model.eval())
+
     def _check_precision(self, precision: str) -> None:
-        if precision == "int8" and self.device != "cpu":
+        if precision in ("int8", "int4") and self.device != "cpu":
             raise PolygptError(
-                f"torch int8 is dynamic quantization, which runs on the CPU only "
-                f"(not {self.device}): use --device cpu, or fp16/bf16 here"
-            )
-        if precision == "int4":
-            raise PolygptError(
-                "torch cannot compute in 4 bits: sample an int4 checkpoint with --precision "
-                "fp32 (its 4-bit weights, dequantized) or with --backend mlx"
+                f"torch {precision} runs on the CPU only (not {self.device}): use --device "
+                f"cpu, or fp16/bf16 here"
             )
 
     def set_precision(self, model: GPT, precision: str) -> GPT:
@@ -177,11 +183,14 @@ class Backend(SlotOps):
             # the benchmarks say so
             return model.to(DTYPES[precision])
         self._check_precision(precision)
-        if precision == "int8":
-            return quantize.dynamic_int8(model.float())
+        if precision in ("int8", "int4"):
+            g = weights.default_group_size(model.spec)
+            return prepared.quantize_model(model, precision, g).eval()
         raise PolygptError(f"precision {precision!r} is not supported by the torch backend")
 
     def save_model(self, model: GPT, path: Path, metadata: dict[str, str]) -> None:
+        if getattr(model, "prepared", False):
+            raise PolygptError("a model prepared for inference cannot be saved: load it again")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path), metadata=metadata)
 
@@ -200,8 +209,7 @@ class Backend(SlotOps):
         save_file(state, str(path), metadata=metadata)
 
     def model_bytes(self, model: GPT) -> int:
-        """Bytes of the weights in memory (int8 dynamic quantization: the packed int8 weights
-        plus what stays float, not just model.parameters())."""
+        """Bytes of the weights in memory (prepared and quantized matrices included)."""
         return quantize.model_bytes(model)
 
     def param_shapes(self, model: GPT) -> dict[str, tuple[int, ...]]:
@@ -278,6 +286,7 @@ class Backend(SlotOps):
         for g in opt.opt.param_groups:
             g["lr"] = lr
         opt.opt.step()
+        prepared.weights_changed(model)
         opt.opt.zero_grad(set_to_none=True)
         if opt.threads is not None:
             opt.threads.after()
@@ -362,7 +371,7 @@ class Backend(SlotOps):
     def _new_slot_cache(self, model, max_rows: int) -> SlotCache:
         if model.training:  # (eval() walks every module: once per cache, not per step)
             model.eval()
-        return decode.slot_cache(model, max_rows)
+        return decode.slot_cache(prepared.for_generation(model), max_rows)
 
     @torch.inference_mode()
     def _prefill(self, cache: SlotCache, plan) -> np.ndarray:

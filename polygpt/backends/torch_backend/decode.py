@@ -9,11 +9,10 @@ LeanStep: `GPT.forward(tokens, cache)` at T = 1 in fewer torch calls. At the ref
 of each call, not arithmetic, sets the speed. `GPT.forward` spends ~30 torch calls and 8
 nn.Module calls per layer on a token; the lean step computes the same function in ~15 calls per
 layer: functional calls on the weights, the residual adds fused into the projections
-(`torch.addmm(x, y, W)`), and each weight matrix transposed once per model so a one-row matrix
-product reads it in order (faster than against the (out, in) layout: docs/BENCHMARKS.md,
-"Figures behind the code"). It serves
-float models made of plain nn.Linear layers; any other model (torch's dynamically quantized
-int8 Linear) decodes through `GPT.forward` itself (`supports`).
+(`torch.addmm(x, y, W)`), and each small weight matrix transposed once per model so a one-row
+matrix product reads it in order (docs/BENCHMARKS.md, "Figures behind the code"). A prepared
+projection (packed, int8, int4: prepared.py) is called as its module; the model the engine
+decodes with is already prepared (backend `_new_slot_cache`).
 
 Views. A decode step reads rows 0..n-1 up to the longest row's column, and writes one column:
 both are views of the storage, made once per (n, column) and kept (`cache.views`), so a step
@@ -125,9 +124,10 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> torch.Tenso
     # updates the weights in place, so a model object's transposed copies could go stale
     step = cache.views.get("lean")
     if step is None:
-        step = cache.views["lean"] = LeanStep(model) if supports(model) else False
+        step = cache.views["lean"] = LeanStep(model)
     if step:
         return step(tokens, layers, pos, mask)
+    # (a cache whose "lean" is False decodes through GPT.forward: the tests' reference)
     pos_in = torch.tensor([pos], device=dev) if isinstance(pos, int) else pos[:, None]
     return model(tokens[:, None], layers, pos=pos_in, mask=mask)[:, -1]
 
@@ -211,16 +211,20 @@ def copy_rows(cache: common.SlotCache, src: np.ndarray, dst: np.ndarray, width: 
 # ---- the lean step ---------------------------------------------------------------------------
 
 
+# a plain Linear's (W^T, bias) for addmm, or a prepared module (prepared.py) called as it is
+Projection = tuple[torch.Tensor, torch.Tensor | None] | nn.Module
+
+
 @dataclass
 class _Weights:
     """One block's weights for `step`: LayerNorms as they are, projections as W^T (in, out)."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor | None]
-    c_attn: tuple[torch.Tensor, torch.Tensor | None]
-    c_proj: tuple[torch.Tensor, torch.Tensor | None]
+    c_attn: Projection
+    c_proj: Projection
     ln_2: tuple[torch.Tensor, torch.Tensor | None]
-    c_fc: tuple[torch.Tensor, torch.Tensor | None]
-    mlp_proj: tuple[torch.Tensor, torch.Tensor | None]
+    c_fc: Projection
+    mlp_proj: Projection
 
 
 # The transposed copies cost a second copy of every Linear weight: nothing at 0.8M parameters,
@@ -230,21 +234,18 @@ class _Weights:
 TRANSPOSE_COPY_MAX_BYTES = 32 << 20
 
 
-def _transposer(linears: list[nn.Linear]):
-    """W^T as a contiguous copy for small models, a plain view for large ones."""
-    total = sum(m.weight.nbytes for m in linears)
-    if total <= TRANSPOSE_COPY_MAX_BYTES:
-        return lambda m: (m.weight.t().contiguous(), m.bias)
-    return lambda m: (m.weight.t(), m.bias)
+def _transposer(linears: list[nn.Module]):
+    """W^T as a contiguous copy for small models, a plain view for large ones; a prepared
+    module as it is."""
+    plain = [m for m in linears if type(m) is nn.Linear]
+    copy = sum(m.weight.nbytes for m in plain) <= TRANSPOSE_COPY_MAX_BYTES
 
+    def projection(m: nn.Module) -> Projection:
+        if type(m) is not nn.Linear:
+            return m
+        return (m.weight.t().contiguous() if copy else m.weight.t()), m.bias
 
-def supports(model: GPT) -> bool:
-    """Whether every projection is a plain nn.Linear (not a quantized replacement)."""
-    return all(
-        type(m) is nn.Linear
-        for b in model.transformer.h
-        for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
-    )
+    return projection
 
 
 class LeanStep:
@@ -254,9 +255,14 @@ class LeanStep:
     def __init__(self, model: GPT):
         tr = model.transformer
         self.spec = model.spec
-        self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, (tr.ln_f.weight, tr.ln_f.bias)
+        self.wpe, self.ln_f = tr.wpe.weight, (tr.ln_f.weight, tr.ln_f.bias)
         self.pe = self.wpe.unbind(0)  # one view per position row
-        self.head = self.wte.t()  # the tied head, (C, V)
+        if isinstance(tr.wte, nn.Embedding):
+            table, head = tr.wte.weight, tr.wte.weight.t()  # the tied head, (C, V)
+            self.embed = lambda t: table.index_select(0, t)
+            self.head = lambda x: torch.mm(x, head)
+        else:  # prepared: its own lookup and head
+            self.embed, self.head = tr.wte, tr.wte.as_linear
         _wt = _transposer(
             [m for b in tr.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         )
@@ -277,7 +283,7 @@ class LeanStep:
     def _buffers(self, B: int):
         got = self._qkv.get(B)
         if got is None:
-            spec, w = self.spec, self.wte
+            spec, w = self.spec, self.ln_f[0]  # LayerNorms carry the activations' dtype
             qkv = torch.empty(B, 3 * spec.n_embd, dtype=w.dtype, device=w.device)
             got = self._qkv[B] = (qkv, qkv.view(B, 3, spec.n_head, 1, spec.head_dim).unbind(1))
         return got
@@ -285,7 +291,7 @@ class LeanStep:
     def __call__(self, tokens: torch.Tensor, cache: list, pos, mask) -> torch.Tensor:
         """tokens (B,) at positions `pos` (an int shared by every row, or (B,)) -> next-token
         logits (B, V); each layer's keys and values through cache[l].update_and_fetch."""
-        x = self.wte.index_select(0, tokens)  # (B, C)
+        x = self.embed(tokens)  # (B, C)
         if isinstance(pos, int):
             x.add_(self.pe[pos])
         else:
@@ -294,18 +300,25 @@ class LeanStep:
         C = (x.shape[1],)
         for layer, c in zip(self.layers, cache):
             h = torch.layer_norm(x, C, *layer.ln_1, LAYER_NORM_EPS)
-            _linear(h, *layer.c_attn, out=qkv)
+            _linear(h, layer.c_attn, out=qkv)
             keys, values = c.update_and_fetch(k, v)  # (B, nh, L, hs)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, 1, hs)
-            _linear(y.view_as(x), *layer.c_proj, out=x, residual=True)
+            _linear(y.view_as(x), layer.c_proj, out=x, residual=True)
             h = torch.layer_norm(x, C, *layer.ln_2, LAYER_NORM_EPS)
-            h = F.gelu(_linear(h, *layer.c_fc), approximate=self.approximate)
-            _linear(h, *layer.mlp_proj, out=x, residual=True)
-        return torch.mm(torch.layer_norm(x, C, *self.ln_f, LAYER_NORM_EPS), self.head)
+            h = F.gelu(_linear(h, layer.c_fc), approximate=self.approximate)
+            _linear(h, layer.mlp_proj, out=x, residual=True)
+        return self.head(torch.layer_norm(x, C, *self.ln_f, LAYER_NORM_EPS))
 
 
-def _linear(x, wt, b, out=None, residual=False):
-    """x @ wt + b in one BLAS call; into `out`, or added to it (the residual) in place."""
+def _linear(x, proj: Projection, out=None, residual=False):
+    """x @ W^T + b in one BLAS call (or the prepared module's kernel); into `out`, or added
+    to it (the residual) in place."""
+    if isinstance(proj, nn.Module):
+        y = proj(x)
+        if residual:
+            return out.add_(y)
+        return y if out is None else out.copy_(y)
+    wt, b = proj
     if residual:
         out.addmm_(x, wt)
         return out if b is None else out.add_(b)

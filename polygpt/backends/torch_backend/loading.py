@@ -3,10 +3,11 @@
 The model is built on the meta device (its init weights are never allocated), then each tensor
 is read from the file (weights.TensorFile: plain reads, no memory map) straight into a tensor at
 the compute precision and assigned to its module. A tensor stored in another dtype is read a few
-MB of rows at a time and cast into place; a quantized one is dequantized the same way; for int8
-each Linear layer is quantized (quantize.dynamic_int8_linear) as soon as its weights have
-arrived. So a load holds the model being built plus one Linear layer's fp32 weights (int8) or a
-few MB (every other precision) — never the file's weights in full beside the model's.
+MB of rows at a time and cast into place; a quantized one is dequantized the same way. At int8
+and int4 each matrix (the Linear layers and the tied token table) becomes its prepared module
+(prepared.py) from its file bytes: int8 from a few MB of float rows at a time, int4 from the
+file's own 4-bit groups. So a load holds the model being built plus a few MB — never the file's
+weights in full beside the model's, nor a float copy of a quantized matrix.
 """
 
 from __future__ import annotations
@@ -17,43 +18,114 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+import polygpt.backends.torch_backend.prepared as prepared
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
 from polygpt.backends.torch_backend.model import GPT
 from polygpt.spec import ModelSpec
 
 CHUNK_BYTES = 8 << 20  # file bytes read per step while casting or dequantizing a tensor
+QUANT_CHUNK_BYTES = 1 << 20  # fp32 rows quantized at once (each makes a few temporaries)
 FILE_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "U32": torch.uint32,
 }
+WTE = "transformer.wte.weight"
 
 
 def load_gpt(
-    spec: ModelSpec, path: Path, dtype: torch.dtype, device: torch.device, int8: bool = False
+    spec: ModelSpec, path: Path, dtype: torch.dtype, device: torch.device, precision: str = ""
 ) -> GPT:
     """The checkpoint at `path` (already checked against `spec`) as a GPT whose float weights
-    are `dtype` on `device`; int8: its Linear layers dynamically quantized (CPU)."""
+    are `dtype` on `device`; precision int8 / int4: its matrices quantized for torch's kernels
+    (CPU), the model prepared for inference."""
     with torch.device("meta"), _SkipInit():
         model = GPT(spec)
-    shapes = spec.param_shapes()
+    matrices = _matrices(model) if precision in ("int8", "int4") else {}
     with weights.TensorFile(path) as f:
         q = f.metadata.get("quantization")
         quant = weights.Quantization.from_json(q) if q else None
-        for name, shape in shapes.items():
+        for name, shape in spec.param_shapes().items():
+            if name in matrices:
+                continue  # built below, once the Linear's bias is in place
             t = read_tensor(f, name, shape, dtype, quant).to(device)
             module_name, leaf = name.rsplit(".", 1)
-            module = model.get_submodule(module_name)
-            setattr(module, leaf, nn.Parameter(t))
-            if int8 and isinstance(module, nn.Linear) and _arrived(module):
-                parent, attr = module_name.rsplit(".", 1)
-                setattr(model.get_submodule(parent), attr, quantize.dynamic_int8_linear(module))
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(t))
+        for name, module_name in matrices.items():
+            reader = _Matrix(f, name, spec.param_shapes()[name], quant)
+            wte = module_name == "transformer.wte"
+            bias = None if wte else model.get_submodule(module_name).bias
+            built = _int8(reader, bias) if precision == "int8" else _int4(reader, bias, spec)
+            prepared._swap(model, module_name, built)
+    if matrices:
+        model.prepared = True
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a tensor the model makes itself rather than reading: build it off the meta device
         raise RuntimeError(f"{left[0]} was not loaded from the checkpoint (still on meta)")
     return model
+
+
+def _matrices(model: GPT) -> dict[str, str]:
+    """weight name -> module name of every matrix a quantized model quantizes."""
+    names = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {**names, WTE: "transformer.wte"}
+
+
+class _Matrix:
+    """One matrix of the file: float rows on demand, or its 4-bit groups as stored."""
+
+    def __init__(self, f: weights.TensorFile, name: str, shape, quant):
+        self.f, self.name, self.shape = f, name, tuple(shape)
+        self.quant = quant if quant is not None and f.entries[name].dtype == "U32" else None
+        self.prefix = name[: -len("weight")]
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as fp32 (dequantized from the file's groups when quantized)."""
+        if self.quant is not None:
+            packed, scales, biases = (
+                _read(self.f, self.prefix + part, a, b) for part in ("weight", "scales", "biases")
+            )
+            w = quantize.affine_dequantize(
+                packed, scales, biases, self.quant.bits, self.quant.group_size
+            )
+            return w.float()
+        t = _read(self.f, self.name, a, b)
+        return t if t.dtype == torch.float32 else t.float()
+
+    def chunk(self) -> int:
+        return max(1, min(CHUNK_BYTES, QUANT_CHUNK_BYTES) // (4 * self.shape[1]))
+
+    def affine4(self, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(packed, scales, biases, group size) in MLX's 4-bit affine format: the file's own
+        bytes when it holds them, else quantized a chunk of float rows at a time."""
+        if self.quant is not None and self.quant.bits == 4:
+            parts = (_read(self.f, self.prefix + p) for p in ("weight", "scales", "biases"))
+            return (*parts, self.quant.group_size)
+        rows, step, out = self.shape[0], self.chunk(), None
+        for a in range(0, rows, step):
+            got = quantize.affine_quantize(self.rows(a, min(a + step, rows)), 4, group_size)
+            if out is None:
+                out = [torch.empty(rows, t.shape[1], dtype=t.dtype) for t in got]
+            for o, t in zip(out, got):
+                o[a : a + len(t)] = t
+        return (*out, group_size)
+
+
+def _int8(m: _Matrix, bias) -> nn.Module:
+    q, s = prepared.int8_rows_of(m.rows, m.shape[0], m.chunk())
+    if m.name == WTE:  # the tied table: int8 rows to look up, and the head
+        return prepared.Embedding(prepared._Int8Rows(q, s), prepared.Int8Linear(q, s, None))
+    return prepared.Int8Linear(q, s, bias)
+
+
+def _int4(m: _Matrix, bias, spec: ModelSpec) -> nn.Module:
+    packed, scales, biases, g = m.affine4(weights.default_group_size(spec))
+    head = prepared.Int4Linear.from_affine(packed, scales, biases, g, bias)
+    if m.name == WTE:
+        return prepared.Embedding(prepared._AffineRows(packed, scales, biases, 4, g), head)
+    return head
 
 
 class _SkipInit(TorchFunctionMode):
@@ -69,10 +141,6 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _arrived(linear: nn.Linear) -> bool:
-    return not any(p.is_meta for p in linear.parameters(recurse=False))
-
-
 def read_tensor(
     f: weights.TensorFile,
     name: str,
@@ -86,32 +154,26 @@ def read_tensor(
     e = f.entries[name]
     out = torch.empty(shape, dtype=dtype)
     if quant is not None and e.dtype == "U32":
-        prefix = name[: -len("weight")]
-        packed, scales, biases = (
-            _read(f, prefix + part) for part in ("weight", "scales", "biases")
-        )
-        step = max(1, CHUNK_BYTES // (4 * shape[1]))
-        for a in range(0, shape[0], step):
-            b = min(shape[0], a + step)
-            w = quantize.affine_dequantize(
-                packed[a:b], scales[a:b], biases[a:b], quant.bits, quant.group_size
-            )
-            out[a:b].copy_(w)
+        m = _Matrix(f, name, shape, quant)
+        for a in range(0, shape[0], m.chunk()):
+            b = min(shape[0], a + m.chunk())
+            out[a:b].copy_(m.rows(a, b))
         return out
     if FILE_DTYPES[e.dtype] == dtype:
         f.read_rows(name, _bytes(out))
         return out
     for a, b in weights.row_chunks(e, CHUNK_BYTES):
-        part = torch.empty((b - a, *e.shape[1:]), dtype=FILE_DTYPES[e.dtype])
-        f.read_rows(name, _bytes(part), a, b)
-        out[a:b].copy_(part)
+        out[a:b].copy_(_read(f, name, a, b))
     return out
 
 
-def _read(f: weights.TensorFile, name: str) -> torch.Tensor:
+def _read(f: weights.TensorFile, name: str, a: int = 0, b: int | None = None) -> torch.Tensor:
+    """Rows [a, b) of tensor `name` as stored (all of it by default)."""
     e = f.entries[name]
-    t = torch.empty(e.shape, dtype=FILE_DTYPES[e.dtype])
-    f.read_rows(name, _bytes(t))
+    b = (e.shape[0] if e.shape else 1) if b is None else b
+    shape = (b - a, *e.shape[1:]) if e.shape else ()
+    t = torch.empty(shape, dtype=FILE_DTYPES[e.dtype])
+    f.read_rows(name, _bytes(t), a, b)
     return t
 
 

@@ -201,8 +201,12 @@ class GPT(nn.Module):
             x = block(x, mask, layer_cache)
         if last is not None:
             x = x[torch.arange(B, device=x.device), last][:, None]
-        x = tr.ln_f(x)
-        return F.linear(x, tr.wte.weight)  # tied head
+        return self.head(tr.ln_f(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: wte's matrix, or its prepared form (prepared.Embedding)."""
+        wte = self.transformer.wte
+        return F.linear(x, wte.weight) if isinstance(wte, nn.Embedding) else wte.as_linear(x)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(idx)

@@ -1,4 +1,4 @@
-"""Quantization in PyTorch: polygpt's shared affine format, dynamic int8, honest sizes.
+"""Quantization in PyTorch: polygpt's shared affine format and honest sizes.
 
 The checkpoint format (see polygpt/quantize.py) is MLX's affine group quantization, so MLX
 loads it natively and this module reads and writes the same bytes:
@@ -7,15 +7,11 @@ inverse, `w = scale * q + bias` per group of `group_size` consecutive inputs. Va
 low bits first into little-endian uint32 words; we pack and unpack through a uint8 view, which
 is the same bytes and needs no uint32 arithmetic (torch's uint32 support is partial).
 
-torch cannot compute in 4 bits; a quantized checkpoint is dequantized on load (weight-only
-quantization: the file's rounded weights, computed in fp32/fp16/bf16), and `int8` compute is
-torch's dynamic quantization (`quantize_dynamic`, CPU only), which re-quantizes the Linear
-layers per tensor at load time as the reference experiment did.
+torch computes on these weights through prepared.py: int4 from the very same groups, int8
+re-quantized per output channel (the form torch's int8 kernels take).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn as nn
@@ -68,43 +64,13 @@ def affine_dequantize(
     return (scales[..., None] * q + biases[..., None]).reshape(rows, -1)
 
 
-def dynamic_int8(model: nn.Module) -> nn.Module:
-    """torch's dynamic int8 quantization of every nn.Linear (weights int8 per tensor,
-    activations quantized on the fly); the embeddings and the tied head stay fp32."""
-    with warnings.catch_warnings():  # torch 2.10+ flags its own quantized-tensor constructors
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated")
-        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
-        # in place: a copy would hold a second fp32 model at the peak (+0.5 GB at 124M)
-        return torch.ao.quantization.quantize_dynamic(
-            model, {nn.Linear}, dtype=torch.qint8, inplace=True
-        )
-
-
-def dynamic_int8_linear(linear: nn.Linear) -> nn.Module:
-    """One Linear layer quantized exactly as `dynamic_int8` quantizes each (the same call), so
-    a model can be quantized layer by layer as its weights arrive. The float layer lets go of
-    its weights at once: torch's swap leaves it in a reference cycle, which would hold them
-    until the next garbage collection (measured: most of the fp32 weights at the load's end)."""
-    quantized = dynamic_int8(nn.Sequential(linear))[0]
-    linear.weight = linear.bias = None
-    return quantized
-
-
 def model_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights occupy in memory, counting the packed int8 weights of
-    dynamically quantized Linear layers (which model.parameters() does not list)."""
-    total = sum(t.nbytes for t in model.parameters())
-    total += sum(t.nbytes for t in model.buffers())
-    for m in model.modules():
-        packed = getattr(m, "_packed_params", None)
-        if packed is None or not hasattr(packed, "_weight_bias"):
-            continue
-        w, bias = packed._weight_bias()
-        total += w.numel() * w.element_size()
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            total += w.q_per_channel_scales().nbytes + w.q_per_channel_zero_points().nbytes
-        else:
-            total += 8 + 8  # one float64 scale and one int64 zero point
-        if bias is not None:
-            total += bias.nbytes
+    """Bytes the model's weights occupy in memory: parameters and buffers (prepared matrices
+    included), each storage counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
     return total

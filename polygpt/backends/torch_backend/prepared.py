@@ -1,0 +1,332 @@
+"""Inference weights prepared once for the machine: packed float, int8 and int4 matmuls.
+
+Decode at GPT-2 scale is a few matrix-vector products per token, bound by reading the weights;
+batching pays only when a 16-row product costs about what a 1-row one does. Plain `F.linear`
+gives neither on every CPU, so an inference model holds its matrices in the form a maintained
+kernel wants, made once (docs/BENCHMARKS.md, "GPT-2 124M and 350M", has the table behind each
+choice and `scripts/bench_speed.py matmuls` measures it on the machine at hand):
+
+- fp32 / bf16: oneDNN's packed layout (`mkldnn._reorder_linear_weight` + `_linear_pointwise`,
+  what inductor's freezing pass emits), for matrices large enough that a call's fixed cost
+  does not outweigh the better reads (`PACK_MIN_BYTES`).
+- int8: weights int8 per output channel. Where oneDNN's int8 matmul runs (an x86 CPU with
+  VNNI), activations are quantized per row on the fly to uint8 (as llama.cpp's q8_0 dot
+  product quantizes its activations), so every row's result is exact integer arithmetic and
+  independent of the other rows in the batch; elsewhere torch's weight-only
+  `_weight_int8pack_mm` (bf16 activations).
+- int4: MLX's affine groups (the checkpoint's own format) repacked for torch's weight-only
+  `_weight_int4pack_mm_for_cpu` (bf16 activations): w = scale·q + bias is exactly
+  scale·(q − 8) + (bias + 8·scale), torch's (scale, zero) form.
+
+The tied head is prepared like any Linear; the embedding lookup keeps what it needs (the float
+table for packed floats; int8 rows and their scales, or the checkpoint's 4-bit groups, for the
+quantized models), so a quantized model holds no float copy of its matrices.
+
+Prepared weights never go stale: a model that may still train is prepared as a copy that
+shares its other tensors, remade when any parameter has changed (`for_generation`); a model
+loaded for inference is prepared in place (`prepare`).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import polygpt.backends.torch_backend.quantize as quantize
+
+# Linear weights smaller than this stay plain (addmm in the lean step): oneDNN's per-call cost
+# outweighs its faster reads at the reference model's 128-wide matrices.
+PACK_MIN_BYTES = 1 << 20
+INT4_ROWS = 64  # torch's CPU int4 layout packs blocks of 64 output rows: pad and convert by those
+
+
+def kernels(device: str = "cpu") -> dict[str, str]:
+    """The kernel each precision's matmuls run on this machine (for `info`, `bench`,
+    `sample --stats`): the fastest that exists here, or the fallback taken."""
+    if device != "cpu":
+        return {"fp32": "aten", "bf16": "aten", "fp16": "aten"}
+    packed = "onednn-packed" if torch.backends.mkldnn.is_available() else "aten"
+    return {
+        "fp32": packed,
+        "bf16": packed,
+        "fp16": "aten",
+        "int8": "onednn-int8 (per-row activations)" if _onednn_int8() else "int8pack (weight-only)",
+        "int4": "int4pack (weight-only, bf16 activations)",
+    }
+
+
+def _onednn_int8() -> bool:
+    # oneDNN's u8·s8 products are exact with VNNI; without it x86 sums pairs in int16, which
+    # can saturate on uint8 activations (why fbgemm had reduce_range)
+    return torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+
+
+class PackedLinear(nn.Module):
+    """A float Linear in oneDNN's packed layout (fp32 or bf16, as the weight is)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w), False)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class Int8Linear(nn.Module):
+    """y = x·(s ⊙ q)ᵀ + b with q int8 (out, in) and one scale per output channel."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.onednn = _onednn_int8()
+        if self.onednn:
+            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None), False)
+            self.register_buffer("zeros", torch.zeros(q.shape[0], dtype=torch.int64), False)
+            self.register_buffer("scales", scales.float(), False)
+        else:
+            self.register_buffer("packed", q, False)
+            self.register_buffer("scales", scales.to(torch.bfloat16), False)
+        self.bias = None if bias is None else bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        if self.onednn:
+            # per row: x ≈ a·(u − 128), a = max|x|/127; with x_scale 1 the kernel returns
+            # Σ(u − 128)·s·q, and the row's a multiplies it after
+            a = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
+            a = a.div_(127.0)
+            u = torch.div(x, a).round_().add_(128.0).to(torch.uint8)
+            y = torch.ops.onednn.qlinear_pointwise(
+                u, 1.0, 128, self.packed, self.scales, self.zeros,
+                None, 1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+            y = y.mul_(a) if self.bias is None else torch.addcmul(self.bias, y, a)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.packed, self.scales).float()
+            if self.bias is not None:
+                y = y.add_(self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """MLX's affine 4-bit groups on torch's int4 kernel (bf16 activations, fp32 out)."""
+
+    def __init__(self, packed, qscale_zeros, group_size: int, out_features: int, bias):
+        super().__init__()
+        self.register_buffer("packed", packed, False)
+        self.register_buffer("qscale_zeros", qscale_zeros, False)
+        self.group_size, self.out_features = group_size, out_features
+        self.bias = None if bias is None else bias.detach().float()
+
+    @classmethod
+    def from_affine(cls, packed, scales, biases, group_size: int, bias=None) -> Int4Linear:
+        """From the checkpoint's tensors (packed uint32 (out, in/8), scales and biases
+        (out, in/group)), 64 rows at a time: nothing float or int32 is ever whole."""
+        rows = packed.shape[0]
+        pad = -rows % INT4_ROWS  # zero rows: torch's layout wants whole 64-row blocks
+        out = torch.empty(rows + pad, packed.shape[1] * 4, dtype=torch.uint8)
+        for a in range(0, rows + pad, INT4_ROWS):
+            q = _nibbles(packed[a : a + INT4_ROWS])
+            if q.shape[0] < INT4_ROWS:
+                q = F.pad(q, (0, 0, 0, INT4_ROWS - q.shape[0]))
+            out[a : a + INT4_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.zeros(scales.shape[1], rows + pad, 2, dtype=torch.bfloat16)
+        sz[:, :rows, 0] = scales.t()  # (in/group, out, 2): scale, zero = bias + 8·scale
+        sz[:, :rows, 1] = (biases.float() + 8 * scales.float()).t()
+        return cls(out, sz, group_size, rows, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).bfloat16(), self.packed, self.group_size, self.qscale_zeros
+        )
+        y = y[:, : self.out_features].float()
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint32 words of 4-bit values, low bits first -> int32 (rows, in)."""
+    b = packed.contiguous().view(torch.uint8)
+    return torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+class Embedding(nn.Module):
+    """The token table of a prepared model: `forward(idx)` looks rows up, `as_linear(x)` is
+    the tied head (mlx-lm's `wte.as_linear`) on its prepared matrix."""
+
+    def __init__(self, lookup, head: nn.Module):
+        super().__init__()
+        self.lookup, self.head = lookup, head
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lookup(idx)
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+class _FloatRows(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight)
+
+
+class _Int8Rows(nn.Module):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q, False)
+        self.register_buffer("scales", scales.float()[:, None], False)
+
+    def forward(self, idx):
+        return self.q[idx].float().mul_(self.scales[idx])
+
+
+class _AffineRows(nn.Module):
+    """Rows of the checkpoint's affine-quantized table, dequantized as they are looked up."""
+
+    def __init__(self, packed, scales, biases, bits: int, group_size: int):
+        super().__init__()
+        for name, t in (("packed", packed), ("scales", scales), ("biases", biases)):
+            self.register_buffer(name, t, False)
+        self.bits, self.group_size = bits, group_size
+
+    def forward(self, idx):
+        flat = idx.reshape(-1)
+        rows = quantize.affine_dequantize(
+            self.packed[flat], self.scales[flat], self.biases[flat], self.bits, self.group_size
+        )
+        return rows.float().view(*idx.shape, -1)
+
+
+# ---- building prepared models -------------------------------------------------------------
+
+
+def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 per output channel (symmetric) and its scales (out,)."""
+    scales = w.float().abs().amax(1).clamp_(min=1e-12) / 127.0
+    return torch.round(w.float() / scales[:, None]).to(torch.int8), scales
+
+
+def int8_rows_of(read, rows: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 per channel of a matrix read `chunk` rows at a time by `read(a, b)` (a float
+    block): the float matrix is never whole."""
+    q, s = None, None
+    for a in range(0, rows, chunk):
+        qa, sa = int8_weights(read(a, min(rows, a + chunk)))
+        if q is None:
+            q, s = torch.empty(rows, qa.shape[1], dtype=torch.int8), torch.empty(rows)
+        q[a : a + len(qa)], s[a : a + len(qa)] = qa, sa
+    return q, s
+
+
+def quantize_model(model: nn.Module, precision: str, group_size: int) -> nn.Module:
+    """A float model's matrices quantized in place to int8 / int4 (the load path's result,
+    from weights already in memory)."""
+    model = model.float()
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear:
+            _swap(model, name, _quantized(m.weight.detach(), m.bias, precision, group_size))
+    tr = model.transformer
+    w = tr.wte.weight.detach()
+    if precision == "int8":
+        q, s = int8_weights(w)
+        tr.wte = Embedding(_Int8Rows(q, s), Int8Linear(q, s, None))
+    else:
+        packed, scales, biases = quantize.affine_quantize(w, 4, group_size)
+        lookup = _AffineRows(packed, scales, biases, 4, group_size)
+        tr.wte = Embedding(lookup, Int4Linear.from_affine(packed, scales, biases, group_size))
+    model.prepared = True
+    return model
+
+
+def _quantized(w: torch.Tensor, bias, precision: str, group_size: int) -> nn.Module:
+    if precision == "int8":
+        return Int8Linear(*int8_weights(w), bias)
+    return Int4Linear.from_affine(*quantize.affine_quantize(w, 4, group_size), group_size, bias)
+
+
+class _AsLinear:
+    """The token table seen as the head's Linear, for `packable`."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def packable(m) -> bool:
+    return (
+        type(m) in (nn.Linear, _AsLinear)
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype in (torch.float32, torch.bfloat16)
+        and m.weight.nbytes >= PACK_MIN_BYTES
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Pack the float model's large matrices for this machine, in place (the model is for
+    inference from here: its packed Linear layers no longer hold trainable weights)."""
+    if getattr(model, "prepared", False):
+        return model
+    for name, m in list(model.named_modules()):
+        if packable(m):
+            _swap(model, name, PackedLinear(m.weight, m.bias))
+    tr = model.transformer
+    if isinstance(tr.wte, nn.Embedding) and packable(_AsLinear(tr.wte.weight)):
+        tr.wte = Embedding(_FloatRows(tr.wte.weight), PackedLinear(tr.wte.weight, None))
+    model.prepared = True
+    return model
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (stamp, copy)
+
+
+def weights_changed(model: nn.Module) -> None:
+    """Say that the model's weights were updated (the backend's train step does, after the
+    optimizer: a fused optimizer's kernels leave torch's version counters as they were)."""
+    model.weight_updates = getattr(model, "weight_updates", 0) + 1
+
+
+def _stamp(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced, written in place (torch's version counter)
+    or updated by a train step."""
+    versions = tuple((id(p), p._version) for p in model.parameters())
+    return getattr(model, "weight_updates", 0), versions
+
+
+def for_generation(model: nn.Module) -> nn.Module:
+    """The model to generate with: a prepared model as it is; else a prepared copy sharing
+    the model's tensors, remade whenever the model's weights have changed."""
+    if getattr(model, "prepared", False) or not any(packable(m) for m in model.modules()):
+        return model
+    stamp = _stamp(model)
+    got = _COPIES.get(model)
+    if got is None or got[0] != stamp:
+        got = _COPIES[model] = (stamp, prepare(_structure_copy(model)))
+    return got[1]
+
+
+def _structure_copy(module: nn.Module) -> nn.Module:
+    """A new module tree over the same parameter tensors (no weight is copied)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: v if v is None else _structure_copy(v) for k, v in module._modules.items()}
+    return new

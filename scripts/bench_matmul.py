@@ -15,7 +15,11 @@ fp32 GEMM peak (polygpt/bench/limits.py). Kernels:
     torch int8       prepared.Int8Linear (oneDNN u8·s8 with per-row activations, or
                      _weight_int8pack_mm where oneDNN's int8 is missing)
     torch int4       prepared.Int4Linear (_weight_int4pack_mm_for_cpu, bf16 activations)
-    mlx fp32 / int8 / int4   mx.matmul, mx.quantized_matmul (group 64), on the CPU
+    mlx fp32 / int8 / int4   mx.matmul, mx.quantized_matmul (group 64), on the CPU, with
+                     the OpenBLAS preload the MLX backend does (polygpt/blas.py)
+
+Each kernel cycles through copies of its weight (STREAM_BYTES apart), so every call reads its
+matrix from RAM, as a decode step does, not from the caches.
 
 The kernel each precision uses in polygpt is what `polygpt info` prints; this table is why.
 """
@@ -48,56 +52,95 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
     return {"qkv": (3 * C, C), "proj": (C, C), "fc": (4 * C, C), "fc2": (C, 4 * C), "head": (V, C)}
 
 
+# A decode step reads every matrix once, from RAM: a matrix smaller than the caches, timed
+# call after call, would be read from them instead. So each kernel cycles through enough
+# copies of its weight to stream this many bytes between two uses of one copy.
+STREAM_BYTES = 128 << 20
+
+
+def _cycle(make, nbytes: int):
+    """A callable that runs one of several copies (made by `make(i)`) per call, in turn."""
+    fns = [make(i) for i in range(max(1, -(-STREAM_BYTES // nbytes)))]
+    state = {"i": 0}
+
+    def run():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return run
+
+
 def torch_kernels(N: int, K: int, rows: int) -> dict:
     """name -> (callable, weight bytes read) for one shape and row count."""
     import torch
     import torch.nn.functional as F
 
-    from polygpt.backends.torch_backend import prepared
+    from polygpt.backends.torch_backend import prepared, quantize
 
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(N, K, generator=g) * 0.02
-    x = torch.randn(rows, K, generator=g)
-    out = {"torch plain": (lambda: F.linear(x, w), 4 * N * K)}
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(1))
+    xb = x.bfloat16()
+
+    def weight(i: int) -> torch.Tensor:
+        return torch.randn(N, K, generator=torch.Generator().manual_seed(i)) * 0.02
+
+    def plain(i):
+        w = weight(i)
+        return lambda: F.linear(x, w)
+
+    def packed(i, dtype=torch.float32):
+        m = prepared.PackedLinear(weight(i).to(dtype), None)
+        return lambda: m(xb if dtype == torch.bfloat16 else x)
+
+    def int8(i):
+        m = prepared.Int8Linear(*prepared.int8_weights(weight(i)), None)
+        return lambda: m(x)
+
+    def int4(i):
+        m = prepared.Int4Linear.from_affine(*quantize.affine_quantize(weight(i), 4, 64), 64)
+        return lambda: m(x)
+
+    sizes = {"plain": 4 * N * K, "packed": 4 * N * K, "bf16": 2 * N * K}
+    sizes.update(int8=N * K + 4 * N, int4=N * K // 2 + 4 * N * K // 64)
+    makers = {"plain": plain, "int8": int8}
     if torch.backends.mkldnn.is_available():
-        packed = prepared.PackedLinear(w, None)
-        out["torch packed"] = (lambda: packed(x), 4 * N * K)
-        bf16, xb = prepared.PackedLinear(w.bfloat16(), None), x.bfloat16()
-        out["torch bf16"] = (lambda: bf16(xb), 2 * N * K)
-    q8 = prepared.Int8Linear(*prepared.int8_weights(w), None)
-    out["torch int8"] = (lambda: q8(x), N * K + 4 * N)
+        makers.update(packed=packed, bf16=lambda i: packed(i, torch.bfloat16))
     if K % 64 == 0:
-        from polygpt.backends.torch_backend import quantize
-
-        q4 = prepared.Int4Linear.from_affine(*quantize.affine_quantize(w, 4, 64), 64)
-        out["torch int4"] = (lambda: q4(x), N * K // 2 + 4 * N * K // 64)
-    return out
+        makers["int4"] = int4
+    return {f"torch {k}": (_cycle(f, sizes[k]), sizes[k]) for k, f in makers.items()}
 
 
 def mlx_kernels(N: int, K: int, rows: int) -> dict:
-    try:
-        import mlx.core as mx
-    except ImportError:
+    from polygpt.backends import available_backends
+
+    if "mlx" not in available_backends():
         return {}
+    from polygpt import blas
+
+    blas.preload_openblas()  # as the MLX backend does: MLX's CPU matmul through OpenBLAS
+    import mlx.core as mx
+
     mx.set_default_device(mx.cpu)
-    w = mx.random.normal((N, K), key=mx.random.key(0)) * 0.02
     x = mx.random.normal((rows, K), key=mx.random.key(1))
-    mx.eval(w, x)
 
-    def run(f):
-        return lambda: mx.eval(f())
+    def weight(i: int):
+        return mx.random.normal((N, K), key=mx.random.key(i)) * 0.02
 
-    out = {"mlx fp32": (run(lambda: x @ w.T), 4 * N * K)}
-    for bits in (8, 4):
-        if K % 64:
-            continue
-        wq, s, b = mx.quantize(w, group_size=64, bits=bits)
+    def fp32(i):
+        w = weight(i)
+        mx.eval(w)
+        return lambda: mx.eval(x @ w.T)
+
+    def quantized(i, bits):
+        wq, s, b = mx.quantize(weight(i), group_size=64, bits=bits)
         mx.eval(wq, s, b)
+        return lambda: mx.eval(
+            mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=bits)
+        )
 
-        def qmm(wq=wq, s=s, b=b, bits=bits):
-            return mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=bits)
-
-        out[f"mlx int{bits}"] = (run(qmm), N * K * bits // 8 + 8 * N * K // 64)
+    out = {"mlx fp32": (_cycle(fp32, 4 * N * K), 4 * N * K)}
+    for bits in (8, 4) if K % 64 == 0 else ():
+        nbytes = N * K * bits // 8 + 8 * N * K // 64
+        out[f"mlx int{bits}"] = (_cycle(lambda i, b=bits: quantized(i, b), nbytes), nbytes)
     return out
 
 
@@ -115,12 +158,16 @@ def time_round(kernels: dict, reps: int) -> dict[str, float]:
     return got
 
 
-def measure(model: str, rows_list: list[int], rounds: int) -> list[dict]:
+def measure(model: str, rows_list: list[int], rounds: int, backends: list[str]) -> list[dict]:
     results = []
     for label, (N, K) in shapes(model).items():
         for rows in rows_list:
-            kernels = {**torch_kernels(N, K, rows), **mlx_kernels(N, K, rows)}
-            reps = max(3, min(50, int(0.2 / max(1e-4, 4 * N * K / 20e9))))  # ~0.2 s a kernel
+            kernels = {}
+            if "torch" in backends:
+                kernels.update(torch_kernels(N, K, rows))
+            if "mlx" in backends:
+                kernels.update(mlx_kernels(N, K, rows))
+            reps = max(3, min(30, int(0.1 / max(1e-4, 4 * N * K / 20e9))))  # ~0.1 s a kernel
             per = [time_round(dict(reversed(kernels.items()) if r % 2 else kernels.items()), reps)
                    for r in range(rounds)]  # fmt: skip
             for name, (_, nbytes) in kernels.items():
@@ -169,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backends", default="torch,mlx")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     import torch
@@ -179,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     os.environ.setdefault("MLX_NUM_THREADS", str(a.threads))
     lim = limits.measure(a.threads)
-    results = measure(a.model, [int(r) for r in a.rows.split(",")], a.rounds)
+    results = measure(a.model, [int(r) for r in a.rows.split(",")], a.rounds, a.backends.split(","))
     print(table(results, lim))
     load = os.getloadavg()
     print(f"CPU: {cpu_name()}; threads {a.threads}; load average {load[0]:.2f} after the run")

@@ -48,6 +48,9 @@ from polygpt.quantize import quantize_checkpoint
 PROBE_TOKENS = 8  # decode probe: warms up and predicts a full run's cost
 
 
+BUDGET_BYTES = 100e6  # the weights the time budgets are set for (see BenchConfig)
+
+
 @dataclass
 class BenchConfig:
     checkpoint: str
@@ -59,6 +62,8 @@ class BenchConfig:
     new_tokens: int = 128  # tokens generated per decode run
     repeats: int = 3  # timed runs per measurement (fewer when a run exceeds the budget)
     warmup: int = 1
+    # time budgets for a model of up to BUDGET_BYTES of weights, scaled up with the weights
+    # (a 124M fp32 model gets 5x), so a large model's rates rest on as many tokens
     budget_s: float = 5.0  # per measurement: stop repeating once this much time is spent
     config_budget_s: float = 45.0  # per configuration's speed part: measurements shrink to fit
     train_steps: int = 10  # timed training steps per repeat (0: no training rate)
@@ -335,6 +340,10 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
     weights_mb = None
     if hasattr(be, "model_bytes"):
         weights_mb = be.model_bytes(model) / 1e6
+        scale = max(1.0, weights_mb * 1e6 / BUDGET_BYTES)
+        cfg = replace(
+            cfg, budget_s=cfg.budget_s * scale, config_budget_s=cfg.config_budget_s * scale
+        )
 
     data_dir = cfg.data_dir or ckpt.config.get("run", {}).get("data", {}).get("dir")
     if not data_dir:

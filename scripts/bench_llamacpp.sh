@@ -48,9 +48,9 @@ PYEOF
         rm -rf "$CACHE/src" && mv "$src" "$CACHE/src"
     fi
     cmake -S "$CACHE/src" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$CACHE/cmake.log"
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$CACHE/cmake.log" 2>&1
     cmake --build "$CACHE/build" -j "$(nproc)" --target llama-bench llama-quantize llama-server \
-        >"$CACHE/build.log"
+        >"$CACHE/build.log" 2>&1
 }
 
 gguf() {  # the checkpoint as GGUF f32, q8_0, q4_0 (once per checkpoint)
@@ -78,6 +78,7 @@ polygpt_round() {
 }
 
 build
+[ "${BUILD_ONLY:-0}" = 1 ] && { echo "llama.cpp built in $CACHE/build/bin"; exit 0; }
 gguf
 : >"$OUT/polygpt.jsonl"
 for r in $(seq 1 "$ROUNDS"); do

@@ -117,3 +117,23 @@ def test_a_quantized_checkpoint_loads_without_a_float_copy(tmp_path, precision, 
     assert counted.peak - held <= largest + (32 << 10) + repack < float_matrix, (
         f"{precision}: peak {counted.peak:,}, model {held:,}, largest file tensor {largest:,}"
     )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_a_missing_kernel_falls_back_and_says_so(precision, monkeypatch):
+    """A torch build or CPU without oneDNN's packing or the int8/int4 kernels: the same model,
+    on the rounded weights in fp32, and `kernel` names the fallback."""
+    monkeypatch.setattr(prepared, "available", lambda kernel: False)
+    be = get_backend("torch", "cpu")
+    model = be.init_model(SPEC, 0)
+    prompts = np.random.default_rng(3).integers(0, SPEC.vocab_size, (2, PROMPT))
+    ref = be.logits(model, prompts)[:, -1]
+    target = model if precision == "fp32" else be.set_precision(copy.deepcopy(model), precision)
+    got = _decode_logits(be, target, prompts)
+    assert np.abs(got - ref).max() <= LOGIT_TOL[precision]
+    assert (
+        be.kernel(precision) == "aten"
+        if precision == "fp32"
+        else "dequantized" in be.kernel(precision)
+    )
+    assert not any(isinstance(m, prepared.PackedLinear) for m in target.modules())

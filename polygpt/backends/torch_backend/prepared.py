@@ -30,6 +30,7 @@ loaded for inference is prepared in place (`prepare`).
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 
 import torch
@@ -49,20 +50,50 @@ def kernels(device: str = "cpu") -> dict[str, str]:
     `sample --stats`): the fastest that exists here, or the fallback taken."""
     if device != "cpu":
         return {"fp32": "aten", "bf16": "aten", "fp16": "aten"}
-    packed = "onednn-packed" if torch.backends.mkldnn.is_available() else "aten"
+    packed = "onednn-packed" if available("packed") else "aten"
     return {
         "fp32": packed,
         "bf16": packed,
         "fp16": "aten",
-        "int8": "onednn-int8 (per-row activations)" if _onednn_int8() else "int8pack (weight-only)",
-        "int4": "int4pack (weight-only, bf16 activations)",
+        "int8": {
+            "onednn-int8": "onednn-int8 (per-row activations)",
+            "int8pack": "int8pack (weight-only, bf16 activations)",
+        }.get(_int8_kernel(), "dequantized fp32 (no int8 kernel here)"),
+        "int4": "int4pack (weight-only, bf16 activations)"
+        if available("int4pack")
+        else "dequantized fp32 (no int4 kernel here)",
     }
 
 
-def _onednn_int8() -> bool:
-    # oneDNN's u8·s8 products are exact with VNNI; without it x86 sums pairs in int16, which
-    # can saturate on uint8 activations (why fbgemm had reduce_range)
-    return torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+@functools.cache
+def available(kernel: str) -> bool:
+    """Whether `kernel` runs in this torch build on this CPU, tried once on a tiny matrix (a
+    build or a CPU without it raises, and the next kernel down is taken)."""
+    w, x = torch.randn(64, 64), torch.randn(2, 64)
+    q, s = int8_weights(w)
+    try:
+        if kernel == "packed":
+            p = torch.ops.mkldnn._reorder_linear_weight(w)
+            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+        elif kernel == "onednn-int8":
+            # oneDNN's u8·s8 products are exact with VNNI; without it x86 sums pairs in int16,
+            # which can saturate on uint8 activations (why fbgemm had reduce_range)
+            if not torch.cpu._is_vnni_supported():
+                return False
+            _qlinear(x, torch.ops.onednn.qlinear_prepack(q, None), s, torch.zeros(64).long())
+        elif kernel == "int8pack":
+            torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16())
+        elif kernel == "int4pack":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int().abs() % 16, 1)
+            sz = torch.zeros(1, 64, 2, dtype=torch.bfloat16)
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64, sz)
+        return torch.backends.mkldnn.is_available() or kernel not in ("packed", "onednn-int8")
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+def _int8_kernel() -> str:
+    return next((k for k in ("onednn-int8", "int8pack") if available(k)), "float")
 
 
 class PackedLinear(nn.Module):
@@ -85,35 +116,42 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.onednn = _onednn_int8()
-        if self.onednn:
+        self.kernel = _int8_kernel()
+        if self.kernel == "onednn-int8":
             self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None), False)
             self.register_buffer("zeros", torch.zeros(q.shape[0], dtype=torch.int64), False)
             self.register_buffer("scales", scales.float(), False)
-        else:
+        elif self.kernel == "int8pack":
             self.register_buffer("packed", q, False)
             self.register_buffer("scales", scales.to(torch.bfloat16), False)
+        else:  # no int8 kernel in this build: the rounded weights in fp32
+            self.register_buffer("packed", q.float() * scales.float()[:, None], False)
         self.bias = None if bias is None else bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
-        if self.onednn:
-            # per row: x ≈ a·(u − 128), a = max|x|/127; with x_scale 1 the kernel returns
-            # Σ(u − 128)·s·q, and the row's a multiplies it after
-            a = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
-            a = a.div_(127.0)
-            u = torch.div(x, a).round_().add_(128.0).to(torch.uint8)
-            y = torch.ops.onednn.qlinear_pointwise(
-                u, 1.0, 128, self.packed, self.scales, self.zeros,
-                None, 1.0, 0, torch.float32, "none", [], "",
-            )  # fmt: skip
-            y = y.mul_(a) if self.bias is None else torch.addcmul(self.bias, y, a)
-        else:
+        if self.kernel == "onednn-int8":
+            y = _qlinear(x, self.packed, self.scales, self.zeros, self.bias)
+        elif self.kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.packed, self.scales).float()
-            if self.bias is not None:
-                y = y.add_(self.bias)
+            y = y if self.bias is None else y.add_(self.bias)
+        else:
+            y = F.linear(x, self.packed, self.bias)
         return y.view(*shape[:-1], self.out_features)
+
+
+def _qlinear(x, packed, scales, zeros, bias=None) -> torch.Tensor:
+    """x (rows, in) fp32 through oneDNN's u8·s8 matmul, each row quantized by itself: x ≈
+    a·(u − 128) with a = max|x|/127; at x_scale 1 the kernel returns Σ(u − 128)·s·q, which
+    the row's a multiplies after (so no row's result depends on another's)."""
+    a = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
+    a = a.div_(127.0)
+    u = torch.div(x, a).round_().add_(128.0).to(torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise(
+        u, 1.0, 128, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return y.mul_(a) if bias is None else torch.addcmul(bias, y, a)
 
 
 class Int4Linear(nn.Module):
@@ -127,9 +165,16 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().float()
 
     @classmethod
-    def from_affine(cls, packed, scales, biases, group_size: int, bias=None) -> Int4Linear:
+    def from_affine(cls, packed, scales, biases, group_size: int, bias=None) -> nn.Module:
         """From the checkpoint's tensors (packed uint32 (out, in/8), scales and biases
-        (out, in/group)), 64 rows at a time: nothing float or int32 is ever whole."""
+        (out, in/group)), 64 rows at a time: nothing float or int32 is ever whole. Where this
+        torch has no int4 kernel: the rounded weights in fp32, a plain Linear."""
+        if not available("int4pack"):
+            w = quantize.affine_dequantize(packed, scales.float(), biases.float(), 4, group_size)
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(w, requires_grad=False)
+            linear.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+            return linear
         rows = packed.shape[0]
         pad = -rows % INT4_ROWS  # zero rows: torch's layout wants whole 64-row blocks
         out = torch.empty(rows + pad, packed.shape[1] * 4, dtype=torch.uint8)
@@ -271,7 +316,7 @@ def packable(m) -> bool:
         and m.weight.device.type == "cpu"
         and m.weight.dtype in (torch.float32, torch.bfloat16)
         and m.weight.nbytes >= PACK_MIN_BYTES
-        and torch.backends.mkldnn.is_available()
+        and available("packed")
     )
 
 

@@ -106,6 +106,8 @@ def _download(hf, model: ModelId, revision: str | None, patterns: list[str]) -> 
 
 def _fetch_error(model: ModelId, e: Exception) -> str:
     _, constants, u = _hf()
+    from huggingface_hub import errors as hf_errors
+
     local = "or convert a local directory: polygpt convert DIR OUT --from hf"
     if isinstance(e, u.GatedRepoError):
         return (
@@ -119,6 +121,12 @@ def _fetch_error(model: ModelId, e: Exception) -> str:
         )
     if isinstance(e, u.RevisionNotFoundError):
         return f"{model.repo} has no revision {model.revision!r} on the Hugging Face Hub"
+    incomplete = getattr(hf_errors, "IncompleteSnapshotError", ())  # newer huggingface_hub
+    if incomplete and isinstance(e, incomplete):
+        return (
+            f"the cached copy of {model} is incomplete (a download was cut off): run the "
+            f"command again with a network to finish it, {local}"
+        )
     if isinstance(e, u.LocalEntryNotFoundError):
         where = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:

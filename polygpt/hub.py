@@ -131,12 +131,12 @@ def _fetch_error(model: ModelId, e: Exception) -> str:
         where = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
             return (
-                f"{model} is not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE is "
-                f"set: fetch it once with a network, {local}"
+                f"{model} is neither a local directory nor in the Hugging Face cache ({where}), "
+                f"and HF_HUB_OFFLINE is set: fetch it once with a network, {local}"
             )
         return (
-            f"cannot reach the Hugging Face Hub to fetch {model}, and it is not in the cache "
-            f"({where}): fetch it once with a network, {local}"
+            f"{model} is not a local directory, and the Hugging Face Hub cannot be reached to "
+            f"fetch it (it is not in the cache, {where}): fetch it once with a network, {local}"
         )
     if isinstance(e, u.HFValidationError):
         return f"{model} is not a valid Hugging Face model id, nor a local directory"

@@ -218,11 +218,11 @@ def assert_refused(r, phrase: str, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("name", "phrase"),
     [
-        ("nobody/nothing", "is not in the Hugging Face cache"),
+        ("nobody/nothing", "is neither a local directory nor in the Hugging Face cache"),
         ("tiny-owner/llama", "is not a GPT-2 model (model_type 'llama', LlamaForCausalLM)"),
         ("tiny-owner/partial", "no model.safetensors"),
         ("tiny-owner/other-tokens", "is not GPT-2's BPE (first difference: 'Ġthe')"),
-        (f"{REPO}@{'f' * 40}", "is not in the Hugging Face cache"),
+        (f"{REPO}@{'f' * 40}", "is neither a local directory nor in the Hugging Face cache"),
     ],
 )
 @pytest.mark.parametrize("command", ["convert", "sample"])
@@ -285,7 +285,11 @@ def test_no_network(online, tmp_path):
     s.close()  # nothing listens there: connection refused, as without a network
     online(f"http://127.0.0.1:{port}")
     r = cli("sample", "nobody/nothing", "-b", "torch")
-    assert_refused(r, "cannot reach the Hugging Face Hub to fetch nobody/nothing", tmp_path)
+    assert_refused(
+        r,
+        "nobody/nothing is not a local directory, and the Hugging Face Hub cannot be reached",
+        tmp_path,
+    )
     assert "polygpt convert DIR OUT --from hf" in r.output
     # a model already in the cache needs no network
     r = cli("sample", REPO, "-b", "torch", "-t", "0", "-n", "5", "--prompt", "a")

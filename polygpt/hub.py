@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from polygpt import convert as convert_mod
 from polygpt import weights
 from polygpt.errors import PolygptError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock
+    fcntl = None
 
 CACHE_ENV = "POLYGPT_CACHE"
 CONFIG = "config.json"
@@ -167,10 +174,28 @@ def checkpoint(source: str | Path) -> Path:
             return done
     commit = fetch(model, with_weights=False).name
     done = converted_dir(model, commit)
-    if done.is_dir():
-        return done
-    snap = fetch(ModelId(model.repo, commit))
-    return convert_mod.from_hf(snap, done, source_name=f"{model.repo}@{commit}")
+    with _one_converter(done):
+        if done.is_dir():
+            return done
+        snap = fetch(ModelId(model.repo, commit))
+        return convert_mod.from_hf(snap, done, source_name=f"{model.repo}@{commit}")
+
+
+@contextmanager
+def _one_converter(done: Path) -> Iterator[None]:
+    """Processes that convert at once (the ranks of one run) take turns on a lock of the cache
+    directory itself (no lock file left behind): the first converts, the others find its
+    result, so none swaps the directory under another's reader."""
+    done.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(done.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released on close, or when the process dies
+        yield
+    finally:
+        os.close(fd)
 
 
 def convert(

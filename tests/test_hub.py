@@ -164,6 +164,18 @@ def test_sample_by_name_converts_once_into_the_cache(offline, tmp_path):
     assert f"in {done.parent}" in info.output and done.name in info.output, info.output
 
 
+def test_processes_asking_at_once_convert_once(offline, monkeypatch):
+    """The ranks of one run ask for the model together: one converts, the others wait for it
+    (flock on separate opens excludes threads of one process as it does processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls, real = [], convert.from_hf
+    monkeypatch.setattr(convert, "from_hf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with ThreadPoolExecutor(3) as pool:
+        dirs = list(pool.map(hub.checkpoint, [REPO] * 3))
+    assert len(calls) == 1 and len(set(dirs)) == 1 and weights.read_checkpoint(dirs[0])
+
+
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_init_from_by_name_loads_the_same_weights(offline, tmp_path, backend):
     from polygpt import tokenizer as tk

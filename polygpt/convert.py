@@ -171,26 +171,7 @@ def from_hf(
     """A Hugging Face GPT-2 directory (or hub snapshot, `source_name` its id@commit) -> polygpt."""
     torch, loading = _torch()
     d = Path(hf_dir)
-    cfg = weights.read_json(d / "config.json")
-    if cfg.get("model_type") != "gpt2":
-        raise PolygptError(f"{d}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
-    act = {v: k for k, v in HF_ACT.items()}.get(cfg.get("activation_function", "gelu_new"))
-    if act is None:
-        raise PolygptError(f"{d}: unsupported activation {cfg.get('activation_function')!r}")
-    if abs(float(cfg.get("layer_norm_epsilon", 1e-5)) - LAYER_NORM_EPS) > 1e-12:
-        raise PolygptError(f"{d}: layer_norm_epsilon must be {LAYER_NORM_EPS}")
-    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
-        raise PolygptError(f"{d}: n_inner must be 4 * n_embd")
-    spec = ModelSpec(
-        vocab_size=cfg["vocab_size"],
-        block_size=cfg["n_positions"],
-        n_layer=cfg["n_layer"],
-        n_head=cfg["n_head"],
-        n_embd=cfg["n_embd"],
-        bias=True,
-        dropout=0.0,
-        activation=act,
-    )
+    spec = _hf_spec(weights.read_json(d / "config.json"), d)
     if not (d / "model.safetensors").exists() and (d / "pytorch_model.bin").exists():
         raise PolygptError(
             f"{d} holds pytorch_model.bin, a pickle, which can run code when loaded: polygpt "
@@ -218,6 +199,38 @@ def from_hf(
             _check_hf_tokenizer(d, source_name or str(d))
         name = source_name or d.name
         return _write(out, spec, tensor, tokenizer, {"converted_from": f"Hugging Face {name}"})
+
+
+def _hf_spec(cfg: dict, d: Path) -> ModelSpec:
+    """The spec of a transformers GPT-2 config.json; what polygpt's GPT-2 would compute
+    differently (activation, LayerNorm eps, MLP width, attention scaling) is refused."""
+    if cfg.get("model_type") != "gpt2":
+        raise PolygptError(f"{d}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
+    try:
+        act = {v: k for k, v in HF_ACT.items()}.get(cfg.get("activation_function", "gelu_new"))
+        if act is None:
+            raise PolygptError(f"{d}: unsupported activation {cfg.get('activation_function')!r}")
+        eps = float(cfg.get("layer_norm_epsilon", 1e-5))
+        if abs(eps - LAYER_NORM_EPS) > 1e-12:
+            raise PolygptError(f"{d}: layer_norm_epsilon must be {LAYER_NORM_EPS}")
+        if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
+            raise PolygptError(f"{d}: n_inner must be 4 * n_embd")
+        if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx"):
+            raise PolygptError(f"{d}: attention scaled other than by 1/sqrt(head size)")
+        return ModelSpec(
+            vocab_size=cfg["vocab_size"],
+            block_size=cfg["n_positions"],
+            n_layer=cfg["n_layer"],
+            n_head=cfg["n_head"],
+            n_embd=cfg["n_embd"],
+            bias=True,
+            dropout=0.0,
+            activation=act,
+        )
+    except KeyError as e:
+        raise PolygptError(f"{d / 'config.json'} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise PolygptError(f"{d / 'config.json'}: {e}") from None
 
 
 def _hf_vocabs(d: Path) -> dict[str, object]:

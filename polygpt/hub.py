@@ -175,6 +175,7 @@ def checkpoint(source: str | Path) -> Path:
     commit = fetch(model, with_weights=False).name
     done = converted_dir(model, commit)
     with _one_converter(done):
+        weights.clean_stale(done)  # what a converter killed mid-write left (we hold the lock)
         if done.is_dir():
             return done
         snap = fetch(ModelId(model.repo, commit))

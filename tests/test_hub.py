@@ -176,6 +176,17 @@ def test_processes_asking_at_once_convert_once(offline, monkeypatch):
     assert len(calls) == 1 and len(set(dirs)) == 1 and weights.read_checkpoint(dirs[0])
 
 
+def test_a_conversion_killed_mid_write_leaves_nothing_used(offline, tmp_path):
+    """kill -9 skips every cleanup: the next use removes the temporary and converts again."""
+    hub_dir = tmp_path / "polygpt-cache" / "hub"
+    stale = hub_dir / f".tiny-owner--gpt2-tiny--{COMMIT}.tmp-x1y2"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    done = hub.checkpoint(REPO)
+    assert [p.name for p in hub_dir.iterdir()] == [done.name]
+    assert weights.read_checkpoint(done).spec.n_embd == 32
+
+
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_init_from_by_name_loads_the_same_weights(offline, tmp_path, backend):
     from polygpt import tokenizer as tk

@@ -202,17 +202,23 @@ def test_init_from_by_name_loads_the_same_weights(offline, tmp_path, backend):
         finetune.load_init(be, REPO, tk.CharTokenizer(list("abc")))
 
 
-@requires("torch")
-def test_finetune_config_with_init_from_by_name(offline, tmp_path, shakespeare_text):
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory, shakespeare_text):
     from polygpt import data
+
+    d = tmp_path_factory.mktemp("bpe")
+    (d / "in.txt").write_text(shakespeare_text[:20000])
+    return data.prepare_text([d / "in.txt"], d / "data").dir
+
+
+@requires("torch")
+def test_finetune_config_with_init_from_by_name(offline, tmp_path, bpe_data):
     from polygpt.train import train
 
     from .conftest import tiny_config
 
-    (tmp_path / "in.txt").write_text(shakespeare_text[:20000])
-    data.prepare_text([tmp_path / "in.txt"], tmp_path / "bpe")
     cfg = tiny_config(
-        tmp_path / "bpe",
+        bpe_data,
         tmp_path / "ft",
         f"init_from={REPO!r}",
         "max_iters=2",
@@ -224,6 +230,16 @@ def test_finetune_config_with_init_from_by_name(offline, tmp_path, shakespeare_t
     ft = weights.read_checkpoint(tmp_path / "ft")
     assert ft.step == 2 and ft.spec.n_embd == 32 and ft.spec.vocab_size == 50257
     assert ft.config["run"]["train"]["init_from"] == REPO
+
+
+@requires("torch")
+def test_eval_by_name_equals_the_directory(offline, tmp_path, bpe_data):
+    by_dir = convert.from_hf(offline[1], tmp_path / "by_dir")
+    args = ["--data", str(bpe_data), "-b", "torch", "-d", "cpu", "--max-tokens", "300", "--json"]
+    want = cli("eval", str(by_dir), *args)
+    got = cli("eval", REPO, *args)
+    assert want.exit_code == 0 and got.exit_code == 0, got.output
+    assert json.loads(got.output)["perplexity"] == json.loads(want.output)["perplexity"]
 
 
 # ---- failures: one line, a non-zero exit, nothing written ------------------------------------

@@ -141,7 +141,7 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     polygpt convert weights/shakespeare_char exported_hf --to hf
     polygpt convert path/to/hf-gpt2 weights/gpt2
     polygpt convert gpt2-medium weights/gpt2-medium          # fetched from the Hugging Face Hub
-    polygpt convert openai-community/gpt2@607a30d weights/gpt2   # a pinned revision
+    polygpt convert openai-community/gpt2@main weights/gpt2  # NAME@REVISION: branch, tag, commit
     """
     done, fmt = hub.convert(source, out, src_format, dst_format, tokenizer_dir)
     click.echo(f"wrote {done} ({fmt})")

@@ -146,7 +146,7 @@ def test_convert_by_name_equals_the_directory(offline, tmp_path):
     assert not (tmp_path / "polygpt-cache").exists()  # convert writes OUT only
 
 
-def test_sample_by_name_converts_once_into_the_cache(offline, tmp_path):
+def test_sample_by_name_converts_once_into_the_cache(offline, tmp_path, monkeypatch):
     _, snap, _ = offline
     by_dir = convert.from_hf(snap, tmp_path / "by_dir")
     args = ["-t", "0", "-n", "30", "--prompt", "ROMEO:", "-b", "torch", "-d", "cpu"]
@@ -162,6 +162,10 @@ def test_sample_by_name_converts_once_into_the_cache(offline, tmp_path):
     assert (done / "model.safetensors").stat().st_mtime_ns == stamp
     info = cli("info")
     assert f"in {done.parent}" in info.output and done.name in info.output, info.output
+    # huggingface_hub's copy gone, offline: the pinned commit is still the converted copy
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "emptied"))
+    assert cli("sample", f"{REPO}@{COMMIT}", *args).output == expected.output
+    assert cli("sample", REPO, *args).exit_code == 1  # `main` cannot be resolved offline
 
 
 def test_processes_asking_at_once_convert_once(offline, monkeypatch):

@@ -33,6 +33,9 @@ CACHE_ENV = "POLYGPT_CACHE"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+# huggingface_hub's allow_patterns (fnmatch on the path in the repo): these names at its root
+# only, so never pytorch_model.bin, tf_model.h5, flax or onnx files
+FILES = [CONFIG, WEIGHTS, *TOKENIZER_FILES]
 INSTALL = "pip install 'polygpt[hub]'"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -94,7 +97,7 @@ def fetch(model: ModelId, with_weights: bool = True) -> Path:
     if with_weights:
         # the commit config.json came from (its snapshot directory's name), so a branch that
         # moves between the two calls cannot mix files of two revisions
-        snap = _download(hf, model, snap.name, [CONFIG, WEIGHTS, *TOKENIZER_FILES])
+        snap = _download(hf, model, snap.name, FILES)
         if not (snap / WEIGHTS).is_file():
             raise PolygptError(
                 f"{model}: no {WEIGHTS} in the snapshot at {snap} (polygpt reads safetensors "

@@ -118,6 +118,33 @@ def test_parse_tells_model_ids_from_paths(tmp_path, monkeypatch):
     assert hub.parse("gpt2") is None  # an existing local path always wins
 
 
+def test_only_safetensors_and_json_are_fetched(offline, monkeypatch):
+    """What fetch asks huggingface_hub for, through its own filter over the files the Hub's
+    gpt2 repository lists."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    asked, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda *a, **k: asked.append(k) or real(*a, **k)
+    )
+    hub.fetch(hub.ModelId(REPO))
+    assert [k["allow_patterns"] for k in asked] == [["config.json"], hub.FILES]
+    assert asked[1]["revision"] == COMMIT  # the weights at the commit config.json came from
+
+    listing = [
+        *(".gitattributes", "64-8bits.tflite", "README.md", "config.json", "flax_model.msgpack"),
+        *("generation_config.json", "merges.txt", "model.safetensors", "onnx/config.json"),
+        *("onnx/decoder_model.onnx", "pytorch_model.bin", "rust_model.ot", "tf_model.h5"),
+        *("tokenizer.json", "tokenizer_config.json", "vocab.json"),
+    ]
+    fetched = set(filter_repo_objects(listing, allow_patterns=hub.FILES))
+    assert fetched == {"config.json", "model.safetensors", "merges.txt", "vocab.json"} | {
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+
+
 def test_auto_detects_a_transformers_folder_by_its_config(hf_cache, random_ckpt, tmp_path):
     d = tmp_path / "hf"
     d.mkdir()

@@ -7,8 +7,10 @@ server speaking its error headers, so huggingface_hub's real client code maps th
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
+import re
 import threading
 
 import numpy as np
@@ -27,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 hf_constants = pytest.importorskip("huggingface_hub.constants")
 
 REPO, COMMIT = "tiny-owner/gpt2-tiny", "0123456789abcdef0123456789abcdef01234567"
+WEIGHTS = "model.safetensors"
 X = np.random.default_rng(0).integers(0, 50257, size=(2, 40))
 
 
@@ -302,18 +305,49 @@ def test_offline_failures(offline, tmp_path, name, phrase, command):
 
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
-    """The Hub's error answers: an unknown repo is a 404 with X-Error-Code RepoNotFound, a gated
-    one a 403 with GatedRepo (what huggingface_hub's hf_raise_for_status reads)."""
+    """The Hub's HTTP API as huggingface_hub uses it, for the repositories in `repos` (path ->
+    bytes): a revision's commit, the tree listing, HEAD and GET of a file at a commit. Others
+    answer as the Hub does: 404 with X-Error-Code RepoNotFound, or 403 GatedRepo for a gated
+    one (what hf_raise_for_status reads). `asked` records every path requested."""
+
+    repos: dict[str, dict[str, bytes]] = {}
+    asked: list[str] = []
 
     def do_GET(self):  # noqa: N802 - http.server's name
-        gated = "/gated" in self.path
-        self.send_response(403 if gated else 404)
-        self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
-        self.send_header("X-Error-Message", "Access restricted" if gated else "not found")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self.asked.append(self.path)
+        path = self.path.split("?")[0]
+        m = re.match(r"/api/models/([^/]+/[^/]+)/(revision|tree)/[^/]+", path)
+        repo = m.group(1) if m else "/".join(path.split("/")[1:3])
+        files = self.repos.get(repo)
+        if files is None:
+            gated = "/gated" in path
+            return self.answer(403 if gated else 404, b"", GatedRepo=gated)
+        if m and m.group(2) == "revision":
+            return self.answer(200, json.dumps({"id": repo, "sha": COMMIT}).encode())
+        if m:
+            tree = [
+                {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for n, b in files.items()
+            ]
+            return self.answer(200, json.dumps(tree).encode())
+        name = path.split(f"/resolve/{COMMIT}/", 1)[-1]
+        body = files.get(name)
+        self.answer(200 if body is not None else 404, body or b"", ETag=f'"{name}"')
 
-    do_HEAD = do_GET
+    do_HEAD = do_GET  # answer() sends a HEAD the headers only
+
+    def answer(self, status: int, body: bytes, GatedRepo=False, **headers) -> None:  # noqa: N803
+        self.send_response(status)
+        if status >= 400:
+            self.send_header("X-Error-Code", "GatedRepo" if GatedRepo else "RepoNotFound")
+            self.send_header("X-Error-Message", "Access restricted" if GatedRepo else "missing")
+        self.send_header("X-Repo-Commit", COMMIT)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -321,17 +355,44 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def online(offline, monkeypatch):
-    """The Hub at a local endpoint: a fake one, or (`url=None`) a closed port."""
+    """The Hub at a local endpoint: the fake one, or (`url`) a closed port."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(FakeHub, "asked", [])
 
     def at(url: str | None):
         url = url or f"http://127.0.0.1:{server.server_address[1]}"
         monkeypatch.setattr(hf_constants, "ENDPOINT", url)
+        template = url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
     yield at
     server.shutdown()
+
+
+def test_download_fetches_safetensors_never_a_pickle(online, offline, tmp_path, monkeypatch):
+    """A real download through huggingface_hub from the local Hub into an empty cache: the
+    weights and tokenizer arrive, the pickle, TF and ONNX files are never asked for, and the
+    model samples as the snapshot directory does."""
+    snap = offline[1]
+    files = {n: (snap / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    files |= {"vocab.json": (snap / "vocab.json").read_bytes(), "pytorch_model.bin": b"pickle"}
+    files |= {"tf_model.h5": b"tf", "onnx/model.onnx": b"onnx"}
+    monkeypatch.setattr(FakeHub, "repos", {"net-owner/gpt2-tiny": files})
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf"))
+    online(None)
+    args = ["-t", "0", "-n", "20", "--prompt", "ROMEO:", "-b", "torch", "-d", "cpu"]
+    r = cli("sample", "net-owner/gpt2-tiny", *args)
+    assert r.exit_code == 0, r.output
+    want = cli("sample", str(convert.from_hf(snap, tmp_path / "by_dir")), *args)
+    assert r.stdout == want.stdout
+    files_asked = [p.split("/resolve/")[-1] for p in FakeHub.asked if "/resolve/" in p]
+    assert "model.safetensors" in "".join(files_asked), FakeHub.asked
+    assert not [p for p in files_asked if p.endswith((".bin", ".h5", ".onnx"))], files_asked
+    got = tmp_path / "empty-hf" / "models--net-owner--gpt2-tiny"
+    assert (got / "refs" / "main").read_text() == COMMIT
+    assert (got / "snapshots" / COMMIT / "model.safetensors").read_bytes() == files[WEIGHTS]
 
 
 @pytest.mark.parametrize(

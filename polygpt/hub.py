@@ -109,9 +109,27 @@ def fetch(model: ModelId, with_weights: bool = True) -> Path:
 
 def _download(hf, model: ModelId, revision: str | None, patterns: list[str]) -> Path:
     try:
+        if revision and _COMMIT.fullmatch(revision):
+            # a commit never changes, so what the cache holds of it needs no Hub call (one
+            # that, without a network, huggingface_hub retries for tens of seconds)
+            snap = _cached(hf, model, revision, patterns)
+            if snap is not None:
+                return snap
         return Path(hf.snapshot_download(model.repo, revision=revision, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - huggingface_hub's errors, mapped to one line each
         raise PolygptError(_fetch_error(model, e)) from None
+
+
+def _cached(hf, model: ModelId, commit: str, patterns: list[str]) -> Path | None:
+    """The cached snapshot of `commit` if it holds the config and weights asked for (the
+    tokenizer files are optional in a repository), else None: fetch."""
+    try:
+        kw = {"revision": commit, "allow_patterns": patterns, "local_files_only": True}
+        snap = Path(hf.snapshot_download(model.repo, **kw))
+    except (OSError, ValueError):  # not cached, or incomplete by its tree listing
+        return None
+    needed = [p for p in patterns if p in (CONFIG, WEIGHTS)]
+    return snap if all((snap / p).is_file() for p in needed) else None
 
 
 def _fetch_error(model: ModelId, e: Exception) -> str:

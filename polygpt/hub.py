@@ -174,6 +174,8 @@ def _fetch_error(model: ModelId, e: Exception) -> str:
 
 def _check_gpt2_config(model: ModelId, path: Path) -> None:
     """Refuse a model that is not GPT-2 before its weights are fetched."""
+    if not path.is_file():
+        raise PolygptError(f"{model} has no {CONFIG}: it is not a transformers GPT-2 model")
     cfg = weights.read_json(path)
     if cfg.get("model_type") != "gpt2":
         arch = ", ".join(cfg.get("architectures") or []) or "no architectures"

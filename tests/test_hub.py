@@ -81,6 +81,7 @@ def hf_cache(tmp_path_factory):
     llama = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     put(cache, "tiny-owner/llama", {**files, "config.json": llama.encode()})
     put(cache, "tiny-owner/partial", {"config.json": files["config.json"]})
+    put(cache, "tiny-owner/gguf", {"model.gguf": b"GGUF"})
     return cache, snap, model
 
 
@@ -294,6 +295,7 @@ def assert_refused(r, phrase: str, tmp_path) -> None:
         ("nobody/nothing", "is neither a local directory nor in the Hugging Face cache"),
         ("tiny-owner/llama", "is not a GPT-2 model (model_type 'llama', LlamaForCausalLM)"),
         ("tiny-owner/partial", "no model.safetensors"),
+        ("tiny-owner/gguf", "has no config.json: it is not a transformers GPT-2 model"),
         ("tiny-owner/other-tokens", "is not GPT-2's BPE (first difference: 'Ġthe')"),
         (f"{REPO}@{'f' * 40}", "is neither a local directory nor in the Hugging Face cache"),
     ],

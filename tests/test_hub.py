@@ -2,8 +2,9 @@
 writes it (`models--<owner>--<name>/snapshots/<commit>/` and `refs/main`) holds a tiny GPT-2
 saved by transformers; with HF_HUB_OFFLINE=1, convert, sample, serve and init_from by name give
 what the snapshot directory gives. Each failure is one `error:` line, a non-zero exit and nothing
-left in polygpt's cache or at OUT. The Hub's own answers (unknown, gated) come from a local HTTP
-server speaking its error headers, so huggingface_hub's real client code maps them."""
+left in polygpt's cache or at OUT. The Hub itself is a local HTTP server speaking the part of
+its API huggingface_hub uses (a download; unknown and gated models), so huggingface_hub's real
+client code runs."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_REQ)"
-	$(BIN)/pip install -q -e ".[torch,dev,plot,bpe]"
+	$(BIN)/pip install -q -e ".[torch,dev,plot,bpe,hub]"
 	$(BIN)/pip install -q -e ".[mlx]" || echo "note: MLX could not be installed here; the torch backend works without it"
 	@# last, so that no later pip run reports the whisper dependencies we deliberately leave out
 	set -o pipefail; $(BIN)/pip install -q --no-deps "$(GPT2_VOCAB_REQ)" 2>&1 \

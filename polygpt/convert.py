@@ -162,29 +162,16 @@ def _load_nanogpt(torch, p: Path) -> object:
         raise PolygptError(f"cannot read {p} as a nanoGPT checkpoint: {msg}") from None
 
 
-def from_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def from_hf(
+    hf_dir: str | Path,
+    out: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    source_name: str | None = None,
+) -> Path:
+    """A Hugging Face GPT-2 directory (or hub snapshot, `source_name` its id@commit) -> polygpt."""
     torch, loading = _torch()
     d = Path(hf_dir)
-    cfg = weights.read_json(d / "config.json")
-    if cfg.get("model_type") != "gpt2":
-        raise PolygptError(f"{d}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
-    act = {v: k for k, v in HF_ACT.items()}.get(cfg.get("activation_function", "gelu_new"))
-    if act is None:
-        raise PolygptError(f"{d}: unsupported activation {cfg.get('activation_function')!r}")
-    if abs(float(cfg.get("layer_norm_epsilon", 1e-5)) - LAYER_NORM_EPS) > 1e-12:
-        raise PolygptError(f"{d}: layer_norm_epsilon must be {LAYER_NORM_EPS}")
-    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
-        raise PolygptError(f"{d}: n_inner must be 4 * n_embd")
-    spec = ModelSpec(
-        vocab_size=cfg["vocab_size"],
-        block_size=cfg["n_positions"],
-        n_layer=cfg["n_layer"],
-        n_head=cfg["n_head"],
-        n_embd=cfg["n_embd"],
-        bias=True,
-        dropout=0.0,
-        activation=act,
-    )
+    spec = _hf_spec(weights.read_json(d / "config.json"), d)
     if not (d / "model.safetensors").exists() and (d / "pytorch_model.bin").exists():
         raise PolygptError(
             f"{d} holds pytorch_model.bin, a pickle, which can run code when loaded: polygpt "
@@ -207,12 +194,79 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | Non
             t = loading.read_tensor(f, e.name, e.shape, torch.float32)
             return t.t() if name.endswith(CONV1D) else t
 
-        return _write(
-            out,
-            spec,
-            tensor,
-            _tokenizer_for(spec.vocab_size, tokenizer_dir),
-            {"converted_from": f"Hugging Face GPT-2 {d.name}"},
+        tokenizer = _tokenizer_for(spec.vocab_size, tokenizer_dir)
+        if tokenizer_dir is None:
+            _check_hf_tokenizer(d, source_name or str(d))
+        name = source_name or d.name
+        return _write(out, spec, tensor, tokenizer, {"converted_from": f"Hugging Face {name}"})
+
+
+def _hf_spec(cfg: dict, d: Path) -> ModelSpec:
+    """The spec of a transformers GPT-2 config.json; what polygpt's GPT-2 would compute
+    differently (activation, LayerNorm eps, MLP width, attention scaling) is refused."""
+    if cfg.get("model_type") != "gpt2":
+        raise PolygptError(f"{d}: model_type is {cfg.get('model_type')!r}, expected 'gpt2'")
+    try:
+        act = {v: k for k, v in HF_ACT.items()}.get(cfg.get("activation_function", "gelu_new"))
+        if act is None:
+            raise PolygptError(f"{d}: unsupported activation {cfg.get('activation_function')!r}")
+        eps = float(cfg.get("layer_norm_epsilon", 1e-5))
+        if abs(eps - LAYER_NORM_EPS) > 1e-12:
+            raise PolygptError(f"{d}: layer_norm_epsilon must be {LAYER_NORM_EPS}")
+        if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
+            raise PolygptError(f"{d}: n_inner must be 4 * n_embd")
+        if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx"):
+            raise PolygptError(f"{d}: attention scaled other than by 1/sqrt(head size)")
+        return ModelSpec(
+            vocab_size=cfg["vocab_size"],
+            block_size=cfg["n_positions"],
+            n_layer=cfg["n_layer"],
+            n_head=cfg["n_head"],
+            n_embd=cfg["n_embd"],
+            bias=True,
+            dropout=0.0,
+            activation=act,
+        )
+    except KeyError as e:
+        raise PolygptError(f"{d / 'config.json'} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise PolygptError(f"{d / 'config.json'}: {e}") from None
+
+
+def _hf_vocabs(d: Path) -> dict[str, object]:
+    """The vocabularies a Hugging Face directory's tokenizer files hold, by file name."""
+    found: dict[str, object] = {}
+    if (d / "vocab.json").is_file():
+        found["vocab.json"] = weights.read_json(d / "vocab.json")
+    if (d / "tokenizer.json").is_file():
+        tj = weights.read_json(d / "tokenizer.json")
+        model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
+        vocab = model.get("vocab") if model.get("type", "BPE") == "BPE" else None
+        vocab = dict(vocab) if isinstance(vocab, dict) else {}
+        for t in tj.get("added_tokens") or []:
+            if isinstance(t, dict):
+                vocab[t.get("content")] = t.get("id")
+        found["tokenizer.json"] = vocab
+    return found
+
+
+def _check_hf_tokenizer(d: Path, name: str) -> None:
+    """The model's own tokenizer, where its files are present, must be GPT-2's BPE as polygpt
+    ships it: a model trained with another vocabulary would read and write the wrong text.
+    (A directory without tokenizer files is taken at its word: vocab 50257 is GPT-2's.)"""
+    vocabs = _hf_vocabs(d)
+    if not vocabs:
+        return
+    gpt2 = tok.gpt2_hf_vocab()
+    for file, vocab in vocabs.items():
+        if vocab == gpt2:
+            continue
+        odd = sorted(str(k) for k in set(vocab) ^ set(gpt2))
+        odd += [k for k in gpt2 if vocab.get(k) != gpt2[k]]
+        raise PolygptError(
+            f"{name}: its tokenizer ({file}, {len(vocab):,} tokens) is not GPT-2's BPE "
+            f"(first difference: {odd[0]!r}); polygpt converts models that use GPT-2's "
+            "tokenizer (or a char-level one with --tokenizer DATA_DIR)"
         )
 
 
@@ -286,14 +340,18 @@ FORMATS = ("nanogpt", "hf", "polygpt")
 
 
 def detect_format(src: str | Path) -> str:
-    """What `src` is: a nanoGPT ckpt.pt, a polygpt checkpoint or a Hugging Face GPT-2 dir."""
+    """What `src` is: a nanoGPT ckpt.pt, or a directory whose config.json says whether it is a
+    polygpt checkpoint (a 'spec') or a transformers model (model_type, architectures); the
+    files beside the weights do not tell (both may hold a tokenizer.json)."""
     src = Path(src)
     if src.is_file() and src.suffix in (".pt", ".pth"):
         return "nanogpt"
-    if (src / weights.TOKENIZER_FILE).exists() and (src / weights.MODEL_FILE).exists():
-        return "polygpt"
-    if (src / "config.json").exists():
-        return "hf"
+    if (src / "config.json").is_file():
+        cfg = weights.read_json(src / "config.json")
+        if isinstance(cfg.get("spec"), dict):
+            return "polygpt"
+        if "model_type" in cfg or "architectures" in cfg:
+            return "hf"
     raise PolygptError(f"cannot tell what {src} is: pass --from nanogpt|hf|polygpt")
 
 

@@ -1,7 +1,8 @@
 """Starting a run from existing weights (nanoGPT's `init_from`): fine-tuning.
 
 `polygpt train CONFIG init_from=CKPT` takes the model spec and weights from a polygpt
-checkpoint (trained, converted from Hugging Face GPT-2 or nanoGPT, in either backend) and starts
+checkpoint (trained, converted from Hugging Face GPT-2 or nanoGPT, in either backend; or a
+Hugging Face GPT-2 id such as "gpt2", as nanoGPT's init_from takes one) and starts
 a fresh run: a new optimizer, step 0, the config's data, schedule and output directory. Only
 `model.dropout` is taken from the config (nanoGPT's finetune_shakespeare sets it); the rest of
 [model] describes a model to initialise and is ignored.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from polygpt import weights
+from polygpt import hub, weights
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
@@ -20,8 +21,10 @@ from polygpt.spec import ModelSpec
 def load_init(
     backend: Any, path: str, tokenizer: Any, dropout: float = 0.0
 ) -> tuple[ModelSpec, Any]:
-    """(spec, fp32 model) from checkpoint `path`, checked against the data's tokenizer."""
-    ckpt = weights.read_checkpoint(path)
+    """(spec, fp32 model) from checkpoint `path` (a directory, or a Hugging Face GPT-2 id
+    such as "gpt2-medium", converted once into polygpt's cache), checked against the data's
+    tokenizer."""
+    ckpt = weights.read_checkpoint(hub.checkpoint(path))
     ours, theirs = tokenizer.to_dict(), dict(ckpt.tokenizer)
     if ours != theirs:
         raise PolygptError(

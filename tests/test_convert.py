@@ -176,3 +176,27 @@ def test_hf_gpt2_124m_shape_imports_exactly(tmp_path):
     hf, d = _hf_gpt2(tmp_path)
     x = np.random.default_rng(1).integers(0, 50257, size=(1, 64))
     _check_hf_import(hf, d, tmp_path, x, _available("torch", "mlx"))
+
+
+@requires("torch")
+def test_hf_configs_polygpt_would_compute_differently_are_refused(tmp_path):
+    """Before any weight is read: one line naming what is missing or different."""
+    import json
+
+    base = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_layer": 2}
+    base |= {"n_head": 2, "n_embd": 32}
+    cases = [
+        ({"n_embd": None}, "lacks 'n_embd'"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "attention scaled other than"),
+        ({"scale_attn_weights": False}, "attention scaled other than"),
+        ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon must be"),
+        ({"activation_function": "relu"}, "unsupported activation"),
+        ({"n_inner": 64}, "n_inner must be"),
+    ]
+    for change, message in cases:
+        cfg = {k: v for k, v in (base | change).items() if v is not None}
+        (tmp_path / "d").mkdir(exist_ok=True)
+        (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(PolygptError, match=message):
+            convert.from_hf(tmp_path / "d", tmp_path / "out")
+        assert not (tmp_path / "out").exists()

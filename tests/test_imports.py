@@ -16,6 +16,7 @@ LAZY_ALLOWED = {
     # nanoGPT pickles need torch.load; tensors are read and written through the torch backend
     "polygpt.convert": {"torch", "safetensors.torch", "polygpt.backends.torch_backend.loading"},
     "polygpt.cli.generation": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)
+    "polygpt.hub": {"huggingface_hub"},  # the [hub] extra: fetching a model by name
 }
 FRAMEWORKS = ("torch", "mlx")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import click
 
 from polygpt import convert as convert_mod
-from polygpt import data, distributed, quantize
+from polygpt import data, distributed, hub, quantize
 from polygpt.cli.app import BACKEND, main, precision_option
-from polygpt.cli.views import byte_bar, checkpoint_lines, environment_lines
+from polygpt.cli.views import byte_bar, checkpoint_lines, environment_lines, hub_cache_lines
 from polygpt.errors import PolygptError
 
 
@@ -104,7 +104,7 @@ def info(checkpoint) -> None:
         for line in checkpoint_lines(checkpoint):
             click.echo(line)
         click.echo("")
-    for line in environment_lines() + distributed.environment_lines():
+    for line in environment_lines() + distributed.environment_lines() + hub_cache_lines():
         click.echo(line)
 
 
@@ -117,7 +117,7 @@ def info(checkpoint) -> None:
     type=click.Choice(["auto", *convert_mod.FORMATS]),
     default="auto",
     show_default=True,
-    help="nanogpt: a ckpt.pt; hf: a Hugging Face GPT-2 directory; polygpt: ours.",
+    help="nanogpt: a ckpt.pt; hf: a Hugging Face GPT-2 directory or model id; polygpt: ours.",
 )
 @click.option(
     "--to",
@@ -140,6 +140,8 @@ def convert(source, out, src_format, dst_format, tokenizer_dir) -> None:
     polygpt convert ckpt.pt weights/from_nanogpt --tokenizer data/shakespeare_char
     polygpt convert weights/shakespeare_char exported_hf --to hf
     polygpt convert path/to/hf-gpt2 weights/gpt2
+    polygpt convert gpt2-medium weights/gpt2-medium          # fetched from the Hugging Face Hub
+    polygpt convert openai-community/gpt2@main weights/gpt2  # NAME@REVISION: branch, tag, commit
     """
-    done, fmt = convert_mod.convert(source, out, src_format, dst_format, tokenizer_dir)
+    done, fmt = hub.convert(source, out, src_format, dst_format, tokenizer_dir)
     click.echo(f"wrote {done} ({fmt})")

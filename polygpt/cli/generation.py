@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from polygpt import config, inference
+from polygpt import config, hub, inference
 from polygpt.cli.app import BACKEND, DEVICE, main, needs_serve_extra, precision_option
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
@@ -124,12 +124,16 @@ def sample_options(command):
 def sample(checkpoint, backend, device, precision, opts: SampleOptions, no_stream, stats) -> None:
     """Generate text from a checkpoint (KV cache, streaming).
 
+    CHECKPOINT is a directory or a Hugging Face GPT-2 id (gpt2, gpt2-medium, owner/name@rev),
+    fetched and converted once into polygpt's cache (see `polygpt info`).
+
     Options not given come from the [sample] section of the run's config (stored in the
     checkpoint), then from config.SampleConfig's defaults (500 tokens, temperature 0.8, seed
     1337). A prompt longer than the context keeps its last block_size tokens (with a note)."""
     if opts.prompt is not None and opts.prompt_file is not None:  # before loading the model
         raise PolygptError("give --prompt or --prompt-file, not both")
-    lm = inference.load(checkpoint, backend=backend, device=device or "auto", precision=precision)
+    ckpt = hub.checkpoint(checkpoint)  # a directory, or a model id fetched and converted once
+    lm = inference.load(ckpt, backend=backend, device=device or "auto", precision=precision)
     sc, gcfg = opts.resolve(inference.sample_config(lm.checkpoint))
     n_prompt = len(lm.encode(sc.prompt))  # fails (unknown character) before printing anything
     if n_prompt == 0:
@@ -202,11 +206,13 @@ def sample(checkpoint, backend, device, precision, opts: SampleOptions, no_strea
 def serve(
     checkpoint, backend, device, precision, host, port, max_batch, max_tokens_limit, **kw
 ) -> None:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)."""
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching).
+
+    CHECKPOINT is a directory or a Hugging Face GPT-2 id, as for `polygpt sample`."""
     needs_serve_extra()
     from polygpt.serve import serve as run  # the optional [serve] extra (fastapi, uvicorn)
 
     run(
-        checkpoint, backend, device or "auto", precision, host, port, max_batch,
+        hub.checkpoint(checkpoint), backend, device or "auto", precision, host, port, max_batch,
         max_tokens_limit, **kw,
     )  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from polygpt import evaluate
+from polygpt import evaluate, hub
 from polygpt.backends import available_backends
 from polygpt.backends.base import PRECISIONS
 from polygpt.bench import measure, report, serving
@@ -65,7 +65,9 @@ def eval_(
     save,
 ) -> None:
     """Perplexity of a checkpoint over a whole split: every token scored once, with as much
-    left context as the block allows (sliding windows, batched)."""
+    left context as the block allows (sliding windows, batched). CHECKPOINT may be a Hugging
+    Face GPT-2 id (nanoGPT's eval_gpt2: `polygpt eval gpt2 --data data/shakespeare`)."""
+    checkpoint = hub.checkpoint(checkpoint)
     bar = EvalBar() if bar_wanted(as_json) else None
     try:
         res = evaluate.evaluate_checkpoint(

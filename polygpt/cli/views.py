@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from polygpt import evaluate, weights
+from polygpt import evaluate, hub, weights
 from polygpt import train as train_mod
 from polygpt.backends import available_backends, get_backend, known_backends
 from polygpt.bench import run as bench
@@ -183,6 +183,15 @@ def checkpoint_lines(path: str | Path) -> list[str]:
     files = weights.dir_size(ckpt.path)
     lines.append("files       " + ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in files.items()))
     return lines
+
+
+def hub_cache_lines() -> list[str]:
+    """`polygpt info`: where models fetched by name were converted (safe to delete)."""
+    models = hub.converted_models()
+    size = sum(sum(weights.dir_size(m).values()) for m in models)
+    where = hub.cache_root() / "hub"
+    lines = [f"hub     models fetched by name: {len(models)}, {size / 1e9:.2f} GB, in {where}"]
+    return lines + [f"        {m.name}" for m in models]
 
 
 def environment_lines() -> list[str]:

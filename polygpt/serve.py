@@ -84,8 +84,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    # text, texts, token ids or lists of token ids (checked in prompt_ids, to name the problem)
+    prompt: str | list[Any]
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -161,6 +161,7 @@ class Limits:
     max_batch: int
     max_tokens: int
     block: int
+    vocab: int  # token ids the tokenizer knows: 0..vocab-1
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Work:
     ids: list[list[int]]
     n: int
     settings: dict[str, Any]  # engine.Request fields shared by every choice
+    max_tokens: list[int]  # per prompt
     stream: bool
     include_usage: bool
     echo: bool = False
@@ -182,16 +184,61 @@ class Work:
         return len(self.ids) * self.n
 
 
-def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_tokens: int | None):
+def prompt_ids(prompt: str | list, lm, limits: Limits) -> tuple[list[str], list[list[int]]]:
+    """The prompts as text and as token ids. `prompt` is a string, a list of strings, a list of
+    token ids, or a list of lists of token ids (what lm-eval's local-completions sends)."""
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif not prompt:
+        raise BadRequest("prompt: the list is empty; give at least one prompt", "prompt")
+    elif all(isinstance(x, (str, list)) for x in prompt):
+        items = list(prompt)
+    elif not any(isinstance(x, (str, list)) for x in prompt):
+        items = [prompt]  # one prompt of token ids
+    else:
+        raise BadRequest(
+            "prompt: give a string, a list of strings, a list of token ids or a list of lists "
+            "of token ids, not a mix",
+            "prompt",
+        )
+    texts, ids = [], []
+    for item in items:
+        try:
+            t = lm.encode(item) if isinstance(item, str) else _token_ids(item, limits.vocab)
+            eng.check_prompt(t, limits.block)
+        except PolygptError as e:
+            raise BadRequest(f"prompt: {e}", "prompt") from None
+        texts.append(item if isinstance(item, str) else lm.tokenizer.decode(t))
+        ids.append(t)
+    return texts, ids
+
+
+def _token_ids(item: list, vocab: int) -> list[int]:
+    for x in item:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise PolygptError(f"token ids must be integers, got {json.dumps(x)}")
+        if not 0 <= x < vocab:
+            raise PolygptError(f"token id {x} is outside the vocabulary (0..{vocab - 1})")
+    return item
+
+
+def _max_tokens(asked: int | None, ids: list[list[int]], limits: Limits) -> list[int]:
+    """Per prompt: what was asked, or (none asked) the rest of the context."""
+    if asked is not None:
+        return [asked] * len(ids)
+    return [min(limits.block - len(t), limits.max_tokens) for t in ids]
+
+
+def _check_common(req: _Common, ids: list[list[int]], limits: Limits, max_tokens: int | None):
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0):
             raise BadRequest(f"{name} is not supported by this server", name)
     if req.logit_bias not in (None, {}):
         raise BadRequest("logit_bias is not supported by this server", "logit_bias")
     n = req.n or 1
-    if len(prompts) * n > limits.max_batch:
+    if len(ids) * n > limits.max_batch:
         raise BadRequest(
-            f"n x prompts = {len(prompts) * n} choices; this server runs at most "
+            f"n x prompts = {len(ids) * n} choices; this server runs at most "
             f"{limits.max_batch} per request (--max-batch)",
             "n",
         )
@@ -200,14 +247,6 @@ def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_toke
             f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}",
             "max_tokens",
         )
-    ids = []
-    for p in prompts:
-        try:
-            t = lm.encode(p)
-            eng.check_prompt(t, limits.block)
-        except PolygptError as e:
-            raise BadRequest(f"prompt: {e}", "prompt") from None
-        ids.append(t)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     settings = dict(
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -217,25 +256,21 @@ def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_toke
         stop=[s for s in stop if s],
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ids, n, settings, include_usage
+    return n, settings, include_usage
 
 
 def check_completion(req: CompletionRequest, lm, limits: Limits) -> Work:
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts:
-        raise BadRequest("prompt: give at least one prompt", "prompt")
     if req.suffix is not None:
         raise BadRequest("suffix is not supported by this server", "suffix")
     if req.best_of not in (None, 1):
         raise BadRequest("best_of is not supported by this server", "best_of")
-    if req.logprobs is not None and req.stream:
-        raise BadRequest("logprobs are returned by non-streaming requests only", "logprobs")
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    ids, n, settings, usage = _check_common(req, prompts, lm, limits, max_tokens)
-    settings["max_tokens"] = max_tokens
+    if req.logprobs is not None and req.stream and req.echo:
+        raise BadRequest("echo with logprobs needs a non-streaming request", "logprobs")
+    prompts, ids = prompt_ids(req.prompt, lm, limits)
+    n, settings, usage = _check_common(req, ids, limits, req.max_tokens)
     return Work(
-        "text_completion", prompts, ids, n, settings, bool(req.stream), usage,
-        echo=bool(req.echo), logprobs=req.logprobs,
+        "text_completion", prompts, ids, n, settings, _max_tokens(req.max_tokens, ids, limits),
+        bool(req.stream), usage, echo=bool(req.echo), logprobs=req.logprobs,
     )  # fmt: skip
 
 
@@ -244,18 +279,16 @@ def check_chat(req: ChatRequest, lm, limits: Limits, template: ChatTemplate) -> 
         raise BadRequest("messages: give at least one message", "messages")
     if req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    if req.logprobs and req.stream:
-        raise BadRequest("logprobs are returned by non-streaming requests only", "logprobs")
     max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-    prompt = template.render(req.messages)
-    ids, n, settings, usage = _check_common(req, [prompt], lm, limits, max_tokens)
-    # no max_tokens: the rest of the context (a chat turn ends at a stop string)
-    settings["max_tokens"] = limits.block - len(ids[0]) if max_tokens is None else max_tokens
-    if req.stop is None:
+    prompts, ids = prompt_ids(template.render(req.messages), lm, limits)
+    n, settings, usage = _check_common(req, ids, limits, max_tokens)
+    if req.stop is None:  # a chat turn ends at a stop string
         settings["stop"] = list(template.stop)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return Work("chat.completion", [prompt], ids, n, settings, bool(req.stream), usage,
-                logprobs=logprobs)  # fmt: skip
+    return Work(
+        "chat.completion", prompts, ids, n, settings, _max_tokens(max_tokens, ids, limits),
+        bool(req.stream), usage, logprobs=logprobs,
+    )  # fmt: skip
 
 
 # ---- a job: one HTTP request's engine requests and their events --------------------------------
@@ -272,6 +305,7 @@ class Job:
         self.requests = [
             eng.Request(
                 prompt=work.ids[k // work.n],
+                max_tokens=work.max_tokens[k // work.n],
                 stream=k,
                 stream_text=work.stream,
                 logprobs=work.logprobs,
@@ -330,10 +364,9 @@ class _Choice:
 # ---- responses ----------------------------------------------------------------------------------
 
 
-def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int) -> dict:
-    """OpenAI's completions `logprobs` object: per token its text, log-probability, top
-    alternatives and character offset (the echoed prompt first, its first token without)."""
-    decode = lm.tokenizer.decode
+def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished) -> dict:
+    """OpenAI's completions `logprobs` object of a whole choice (the echoed prompt first, its
+    first token without a log-probability)."""
     ids, lps = [], []
     if echo_ids:
         ids.extend(echo_ids)
@@ -341,6 +374,12 @@ def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int)
         lps.extend(f.prompt_logprobs or [])
     ids.extend(f.tokens)
     lps.extend(f.logprobs or [])
+    return _logprobs_object(lm, ids, lps, 0)
+
+
+def _logprobs_object(lm, ids: list[int], lps: list, offset0: int) -> dict:
+    """Per token its text, log-probability, top alternatives and character offset."""
+    decode = lm.tokenizer.decode
     tokens = [decode([t]) for t in ids]
     offsets, at = [], offset0
     for t in tokens:
@@ -354,7 +393,7 @@ def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int)
     }
 
 
-def _chat_logprobs(lm, f: eng.Finished) -> dict:
+def _chat_logprobs(lm, tokens: list[int], lps: list) -> dict:
     decode = lm.tokenizer.decode
 
     def entry(tok: int, lp: float) -> dict:
@@ -364,7 +403,7 @@ def _chat_logprobs(lm, f: eng.Finished) -> dict:
     return {
         "content": [
             {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
-            for t, (lp, top) in zip(f.tokens, f.logprobs or [])
+            for t, (lp, top) in zip(tokens, lps or [])
         ]
     }
 
@@ -372,13 +411,13 @@ def _chat_logprobs(lm, f: eng.Finished) -> dict:
 def _choice(job: Job, lm, k: int, f: eng.Finished) -> dict:
     work = job.work
     if work.kind == "chat.completion":
-        lp = _chat_logprobs(lm, f) if work.logprobs is not None else None
+        lp = _chat_logprobs(lm, f.tokens, f.logprobs) if work.logprobs is not None else None
         msg = {"role": "assistant", "content": f.text}
         return {"index": k, "message": msg, "logprobs": lp, "finish_reason": f.reason}
     prompt = work.prompts[k // work.n] if work.echo else ""
     lp = None
     if work.logprobs is not None:
-        lp = _completion_logprobs(lm, work.ids[k // work.n] if work.echo else [], f, 0)
+        lp = _completion_logprobs(lm, work.ids[k // work.n] if work.echo else [], f)
     return {"text": prompt + f.text, "index": k, "logprobs": lp, "finish_reason": f.reason}
 
 
@@ -404,13 +443,33 @@ class _TextChunks:
         self.job, self.base = job, base
         self._parts: dict[int, tuple[str, str]] = {}
 
-    def __call__(self, k: int, text: str) -> str:
+    def __call__(self, k: int, ev: eng.TextChunk) -> str:
         parts = self._parts.get(k)
         if parts is None:
             whole = _sse(_chunk(self.job, self.base, k, "\0", None))
             head, tail = whole.split(json.dumps("\0"), 1)
             parts = self._parts[k] = (head, tail)
-        return parts[0] + json.dumps(text) + parts[1]
+        return parts[0] + json.dumps(ev.text) + parts[1]
+
+
+class _LogprobChunks:
+    """Choice k's text chunk with the log-probabilities of the tokens it completes, in the
+    format of the non-streamed choice (completions: character offsets run on per choice)."""
+
+    def __init__(self, job: Job, base: dict, lm):
+        self.job, self.base, self.lm = job, base, lm
+        self.offset: dict[int, int] = {}
+
+    def __call__(self, k: int, ev: eng.TextChunk) -> str:
+        c = _chunk(self.job, self.base, k, ev.text, None)
+        lm = self.lm
+        if self.job.work.kind == "chat.completion":
+            c["choices"][0]["logprobs"] = _chat_logprobs(lm, ev.tokens, ev.logprobs)
+        else:
+            lp = _logprobs_object(lm, ev.tokens, ev.logprobs or [], self.offset.get(k, 0))
+            self.offset[k] = self.offset.get(k, 0) + sum(map(len, lp["tokens"]))
+            c["choices"][0]["logprobs"] = lp
+        return _sse(c)
 
 
 class HttpTimer:
@@ -428,11 +487,11 @@ class HttpTimer:
             self.seconds += time.perf_counter() - t
 
 
-async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, timer, timeout):
+async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, timer, timeout, lm):
     """The server-sent events of a streaming job; cancels it if the client goes away."""
     work, left, done = job.work, job.work.choices, False
     deadline = time.monotonic() + timeout if timeout else None
-    text_chunk = _TextChunks(job, base)
+    text_chunk = _TextChunks(job, base) if work.logprobs is None else _LogprobChunks(job, base, lm)
     try:
         if work.kind == "chat.completion":  # the first chunk of each choice names the role
             for k in range(work.choices):
@@ -452,7 +511,7 @@ async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, time
                 out = []
                 for k, ev in events:
                     if isinstance(ev, eng.TextChunk):
-                        out.append(text_chunk(k, ev.text))
+                        out.append(text_chunk(k, ev))
                     elif isinstance(ev, eng.Finished):
                         left -= 1
                         out.append(_sse(_chunk(job, base, k, None, ev.reason)))
@@ -619,7 +678,7 @@ async def _respond(state: ServerState, work: Work, request: Request, relay: _Rel
     if work.stream:
         chunk_base = {**base, "object": f"{work.kind}.chunk"} if work.kind != "text_completion" \
             else base  # fmt: skip
-        events = stream_events(job, queue, chunk_base, state.engine, state.timer, timeout)
+        events = stream_events(job, queue, chunk_base, state.engine, state.timer, timeout, state.lm)
         return StreamingResponse(events, media_type="text/event-stream")
     error = await collect(job, queue, request, state.engine, timeout)
     if error is not None:
@@ -704,7 +763,7 @@ def serve(
         lm.backend, lm.model, block, max_batch, decode_text=lm.tokenizer.decode, max_queue=max_queue
     )
     name = model_name or Path(checkpoint).resolve().name
-    limits = Limits(max_batch, max_tokens_limit, block)
+    limits = Limits(max_batch, max_tokens_limit, block, lm.tokenizer.vocab_size)
     app = create_app(ServerState(engine, lm, name, limits, template, request_timeout))
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

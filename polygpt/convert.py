@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polygpt import __version__, weights
+from polygpt import __version__, hf_tokenizer, weights
 from polygpt import tokenizer as tok
 from polygpt.errors import PolygptError
 from polygpt.spec import LAYER_NORM_EPS, ModelSpec
@@ -224,7 +224,8 @@ def _check_float(f: weights.TensorFile, names, source) -> None:
 
 def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
     """Export a polygpt checkpoint as a directory `GPT2LMHeadModel.from_pretrained` loads
-    (fp32; a quantized checkpoint is dequantized)."""
+    (fp32; a quantized checkpoint is dequantized), with a tokenizer.json `AutoTokenizer` loads
+    that encodes as polygpt does (hf_tokenizer.py)."""
     torch, loading = _torch()
     ckpt = weights.read_checkpoint(ckpt_dir)
     spec = ckpt.spec
@@ -279,6 +280,7 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
             _write_f32(tmp / "model.safetensors", shapes, tensor, {"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "polygpt_tokenizer.json").write_text(json.dumps(ckpt.tokenizer))
+            hf_tokenizer.write(tmp, ckpt.tokenizer, spec.block_size)
     return Path(out)
 
 
@@ -286,14 +288,18 @@ FORMATS = ("nanogpt", "hf", "polygpt")
 
 
 def detect_format(src: str | Path) -> str:
-    """What `src` is: a nanoGPT ckpt.pt, a polygpt checkpoint or a Hugging Face GPT-2 dir."""
+    """What `src` is: a nanoGPT ckpt.pt, or a directory whose config.json says whether it is a
+    polygpt checkpoint (a 'spec') or a transformers model (model_type, architectures); the
+    files beside the weights do not tell (both may hold a tokenizer.json)."""
     src = Path(src)
     if src.is_file() and src.suffix in (".pt", ".pth"):
         return "nanogpt"
-    if (src / weights.TOKENIZER_FILE).exists() and (src / weights.MODEL_FILE).exists():
-        return "polygpt"
-    if (src / "config.json").exists():
-        return "hf"
+    if (src / "config.json").is_file():
+        cfg = weights.read_json(src / "config.json")
+        if isinstance(cfg.get("spec"), dict):
+            return "polygpt"
+        if "model_type" in cfg or "architectures" in cfg:
+            return "hf"
     raise PolygptError(f"cannot tell what {src} is: pass --from nanogpt|hf|polygpt")
 
 

@@ -29,11 +29,8 @@ import logging
 import secrets
 import signal
 import socket
-import sys
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from polygpt import engine as eng
-from polygpt import inference
+from polygpt import tokenizer as tok
+from polygpt import weights
+from polygpt.engine_process import EngineClient, EngineDead
 from polygpt.errors import PolygptError
 
 log = logging.getLogger("polygpt.serve")
@@ -295,12 +294,14 @@ def check_chat(req: ChatRequest, lm, limits: Limits, template: ChatTemplate) -> 
 
 
 class Job:
-    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k) and
-    the queue their events arrive on. `emit` runs on the model thread."""
+    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k, tag
+    (job, k)) and the queue their events arrive on: one list of (k, event) per engine step."""
 
-    def __init__(self, work: Work, send: Callable[[Any], None], prefix: str):
+    def __init__(self, work: Work, prefix: str):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.work, self.send = work, send
+        self.work = work
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.rids: list[int] = []  # the engine's ids of the requests, once submitted
         self.finished: dict[int, eng.Finished] = {}
         self.requests = [
             eng.Request(
@@ -310,7 +311,7 @@ class Job:
                 stream_text=work.stream,
                 logprobs=work.logprobs,
                 prompt_logprobs=work.echo and work.logprobs is not None,
-                tag=_Choice(self, k),
+                tag=(self, k),
                 **work.settings,
             )
             for k in range(work.choices)
@@ -344,21 +345,19 @@ class Job:
             ", cancelled" if cancelled else "",
         )
 
+    def take(self, events: list) -> None:
+        """One engine step's events for this job (the event loop)."""
+        for k, ev in events:
+            if isinstance(ev, eng.Finished):
+                self.finished[k] = ev
+                if len(self.finished) == len(self.requests):
+                    self.log()
+        self.queue.put_nowait(events)
 
-@dataclass
-class _Choice:
-    """An engine request's tag: where its events go."""
 
-    job: Job
-    k: int
-
-    def emit(self, ev) -> None:  # the model thread
-        job = self.job
-        if isinstance(ev, eng.Finished):
-            job.finished[self.k] = ev
-            if len(job.finished) == len(job.requests):
-                job.log()
-        job.send((self.k, ev))
+def deliver(by_job: dict) -> None:
+    for job, events in by_job.items():
+        job.take(events)
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -487,7 +486,7 @@ class HttpTimer:
             self.seconds += time.perf_counter() - t
 
 
-async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, timer, timeout, lm):
+async def stream_events(job: Job, base: dict, engine, timer, timeout, lm):
     """The server-sent events of a streaming job; cancels it if the client goes away."""
     work, left, done = job.work, job.work.choices, False
     deadline = time.monotonic() + timeout if timeout else None
@@ -502,7 +501,7 @@ async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, time
             for k in range(work.choices):
                 yield _sse(_chunk(job, base, k, work.prompts[k // work.n], None))
         while left:
-            events = await _next_events(queue, deadline)
+            events = await _next_events(job.queue, deadline)
             if events is None:
                 msg = f"the request took longer than --request-timeout ({timeout:g} s)"
                 yield _sse(_error_body(msg, "timeout"))
@@ -527,29 +526,33 @@ async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, time
             yield "data: [DONE]\n\n"
     finally:
         if not done:  # the client went away, or the time ran out: free the rows
-            for r in job.requests:
-                engine.cancel(r)
+            _cancel(engine, job)
+
+
+def _cancel(engine, job: Job) -> None:
+    with contextlib.suppress(EngineDead):  # a dead engine has nothing left to cancel
+        engine.cancel(job.rids)
 
 
 async def _next_events(queue: asyncio.Queue, deadline: float | None) -> list | None:
-    """What is ready on the queue (at least one event), or None past the deadline."""
+    """What is ready on the queue (at least one step's events), or None past the deadline."""
     wait = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        events = [await asyncio.wait_for(queue.get(), wait)]
+        events = list(await asyncio.wait_for(queue.get(), wait))
     except asyncio.TimeoutError:
         return None
     while not queue.empty():  # one write for what is ready
-        events.append(queue.get_nowait())
+        events.extend(queue.get_nowait())
     return events
 
 
-async def collect(job: Job, queue, request: Request, engine, timeout) -> JSONResponse | None:
+async def collect(job: Job, request: Request, engine, timeout) -> JSONResponse | None:
     """Wait for every choice of a non-streaming job; an error response, or None when done."""
     deadline = time.monotonic() + timeout if timeout else None
     try:
         while len(job.finished) < job.work.choices:
             try:
-                _, ev = await asyncio.wait_for(queue.get(), 1.0)
+                events = await asyncio.wait_for(job.queue.get(), 1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return JSONResponse(_error_body("client disconnected", "cancelled"), 499)
@@ -557,72 +560,52 @@ async def collect(job: Job, queue, request: Request, engine, timeout) -> JSONRes
                     msg = f"the request took longer than --request-timeout ({timeout:g} s)"
                     return JSONResponse(_error_body(msg, "timeout"), 504)
                 continue
-            if isinstance(ev, eng.Failed):
-                return JSONResponse(_error_body(ev.message, "server_error"), 500)
+            for _, ev in events:
+                if isinstance(ev, eng.Failed):
+                    return JSONResponse(_error_body(ev.message, "server_error"), 500)
         return None
     finally:
         if len(job.finished) < job.work.choices:
-            for r in job.requests:
-                engine.cancel(r)
-
-
-class _Relay:
-    """Events from the model thread to the requests' asyncio queues, in bursts: at most one
-    loop wake-up per `interval` seconds. Every decode step emits a token for every row, and
-    handing each to its client as its own write cost more CPU than the step itself on a small
-    machine; a burst becomes one write per client (each token still its own SSE chunk)."""
-
-    def __init__(self, interval: float = 0.0):
-        self.interval = interval
-        self._pending: deque = deque()
-        self._scheduled = False
-        self._last = 0.0  # when the loop last drained
-
-    def sender(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable:
-        def send(event) -> None:  # the model thread
-            self._pending.append((queue, event))
-            if not self._scheduled:
-                self._scheduled = True
-                delay = self._last + self.interval - time.monotonic()
-                with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
-                    loop.call_soon_threadsafe(self._wake, loop, delay)
-
-        return send
-
-    def _wake(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:  # the event loop
-        if delay > 0:
-            loop.call_later(delay, self._flush)
-        else:
-            self._flush()
-
-    def _flush(self) -> None:  # the event loop
-        self._last = time.monotonic()
-        self._scheduled = False  # before draining: an event sent from now on schedules anew
-        while self._pending:
-            queue, event = self._pending.popleft()
-            queue.put_nowait(event)
+            _cancel(engine, job)
 
 
 # ---- the app ------------------------------------------------------------------------------------
 
 
 @dataclass
-class ServerState:
-    """What the routes share: the engine, the model's facts and the server's limits."""
+class Text:
+    """The tokenizer, for the HTTP side (the model lives in the engine process)."""
 
-    engine: Any
-    lm: Any
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine client, the tokenizer and the server's limits."""
+
+    engine: EngineClient
+    lm: Text
     model_name: str
     limits: Limits
     template: ChatTemplate = field(default_factory=ChatTemplate)
     request_timeout: float | None = None
-    stream_interval: float = 0.004
     created: int = field(default_factory=lambda: int(time.time()))
     timer: HttpTimer = field(default_factory=HttpTimer)
 
-    def stats(self) -> dict:
-        st = self.engine.stats()
-        st["seconds"] = {**st.get("seconds", {}), "http": round(self.timer.seconds, 3)}
+    async def stats(self) -> dict:
+        """The engine's counters and time per phase, and the HTTP side's: reading the engine's
+        steps (`relay`) and turning events into responses (`http`)."""
+        st = await self.engine.stats()
+        relay = round(self.engine.seconds, 3)
+        st["seconds"] = {
+            **st.get("seconds", {}),
+            "relay": relay,
+            "http": round(self.timer.seconds, 3),
+        }
+        st["engine_pid"] = self.engine.proc.pid
         return st
 
 
@@ -649,6 +632,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = _error_body(f"{exc}: retry later", "rate_limit_error", code="queue_full")
         return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
 
+    @app.exception_handler(EngineDead)
+    async def _dead(request, exc: EngineDead):
+        return JSONResponse(_error_body(str(exc), "server_error", code="engine_dead"), 503)
+
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
         body = _error_body(str(exc.detail), "invalid_request_error")
@@ -660,27 +647,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_error_body("internal server error", "server_error"), 500)
 
 
-async def _respond(state: ServerState, work: Work, request: Request, relay: _Relay):
+async def _respond(state: ServerState, work: Work, request: Request):
     """Submit a validated job and answer it: a stream of chunks or one JSON object."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
     prefix = "chatcmpl" if work.kind == "chat.completion" else "cmpl"
-    job = Job(work, relay.sender(loop, queue), prefix)
+    job = Job(work, prefix)
     base = {"id": job.id, "object": work.kind, "created": int(time.time())}
     base["model"] = state.model_name
-    try:
-        state.engine.submit_many(job.requests)
-    except eng.QueueFull:
-        raise  # a 429 (its handler)
-    except PolygptError as e:  # what validation let through and the engine refuses
-        raise BadRequest(str(e)) from None
+    job.rids = state.engine.submit_many(job.requests)  # QueueFull: 429, EngineDead: 503
     timeout = state.request_timeout
     if work.stream:
         chunk_base = {**base, "object": f"{work.kind}.chunk"} if work.kind != "text_completion" \
             else base  # fmt: skip
-        events = stream_events(job, queue, chunk_base, state.engine, state.timer, timeout, state.lm)
+        events = stream_events(job, chunk_base, state.engine, state.timer, timeout, state.lm)
         return StreamingResponse(events, media_type="text/event-stream")
-    error = await collect(job, queue, request, state.engine, timeout)
+    error = await collect(job, request, state.engine, timeout)
     if error is not None:
         return error
     with state.timer.timed():
@@ -690,8 +670,14 @@ async def _respond(state: ServerState, work: Work, request: Request, relay: _Rel
 
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /v1/stats, /health."""
-    app = FastAPI(title="polygpt", docs_url=None, redoc_url=None)
-    relay = _Relay(state.stream_interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.engine.deliver = deliver
+        state.engine.attach(asyncio.get_running_loop())  # each step's message read here
+        yield
+
+    app = FastAPI(title="polygpt", docs_url=None, redoc_url=None, lifespan=lifespan)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -705,17 +691,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/stats")
     async def stats():
-        return state.stats()
+        return await state.stats()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         work = check_completion(req, state.lm, state.limits)
-        return await _respond(state, work, request, relay)
+        return await _respond(state, work, request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         work = check_chat(req, state.lm, state.limits, state.template)
-        return await _respond(state, work, request, relay)
+        return await _respond(state, work, request)
 
     return app
 
@@ -752,45 +738,50 @@ def serve(
     request_timeout: float | None = None,
     chat_template: str | None = None,
 ) -> None:
-    """Load the checkpoint, serve until Ctrl-C / SIGTERM. The model runs in this thread."""
+    """Start the engine process, serve until Ctrl-C / SIGTERM (in-flight requests finish),
+    stop the engine. A dead engine process fails the open requests and stops the server with
+    an error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if max_batch < 1 or max_queue < 0:
         raise PolygptError("--max-batch must be >= 1 and --max-queue >= 0")
     template = ChatTemplate.load(chat_template)
-    lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
-    block = lm.spec.block_size
-    engine = eng.Engine(
-        lm.backend, lm.model, block, max_batch, decode_text=lm.tokenizer.decode, max_queue=max_queue
-    )
-    name = model_name or Path(checkpoint).resolve().name
-    limits = Limits(max_batch, max_tokens_limit, block, lm.tokenizer.vocab_size)
-    app = create_app(ServerState(engine, lm, name, limits, template, request_timeout))
+    ckpt = weights.read_checkpoint(checkpoint)  # a bad path fails here, before a process starts
+    text = Text(tok.from_dict(ckpt.tokenizer))
+    limits = Limits(max_batch, max_tokens_limit, ckpt.spec.block_size, text.tokenizer.vocab_size)
     sock = bind(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    engine = EngineClient(checkpoint, backend, device, precision, max_batch, max_queue)
+    try:
+        name = model_name or Path(checkpoint).resolve().name
+        app = create_app(ServerState(engine, text, name, limits, template, request_timeout))
+        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        engine.on_dead = lambda: setattr(server, "should_exit", True)
+        _log_serving(sock, name, engine, max_batch, ready)
+        # uvicorn re-raises the signal that stopped it once it has drained: as KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            log.info("shutting down")
+    finally:
+        engine.close()
+    if engine.dead:
+        raise PolygptError(f"{engine.dead}; the server stopped")
+
+
+def _log_serving(sock, name: str, engine: EngineClient, max_batch: int, ready) -> None:
     h, p = sock.getsockname()[:2]
     url = f"http://{h if ':' not in h else f'[{h}]'}:{p}/v1"
+    info = engine.info
     log.info(
-        "serving %s (%s on %s, %s, max batch %d) at %s",
+        "serving %s (%s on %s, %s, max batch %d; engine process %d) at %s",
         name,
-        lm.backend.name,
-        lm.backend.device,
-        lm.precision,
+        info["backend"],
+        info["device"],
+        info["precision"],
         max_batch,
+        engine.proc.pid,
         url,
     )
     if ready is not None:
         ready(url)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
-    # The model thread drops the GIL in every framework op and must get it back from the event
-    # loop thread: at the default 5 ms switch interval a decode step waited that long per op.
-    sys.setswitchinterval(5e-4)
-    try:
-        engine.run(stop=lambda: not thread.is_alive())
-    except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)

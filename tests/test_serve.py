@@ -166,8 +166,11 @@ BAD = [
     ('{"model": "x", "prompt": ""}', "empty", "prompt"),
     ('{"model": "x", "prompt": "hi", "n": 17}', "at most 16", "n"),
     ('{"model": "x", "prompt": "hi", "top_p": 0}', "greater than 0", "top_p"),
-    ('{"model": "x", "prompt": "hi", "logprobs": 2, "echo": true, "stream": true}', "non-streaming",
-     "logprobs"),  # fmt: skip
+    (
+        '{"model": "x", "prompt": "hi", "logprobs": 2, "echo": true, "stream": true}',
+        "non-streaming",
+        "logprobs",
+    ),  # fmt: skip
     ('{"model": "x", "prompt": [65]}', "token id 65 is outside the vocabulary (0..64)", "prompt"),
     ('{"model": "x", "prompt": [[3], [-1]]}', "token id -1 is outside", "prompt"),
     ('{"model": "x", "prompt": [3, 1.5]}', "token ids must be integers, got 1.5", "prompt"),
@@ -175,7 +178,7 @@ BAD = [
     ('{"model": "x", "prompt": [3, [4]]}', "not a mix", "prompt"),
     ('{"model": "x", "prompt": []}', "the list is empty", "prompt"),
     ('{"model": "x", "prompt": [[]]}', "the prompt is empty", "prompt"),
-    ('{"model": "x", "prompt": [' + "1," * 32 + '1]}', "longer than the model's context", "prompt"),
+    ('{"model": "x", "prompt": [' + "1," * 32 + "1]}", "longer than the model's context", "prompt"),
     ('{"model": "x", "prompt": "hi", "logprobs": 21}', "less than or equal to 20", "logprobs"),
     ('{"model": "x", "prompt": "hi", "suffix": "x"}', "not supported", "suffix"),
 ]

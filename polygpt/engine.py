@@ -25,12 +25,12 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
 
 Events: `TextChunk` (text that became final, for requests that stream), `Finished(reason,
 tokens, text, usage)` with reason "stop", "length" or "cancelled", and `Failed(message)`.
-No HTTP here: serve.py relays events to clients.
+No HTTP here: in `polygpt serve` the engine runs in its own process (engine_process.py) and
+each step's events cross to the HTTP side as one message.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import Counter, deque
@@ -44,7 +44,6 @@ from polygpt.errors import PolygptError
 from polygpt.sampling import RowStreams, check_settings, make_sampler, sample_rows
 from polygpt.textstream import TextStream, cut_at_stop
 
-log = logging.getLogger("polygpt.engine")
 
 
 def check_prompts(prompts: list[list[int]], block_size: int) -> None:
@@ -208,8 +207,8 @@ def top_logprobs(logits: np.ndarray, chosen: np.ndarray, n: int) -> list[TokenLo
 class Engine:
     """Generation for many requests at once on one model.
 
-    `submit` and `cancel` may be called from any thread; `step` (or `run`) from the one thread
-    that owns the model. `decode_text` (ids -> str) is needed for stop strings and text."""
+    `submit` and `cancel` may be called from any thread; `step` from the one thread that owns
+    the model. `decode_text` (ids -> str) is needed for stop strings and text."""
 
     def __init__(
         self,
@@ -295,22 +294,6 @@ class Engine:
             }
 
     # -- the model thread -------------------------------------------------------------------
-    def run(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> None:
-        """Step until stop() is true, handing each event to its request's `tag.emit`; sleeps
-        while idle. A framework failure fails the running requests, not the server."""
-        while not stop():
-            try:
-                events = self.step()
-            except Exception:
-                log.exception("generation failed; failing the running requests")
-                events = self.fail_all("the model failed while generating (see the server log)")
-            for ev in events:
-                ev.request.tag.emit(ev)
-            if not events and self.idle():
-                with self._cv:
-                    if not self._waiting:
-                        self._cv.wait(poll)
-
     def fail_all(self, message: str) -> list[Event]:
         rows, self.active = self.active, []
         return [Failed(r.req, message) for r in rows]

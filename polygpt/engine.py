@@ -45,7 +45,6 @@ from polygpt.sampling import RowStreams, check_settings, make_sampler, sample_ro
 from polygpt.textstream import TextStream, cut_at_stop
 
 
-
 def check_prompts(prompts: list[list[int]], block_size: int) -> None:
     if not prompts:
         raise PolygptError("no prompts given")

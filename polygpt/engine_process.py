@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from polygpt import engine as eng
+from polygpt import inference
 from polygpt.errors import PolygptError
 
 log = logging.getLogger("polygpt.engine")
@@ -54,8 +55,6 @@ def run_engine(conn, checkpoint: str, backend, device: str, precision, max_batch
     or says stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from polygpt import inference
-
     try:
         lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
         block = lm.spec.block_size

@@ -152,7 +152,16 @@ class EngineClient:
     known to both sides by an id; their `tag` is (job, k). `max_queue` bounds the requests
     waiting for a row (429 beyond)."""
 
-    def __init__(self, checkpoint, backend, device, precision, max_batch: int, max_queue: int):
+    def __init__(
+        self,
+        checkpoint,
+        backend,
+        device,
+        precision,
+        max_batch: int,
+        max_queue: int,
+        interval: float = 0.004,
+    ):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         args = (child, str(checkpoint), backend, device, precision, max_batch)
@@ -170,6 +179,13 @@ class EngineClient:
         self.on_dead: Callable[[], None] = lambda: None
         self.deliver: Callable[[dict], None] = lambda job_events: None
         self.seconds = 0.0  # the event loop's time reading steps
+        # Events are handed out at most once per `interval` seconds: a step every millisecond
+        # would otherwise cost every client a wake-up and a socket write per step, CPU taken
+        # from the engine on a small machine (a burst is one write, each token its own chunk).
+        self.interval = interval
+        self._pending: dict[Any, list] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._last = 0.0  # when events were last handed out
 
     def _ready(self) -> dict:
         try:
@@ -257,7 +273,6 @@ class EngineClient:
                 fut.set_result(msg[2])
             return
         _, events, self.running, self.waiting, self.seen = msg
-        by_job: dict[Any, list] = {}
         for ev in events:
             req = self.open.get(ev[0])
             if req is None:
@@ -272,8 +287,18 @@ class EngineClient:
                 del self.open[ev[0]]
                 out = eng.Failed(req, ev[2])
             job, k = req.tag
-            by_job.setdefault(job, []).append((k, out))
-        self.deliver(by_job)
+            self._pending.setdefault(job, []).append((k, out))
+        if self._pending and self._timer is None:
+            delay = self._last + self.interval - time.monotonic()
+            if delay > 0:
+                self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
+            else:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._timer, self._last = None, time.monotonic()
+        pending, self._pending = self._pending, {}
+        self.deliver(pending)
 
     def _died(self) -> None:
         """Fail every open request and every stats question; tell the server (once)."""
@@ -284,15 +309,16 @@ class EngineClient:
         log.error("%s: failing %d open requests", self.dead, len(self.open))
         with contextlib.suppress(RuntimeError, ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.conn.fileno())
-        by_job: dict[Any, list] = {}
         for req in self.open.values():
             job, k = req.tag
-            by_job.setdefault(job, []).append((k, eng.Failed(req, self.dead)))
+            self._pending.setdefault(job, []).append((k, eng.Failed(req, self.dead)))
         self.open.clear()
         for fut in self._stats.values():
             if not fut.done():
                 fut.set_exception(EngineDead(self.dead))
-        self.deliver(by_job)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush()
         self.on_dead()
 
     def close(self, timeout: float = 30) -> int | None:

@@ -87,6 +87,7 @@ class EngineCore:
                 self.conn.send(("step", [self._pack(ev) for ev in events], *queue))
                 self.reported = queue
                 self.engine.seconds["send"] += time.perf_counter() - t
+                self.engine.counts["messages"] += 1
 
     def _queue(self) -> tuple[int, int, int]:
         return len(self.engine.active), self.engine.waiting, self.seen

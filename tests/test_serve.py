@@ -131,8 +131,9 @@ def test_streaming_equals_the_whole_completion(server, lm):
 
 def test_16_concurrent_streams_are_batched_and_equal_one_by_one(server, lm):
     """120 tokens past a 32-token block: every row's window slides, each at its own steps,
-    and no row's text changes for it."""
-    before = server.stats()["batch_sizes"]
+    and no row's text changes for it; the engine process sends one message per step."""
+    first = server.stats()
+    before = first["batch_sizes"]
     jobs = [(PROMPTS[i % len(PROMPTS)], 100 + i) for i in range(16)]
 
     def run(job):
@@ -147,9 +148,13 @@ def test_16_concurrent_streams_are_batched_and_equal_one_by_one(server, lm):
     for (prompt, seed), text in zip(jobs, got):
         want = one_by_one(lm, prompt, max_new_tokens=120, temperature=0.8, seed=seed)[0]
         assert text == want, (prompt, seed)
-    after = server.stats()["batch_sizes"]
+    stats = server.stats()
+    after = stats["batch_sizes"]
     ran = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     assert max(ran) > 1, f"no step decoded more than one request: {ran}"
+    # the engine process sends one message per step, whatever the rows (not one per token)
+    steps = stats["decode_steps"] - first["decode_steps"]
+    assert stats["messages"] - first.get("messages", 0) <= steps + len(jobs)
 
 
 # ---- errors, disconnects, /health during generation --------------------------------------

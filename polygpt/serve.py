@@ -1,20 +1,23 @@
 """`polygpt serve`: a checkpoint behind an OpenAI-compatible HTTP API, on the generation engine.
 
-Two threads. The model thread (the process's main thread: MLX does not exit cleanly once a
-sub-thread has used it) owns the backend and runs `Engine.run` (polygpt/engine.py: continuous
-batching on a slot cache, one decode call per step for every running request); uvicorn serves
-the FastAPI app from a second thread and never touches the framework, so `/health` answers
-during generation. A request is validated and tokenized here, becomes one engine request per
-choice (prompts x n), and the engine's events come back through an asyncio queue, relayed as
-JSON or as server-sent events.
+Two processes. The engine process (engine_process.py, started with spawn) owns the backend
+and runs the engine (polygpt/engine.py: continuous batching on a slot cache, one decode call
+per step for every running request); this process runs uvicorn's event loop and never touches
+a framework, so `/health` answers during generation and the web server shares no interpreter
+lock with the model. A request is validated and tokenized here, becomes one engine request per
+choice (prompts x n), and each engine step's events come back as one pipe message, handed to
+the jobs' asyncio queues and relayed as JSON or as server-sent events. Ctrl-C / SIGTERM drain
+the requests in flight, then stop the engine; a dead engine fails every open request and stops
+the server with an error.
 
 Same text as `polygpt sample`: choice k of a request (prompt k // n, sample k % n) samples from
 the random stream (seed, k), as row k of `sample`'s batch does, and the engine's per-row rules
 make its tokens independent of what else is running (up to float rounding of batched matmuls).
 
-Endpoints: /v1/completions (echo, logprobs, prompt log-probabilities with `echo` and
-`max_tokens: 0`, as evaluation harnesses use), /v1/chat/completions (a plain role template,
-`--chat-template FILE`), /v1/models, /v1/stats (engine counters and time per phase), /health.
+Endpoints: /v1/completions (text or token-id prompts, echo, logprobs, streamed too, prompt
+log-probabilities with `echo`, as evaluation harnesses use), /v1/chat/completions (a plain
+role template, `--chat-template FILE`), /v1/models, /v1/stats (engine counters and time per
+phase), /health.
 Backpressure: at most `--max-queue` requests wait for a row, beyond that a 429 with
 Retry-After; `--request-timeout` bounds a request's time; a client that goes away frees its
 rows at the next step.

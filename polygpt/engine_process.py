@@ -274,10 +274,13 @@ class EngineClient:
                 fut.set_result(msg[2])
             return
         _, events, self.running, self.waiting, self.seen = msg
+        first = False  # a request's first event goes out at once (time to first token)
         for ev in events:
             req = self.open.get(ev[0])
             if req is None:
                 continue
+            if req.t_first is None:
+                req.t_first, first = time.perf_counter(), True
             if ev[1] == TEXT:
                 out = eng.TextChunk(req, ev[2], ev[3], ev[4])
             elif ev[1] == FINISHED:
@@ -289,14 +292,17 @@ class EngineClient:
                 out = eng.Failed(req, ev[2])
             job, k = req.tag
             self._pending.setdefault(job, []).append((k, out))
-        if self._pending and self._timer is None:
-            delay = self._last + self.interval - time.monotonic()
-            if delay > 0:
-                self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
-            else:
-                self._flush()
+        if not self._pending:
+            return
+        delay = self._last + self.interval - time.monotonic()
+        if first or delay <= 0:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer, self._last = None, time.monotonic()
         pending, self._pending = self._pending, {}
         self.deliver(pending)
@@ -317,8 +323,6 @@ class EngineClient:
         for fut in self._stats.values():
             if not fut.done():
                 fut.set_exception(EngineDead(self.dead))
-        if self._timer is not None:
-            self._timer.cancel()
         self._flush()
         self.on_dead()
 

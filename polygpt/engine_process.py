@@ -269,6 +269,8 @@ class EngineClient:
 
     def _handle(self, msg) -> None:
         if msg[0] == "stats":
+            if self._pending:  # what the answer counts as done has been handed out
+                self._flush()
             fut = self._stats.get(msg[1])
             if fut is not None and not fut.done():
                 fut.set_result(msg[2])

@@ -217,6 +217,8 @@ def test_a_client_that_goes_away_frees_its_slot_and_health_answers(server):
     while server.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.stats()["running"] == 0
+    while not any("cancelled" in line for line in server.lines) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log line travels through the server's stderr
     assert any("cancelled" in line for line in server.lines)
 
 

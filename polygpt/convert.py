@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polygpt import __version__, weights
+from polygpt import __version__, hf_tokenizer, weights
 from polygpt import tokenizer as tok
 from polygpt.errors import PolygptError
 from polygpt.spec import LAYER_NORM_EPS, ModelSpec
@@ -278,7 +278,8 @@ def _check_float(f: weights.TensorFile, names, source) -> None:
 
 def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
     """Export a polygpt checkpoint as a directory `GPT2LMHeadModel.from_pretrained` loads
-    (fp32; a quantized checkpoint is dequantized)."""
+    (fp32; a quantized checkpoint is dequantized), with a tokenizer.json `AutoTokenizer` loads
+    that encodes as polygpt does (hf_tokenizer.py)."""
     torch, loading = _torch()
     ckpt = weights.read_checkpoint(ckpt_dir)
     spec = ckpt.spec
@@ -333,6 +334,7 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
             _write_f32(tmp / "model.safetensors", shapes, tensor, {"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "polygpt_tokenizer.json").write_text(json.dumps(ckpt.tokenizer))
+            hf_tokenizer.write(tmp, ckpt.tokenizer, spec.block_size)
     return Path(out)
 
 

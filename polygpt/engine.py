@@ -25,12 +25,12 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
 
 Events: `TextChunk` (text that became final, for requests that stream), `Finished(reason,
 tokens, text, usage)` with reason "stop", "length" or "cancelled", and `Failed(message)`.
-No HTTP here: serve.py relays events to clients.
+No HTTP here: in `polygpt serve` the engine runs in its own process (engine_process.py) and
+each step's events cross to the HTTP side as one message.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import Counter, deque
@@ -43,8 +43,6 @@ import numpy as np
 from polygpt.errors import PolygptError
 from polygpt.sampling import RowStreams, check_settings, make_sampler, sample_rows
 from polygpt.textstream import TextStream, cut_at_stop
-
-log = logging.getLogger("polygpt.engine")
 
 
 def check_prompts(prompts: list[list[int]], block_size: int) -> None:
@@ -85,15 +83,18 @@ class Request:
     t_first: float | None = None  # when its first token was sampled
 
 
+# A token's log-probability under the model (raw logits, before temperature and filters) and
+# the N most likely tokens' (id, log-probability), most likely first.
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass
 class TextChunk:
     request: Request
     text: str
-
-
-# A token's log-probability under the model (raw logits, before temperature and filters) and
-# the N most likely tokens' (id, log-probability), most likely first.
-TokenLogprob = tuple[float, list[tuple[int, float]]]
+    # with Request.logprobs: the new tokens this chunk completes and their log-probabilities
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -140,6 +141,7 @@ class _Row:
             emit = self._emit if req.stream_text else None
             self.text = TextStream(decode, req.stop, emit)
         self.sent = 0  # characters streamed
+        self.flushed = 0  # new tokens handed out in chunks (with logprobs)
         self.reason: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if req.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob] | None = None
@@ -147,9 +149,16 @@ class _Row:
     def window(self) -> np.ndarray:
         return np.asarray(self.history[self.start :], dtype=np.int64)
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, text: str, upto: int | None = None) -> None:
         self.sent += len(text)
-        self.events.append(TextChunk(self.req, text))
+        if self.logprobs is None:
+            self.events.append(TextChunk(self.req, text))
+            return
+        upto = self.new if upto is None else upto
+        start, end = len(self.req.prompt) + self.flushed, len(self.req.prompt) + upto
+        lps = self.logprobs[self.flushed : upto]
+        self.events.append(TextChunk(self.req, text, self.history[start:end], lps))
+        self.flushed = max(self.flushed, upto)
 
     def take(self, token: int) -> None:
         """Append a sampled token; sets `reason` when the row ends."""
@@ -157,8 +166,19 @@ class _Row:
         self.new += 1
         if self.text is not None and self.text.push(token):
             self.reason = "stop"
+            self._trim(self.text.kept)
         elif self.new >= self.req.max_tokens:
             self.reason = "length"
+
+    def _trim(self, kept: int) -> None:
+        """A stop string ends the row: the chunk just emitted keeps no token past `kept`."""
+        over = self.flushed - kept
+        if self.logprobs is None or over <= 0 or not self.events:
+            return
+        ev = self.events[-1]
+        n = max(0, len(ev.tokens) - over)
+        self.flushed -= len(ev.tokens) - n
+        ev.tokens, ev.logprobs = ev.tokens[:n], ev.logprobs[:n]
 
     def tokens(self) -> list[int]:
         ids = self.history[len(self.req.prompt) :]
@@ -186,8 +206,8 @@ def top_logprobs(logits: np.ndarray, chosen: np.ndarray, n: int) -> list[TokenLo
 class Engine:
     """Generation for many requests at once on one model.
 
-    `submit` and `cancel` may be called from any thread; `step` (or `run`) from the one thread
-    that owns the model. `decode_text` (ids -> str) is needed for stop strings and text."""
+    `submit` and `cancel` may be called from any thread; `step` from the one thread that owns
+    the model. `decode_text` (ids -> str) is needed for stop strings and text."""
 
     def __init__(
         self,
@@ -273,22 +293,6 @@ class Engine:
             }
 
     # -- the model thread -------------------------------------------------------------------
-    def run(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> None:
-        """Step until stop() is true, handing each event to its request's `tag.emit`; sleeps
-        while idle. A framework failure fails the running requests, not the server."""
-        while not stop():
-            try:
-                events = self.step()
-            except Exception:
-                log.exception("generation failed; failing the running requests")
-                events = self.fail_all("the model failed while generating (see the server log)")
-            for ev in events:
-                ev.request.tag.emit(ev)
-            if not events and self.idle():
-                with self._cv:
-                    if not self._waiting:
-                        self._cv.wait(poll)
-
     def fail_all(self, message: str) -> list[Event]:
         rows, self.active = self.active, []
         return [Failed(r.req, message) for r in rows]
@@ -436,8 +440,10 @@ class Engine:
         text = None
         if self.decode_text is not None:
             text = cut_at_stop(self.decode_text(ids), r.req.stop)
-            if r.req.stream_text and reason != "cancelled" and r.sent < len(text):
-                r._emit(text[r.sent :])  # text held back for a stop string that never came
+            rest = text[r.sent :]  # held back for a stop string that never came
+            unsent = r.logprobs is not None and r.flushed < len(ids)
+            if r.req.stream_text and reason != "cancelled" and (rest or unsent):
+                r._emit(rest, len(ids))
         events, r.events = r.events, []
         self.counts["completion_tokens"] += len(ids)
         lps = None if r.logprobs is None else r.logprobs[: len(ids)]

@@ -1,20 +1,23 @@
 """`polygpt serve`: a checkpoint behind an OpenAI-compatible HTTP API, on the generation engine.
 
-Two threads. The model thread (the process's main thread: MLX does not exit cleanly once a
-sub-thread has used it) owns the backend and runs `Engine.run` (polygpt/engine.py: continuous
-batching on a slot cache, one decode call per step for every running request); uvicorn serves
-the FastAPI app from a second thread and never touches the framework, so `/health` answers
-during generation. A request is validated and tokenized here, becomes one engine request per
-choice (prompts x n), and the engine's events come back through an asyncio queue, relayed as
-JSON or as server-sent events.
+Two processes. The engine process (engine_process.py, started with spawn) owns the backend
+and runs the engine (polygpt/engine.py: continuous batching on a slot cache, one decode call
+per step for every running request); this process runs uvicorn's event loop and never touches
+a framework, so `/health` answers during generation and the web server shares no interpreter
+lock with the model. A request is validated and tokenized here, becomes one engine request per
+choice (prompts x n), and each engine step's events come back as one pipe message, handed to
+the jobs' asyncio queues and relayed as JSON or as server-sent events. Ctrl-C / SIGTERM drain
+the requests in flight, then stop the engine; a dead engine fails every open request and stops
+the server with an error.
 
 Same text as `polygpt sample`: choice k of a request (prompt k // n, sample k % n) samples from
 the random stream (seed, k), as row k of `sample`'s batch does, and the engine's per-row rules
 make its tokens independent of what else is running (up to float rounding of batched matmuls).
 
-Endpoints: /v1/completions (echo, logprobs, prompt log-probabilities with `echo` and
-`max_tokens: 0`, as evaluation harnesses use), /v1/chat/completions (a plain role template,
-`--chat-template FILE`), /v1/models, /v1/stats (engine counters and time per phase), /health.
+Endpoints: /v1/completions (text or token-id prompts, echo, logprobs, streamed too, prompt
+log-probabilities with `echo`, as evaluation harnesses use), /v1/chat/completions (a plain
+role template, `--chat-template FILE`), /v1/models, /v1/stats (engine counters and time per
+phase), /health.
 Backpressure: at most `--max-queue` requests wait for a row, beyond that a 429 with
 Retry-After; `--request-timeout` bounds a request's time; a client that goes away frees its
 rows at the next step.
@@ -29,11 +32,8 @@ import logging
 import secrets
 import signal
 import socket
-import sys
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from polygpt import engine as eng
-from polygpt import inference
+from polygpt import tokenizer as tok
+from polygpt import weights
+from polygpt.engine_process import EngineClient, EngineDead
 from polygpt.errors import PolygptError
 
 log = logging.getLogger("polygpt.serve")
@@ -84,8 +86,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    # text, texts, token ids or lists of token ids (checked in prompt_ids, to name the problem)
+    prompt: str | list[Any]
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -161,6 +163,7 @@ class Limits:
     max_batch: int
     max_tokens: int
     block: int
+    vocab: int  # token ids the tokenizer knows: 0..vocab-1
 
 
 @dataclass
@@ -172,6 +175,7 @@ class Work:
     ids: list[list[int]]
     n: int
     settings: dict[str, Any]  # engine.Request fields shared by every choice
+    max_tokens: list[int]  # per prompt
     stream: bool
     include_usage: bool
     echo: bool = False
@@ -182,16 +186,61 @@ class Work:
         return len(self.ids) * self.n
 
 
-def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_tokens: int | None):
+def prompt_ids(prompt: str | list, lm, limits: Limits) -> tuple[list[str], list[list[int]]]:
+    """The prompts as text and as token ids. `prompt` is a string, a list of strings, a list of
+    token ids, or a list of lists of token ids (what lm-eval's local-completions sends)."""
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif not prompt:
+        raise BadRequest("prompt: the list is empty; give at least one prompt", "prompt")
+    elif all(isinstance(x, (str, list)) for x in prompt):
+        items = list(prompt)
+    elif not any(isinstance(x, (str, list)) for x in prompt):
+        items = [prompt]  # one prompt of token ids
+    else:
+        raise BadRequest(
+            "prompt: give a string, a list of strings, a list of token ids or a list of lists "
+            "of token ids, not a mix",
+            "prompt",
+        )
+    texts, ids = [], []
+    for item in items:
+        try:
+            t = lm.encode(item) if isinstance(item, str) else _token_ids(item, limits.vocab)
+            eng.check_prompt(t, limits.block)
+        except PolygptError as e:
+            raise BadRequest(f"prompt: {e}", "prompt") from None
+        texts.append(item if isinstance(item, str) else lm.tokenizer.decode(t))
+        ids.append(t)
+    return texts, ids
+
+
+def _token_ids(item: list, vocab: int) -> list[int]:
+    for x in item:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise PolygptError(f"token ids must be integers, got {json.dumps(x)}")
+        if not 0 <= x < vocab:
+            raise PolygptError(f"token id {x} is outside the vocabulary (0..{vocab - 1})")
+    return item
+
+
+def _max_tokens(asked: int | None, ids: list[list[int]], limits: Limits) -> list[int]:
+    """Per prompt: what was asked, or (none asked) the rest of the context."""
+    if asked is not None:
+        return [asked] * len(ids)
+    return [min(limits.block - len(t), limits.max_tokens) for t in ids]
+
+
+def _check_common(req: _Common, ids: list[list[int]], limits: Limits, max_tokens: int | None):
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0):
             raise BadRequest(f"{name} is not supported by this server", name)
     if req.logit_bias not in (None, {}):
         raise BadRequest("logit_bias is not supported by this server", "logit_bias")
     n = req.n or 1
-    if len(prompts) * n > limits.max_batch:
+    if len(ids) * n > limits.max_batch:
         raise BadRequest(
-            f"n x prompts = {len(prompts) * n} choices; this server runs at most "
+            f"n x prompts = {len(ids) * n} choices; this server runs at most "
             f"{limits.max_batch} per request (--max-batch)",
             "n",
         )
@@ -200,14 +249,6 @@ def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_toke
             f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}",
             "max_tokens",
         )
-    ids = []
-    for p in prompts:
-        try:
-            t = lm.encode(p)
-            eng.check_prompt(t, limits.block)
-        except PolygptError as e:
-            raise BadRequest(f"prompt: {e}", "prompt") from None
-        ids.append(t)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     settings = dict(
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -217,25 +258,21 @@ def _check_common(req: _Common, prompts: list[str], lm, limits: Limits, max_toke
         stop=[s for s in stop if s],
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ids, n, settings, include_usage
+    return n, settings, include_usage
 
 
 def check_completion(req: CompletionRequest, lm, limits: Limits) -> Work:
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts:
-        raise BadRequest("prompt: give at least one prompt", "prompt")
     if req.suffix is not None:
         raise BadRequest("suffix is not supported by this server", "suffix")
     if req.best_of not in (None, 1):
         raise BadRequest("best_of is not supported by this server", "best_of")
-    if req.logprobs is not None and req.stream:
-        raise BadRequest("logprobs are returned by non-streaming requests only", "logprobs")
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    ids, n, settings, usage = _check_common(req, prompts, lm, limits, max_tokens)
-    settings["max_tokens"] = max_tokens
+    if req.logprobs is not None and req.stream and req.echo:
+        raise BadRequest("echo with logprobs needs a non-streaming request", "logprobs")
+    prompts, ids = prompt_ids(req.prompt, lm, limits)
+    n, settings, usage = _check_common(req, ids, limits, req.max_tokens)
     return Work(
-        "text_completion", prompts, ids, n, settings, bool(req.stream), usage,
-        echo=bool(req.echo), logprobs=req.logprobs,
+        "text_completion", prompts, ids, n, settings, _max_tokens(req.max_tokens, ids, limits),
+        bool(req.stream), usage, echo=bool(req.echo), logprobs=req.logprobs,
     )  # fmt: skip
 
 
@@ -244,39 +281,40 @@ def check_chat(req: ChatRequest, lm, limits: Limits, template: ChatTemplate) -> 
         raise BadRequest("messages: give at least one message", "messages")
     if req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    if req.logprobs and req.stream:
-        raise BadRequest("logprobs are returned by non-streaming requests only", "logprobs")
     max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-    prompt = template.render(req.messages)
-    ids, n, settings, usage = _check_common(req, [prompt], lm, limits, max_tokens)
-    # no max_tokens: the rest of the context (a chat turn ends at a stop string)
-    settings["max_tokens"] = limits.block - len(ids[0]) if max_tokens is None else max_tokens
-    if req.stop is None:
+    prompts, ids = prompt_ids(template.render(req.messages), lm, limits)
+    n, settings, usage = _check_common(req, ids, limits, max_tokens)
+    if req.stop is None:  # a chat turn ends at a stop string
         settings["stop"] = list(template.stop)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return Work("chat.completion", [prompt], ids, n, settings, bool(req.stream), usage,
-                logprobs=logprobs)  # fmt: skip
+    return Work(
+        "chat.completion", prompts, ids, n, settings, _max_tokens(max_tokens, ids, limits),
+        bool(req.stream), usage, logprobs=logprobs,
+    )  # fmt: skip
 
 
 # ---- a job: one HTTP request's engine requests and their events --------------------------------
 
 
 class Job:
-    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k) and
-    the queue their events arrive on. `emit` runs on the model thread."""
+    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k, tag
+    (job, k)) and the queue their events arrive on: one list of (k, event) per engine step."""
 
-    def __init__(self, work: Work, send: Callable[[Any], None], prefix: str):
+    def __init__(self, work: Work, prefix: str):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.work, self.send = work, send
+        self.work = work
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.rids: list[int] = []  # the engine's ids of the requests, once submitted
         self.finished: dict[int, eng.Finished] = {}
         self.requests = [
             eng.Request(
                 prompt=work.ids[k // work.n],
+                max_tokens=work.max_tokens[k // work.n],
                 stream=k,
                 stream_text=work.stream,
                 logprobs=work.logprobs,
                 prompt_logprobs=work.echo and work.logprobs is not None,
-                tag=_Choice(self, k),
+                tag=(self, k),
                 **work.settings,
             )
             for k in range(work.choices)
@@ -310,30 +348,27 @@ class Job:
             ", cancelled" if cancelled else "",
         )
 
+    def take(self, events: list) -> None:
+        """One engine step's events for this job (the event loop)."""
+        for k, ev in events:
+            if isinstance(ev, eng.Finished):
+                self.finished[k] = ev
+                if len(self.finished) == len(self.requests):
+                    self.log()
+        self.queue.put_nowait(events)
 
-@dataclass
-class _Choice:
-    """An engine request's tag: where its events go."""
 
-    job: Job
-    k: int
-
-    def emit(self, ev) -> None:  # the model thread
-        job = self.job
-        if isinstance(ev, eng.Finished):
-            job.finished[self.k] = ev
-            if len(job.finished) == len(job.requests):
-                job.log()
-        job.send((self.k, ev))
+def deliver(by_job: dict) -> None:
+    for job, events in by_job.items():
+        job.take(events)
 
 
 # ---- responses ----------------------------------------------------------------------------------
 
 
-def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int) -> dict:
-    """OpenAI's completions `logprobs` object: per token its text, log-probability, top
-    alternatives and character offset (the echoed prompt first, its first token without)."""
-    decode = lm.tokenizer.decode
+def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished) -> dict:
+    """OpenAI's completions `logprobs` object of a whole choice (the echoed prompt first, its
+    first token without a log-probability)."""
     ids, lps = [], []
     if echo_ids:
         ids.extend(echo_ids)
@@ -341,6 +376,12 @@ def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int)
         lps.extend(f.prompt_logprobs or [])
     ids.extend(f.tokens)
     lps.extend(f.logprobs or [])
+    return _logprobs_object(lm, ids, lps, 0)
+
+
+def _logprobs_object(lm, ids: list[int], lps: list, offset0: int) -> dict:
+    """Per token its text, log-probability, top alternatives and character offset."""
+    decode = lm.tokenizer.decode
     tokens = [decode([t]) for t in ids]
     offsets, at = [], offset0
     for t in tokens:
@@ -354,7 +395,7 @@ def _completion_logprobs(lm, echo_ids: list[int], f: eng.Finished, offset0: int)
     }
 
 
-def _chat_logprobs(lm, f: eng.Finished) -> dict:
+def _chat_logprobs(lm, tokens: list[int], lps: list) -> dict:
     decode = lm.tokenizer.decode
 
     def entry(tok: int, lp: float) -> dict:
@@ -364,7 +405,7 @@ def _chat_logprobs(lm, f: eng.Finished) -> dict:
     return {
         "content": [
             {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
-            for t, (lp, top) in zip(f.tokens, f.logprobs or [])
+            for t, (lp, top) in zip(tokens, lps or [])
         ]
     }
 
@@ -372,13 +413,13 @@ def _chat_logprobs(lm, f: eng.Finished) -> dict:
 def _choice(job: Job, lm, k: int, f: eng.Finished) -> dict:
     work = job.work
     if work.kind == "chat.completion":
-        lp = _chat_logprobs(lm, f) if work.logprobs is not None else None
+        lp = _chat_logprobs(lm, f.tokens, f.logprobs) if work.logprobs is not None else None
         msg = {"role": "assistant", "content": f.text}
         return {"index": k, "message": msg, "logprobs": lp, "finish_reason": f.reason}
     prompt = work.prompts[k // work.n] if work.echo else ""
     lp = None
     if work.logprobs is not None:
-        lp = _completion_logprobs(lm, work.ids[k // work.n] if work.echo else [], f, 0)
+        lp = _completion_logprobs(lm, work.ids[k // work.n] if work.echo else [], f)
     return {"text": prompt + f.text, "index": k, "logprobs": lp, "finish_reason": f.reason}
 
 
@@ -404,13 +445,33 @@ class _TextChunks:
         self.job, self.base = job, base
         self._parts: dict[int, tuple[str, str]] = {}
 
-    def __call__(self, k: int, text: str) -> str:
+    def __call__(self, k: int, ev: eng.TextChunk) -> str:
         parts = self._parts.get(k)
         if parts is None:
             whole = _sse(_chunk(self.job, self.base, k, "\0", None))
             head, tail = whole.split(json.dumps("\0"), 1)
             parts = self._parts[k] = (head, tail)
-        return parts[0] + json.dumps(text) + parts[1]
+        return parts[0] + json.dumps(ev.text) + parts[1]
+
+
+class _LogprobChunks:
+    """Choice k's text chunk with the log-probabilities of the tokens it completes, in the
+    format of the non-streamed choice (completions: character offsets run on per choice)."""
+
+    def __init__(self, job: Job, base: dict, lm):
+        self.job, self.base, self.lm = job, base, lm
+        self.offset: dict[int, int] = {}
+
+    def __call__(self, k: int, ev: eng.TextChunk) -> str:
+        c = _chunk(self.job, self.base, k, ev.text, None)
+        lm = self.lm
+        if self.job.work.kind == "chat.completion":
+            c["choices"][0]["logprobs"] = _chat_logprobs(lm, ev.tokens, ev.logprobs)
+        else:
+            lp = _logprobs_object(lm, ev.tokens, ev.logprobs or [], self.offset.get(k, 0))
+            self.offset[k] = self.offset.get(k, 0) + sum(map(len, lp["tokens"]))
+            c["choices"][0]["logprobs"] = lp
+        return _sse(c)
 
 
 class HttpTimer:
@@ -428,11 +489,11 @@ class HttpTimer:
             self.seconds += time.perf_counter() - t
 
 
-async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, timer, timeout):
+async def stream_events(job: Job, base: dict, engine, timer, timeout, lm):
     """The server-sent events of a streaming job; cancels it if the client goes away."""
     work, left, done = job.work, job.work.choices, False
     deadline = time.monotonic() + timeout if timeout else None
-    text_chunk = _TextChunks(job, base)
+    text_chunk = _TextChunks(job, base) if work.logprobs is None else _LogprobChunks(job, base, lm)
     try:
         if work.kind == "chat.completion":  # the first chunk of each choice names the role
             for k in range(work.choices):
@@ -443,7 +504,7 @@ async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, time
             for k in range(work.choices):
                 yield _sse(_chunk(job, base, k, work.prompts[k // work.n], None))
         while left:
-            events = await _next_events(queue, deadline)
+            events = await _next_events(job.queue, deadline)
             if events is None:
                 msg = f"the request took longer than --request-timeout ({timeout:g} s)"
                 yield _sse(_error_body(msg, "timeout"))
@@ -452,7 +513,7 @@ async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, time
                 out = []
                 for k, ev in events:
                     if isinstance(ev, eng.TextChunk):
-                        out.append(text_chunk(k, ev.text))
+                        out.append(text_chunk(k, ev))
                     elif isinstance(ev, eng.Finished):
                         left -= 1
                         out.append(_sse(_chunk(job, base, k, None, ev.reason)))
@@ -468,29 +529,33 @@ async def stream_events(job: Job, queue: asyncio.Queue, base: dict, engine, time
             yield "data: [DONE]\n\n"
     finally:
         if not done:  # the client went away, or the time ran out: free the rows
-            for r in job.requests:
-                engine.cancel(r)
+            _cancel(engine, job)
+
+
+def _cancel(engine, job: Job) -> None:
+    with contextlib.suppress(EngineDead):  # a dead engine has nothing left to cancel
+        engine.cancel(job.rids)
 
 
 async def _next_events(queue: asyncio.Queue, deadline: float | None) -> list | None:
-    """What is ready on the queue (at least one event), or None past the deadline."""
+    """What is ready on the queue (at least one step's events), or None past the deadline."""
     wait = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        events = [await asyncio.wait_for(queue.get(), wait)]
+        events = list(await asyncio.wait_for(queue.get(), wait))
     except asyncio.TimeoutError:
         return None
     while not queue.empty():  # one write for what is ready
-        events.append(queue.get_nowait())
+        events.extend(queue.get_nowait())
     return events
 
 
-async def collect(job: Job, queue, request: Request, engine, timeout) -> JSONResponse | None:
+async def collect(job: Job, request: Request, engine, timeout) -> JSONResponse | None:
     """Wait for every choice of a non-streaming job; an error response, or None when done."""
     deadline = time.monotonic() + timeout if timeout else None
     try:
         while len(job.finished) < job.work.choices:
             try:
-                _, ev = await asyncio.wait_for(queue.get(), 1.0)
+                events = await asyncio.wait_for(job.queue.get(), 1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return JSONResponse(_error_body("client disconnected", "cancelled"), 499)
@@ -498,72 +563,52 @@ async def collect(job: Job, queue, request: Request, engine, timeout) -> JSONRes
                     msg = f"the request took longer than --request-timeout ({timeout:g} s)"
                     return JSONResponse(_error_body(msg, "timeout"), 504)
                 continue
-            if isinstance(ev, eng.Failed):
-                return JSONResponse(_error_body(ev.message, "server_error"), 500)
+            for _, ev in events:
+                if isinstance(ev, eng.Failed):
+                    return JSONResponse(_error_body(ev.message, "server_error"), 500)
         return None
     finally:
         if len(job.finished) < job.work.choices:
-            for r in job.requests:
-                engine.cancel(r)
-
-
-class _Relay:
-    """Events from the model thread to the requests' asyncio queues, in bursts: at most one
-    loop wake-up per `interval` seconds. Every decode step emits a token for every row, and
-    handing each to its client as its own write cost more CPU than the step itself on a small
-    machine; a burst becomes one write per client (each token still its own SSE chunk)."""
-
-    def __init__(self, interval: float = 0.0):
-        self.interval = interval
-        self._pending: deque = deque()
-        self._scheduled = False
-        self._last = 0.0  # when the loop last drained
-
-    def sender(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable:
-        def send(event) -> None:  # the model thread
-            self._pending.append((queue, event))
-            if not self._scheduled:
-                self._scheduled = True
-                delay = self._last + self.interval - time.monotonic()
-                with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
-                    loop.call_soon_threadsafe(self._wake, loop, delay)
-
-        return send
-
-    def _wake(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:  # the event loop
-        if delay > 0:
-            loop.call_later(delay, self._flush)
-        else:
-            self._flush()
-
-    def _flush(self) -> None:  # the event loop
-        self._last = time.monotonic()
-        self._scheduled = False  # before draining: an event sent from now on schedules anew
-        while self._pending:
-            queue, event = self._pending.popleft()
-            queue.put_nowait(event)
+            _cancel(engine, job)
 
 
 # ---- the app ------------------------------------------------------------------------------------
 
 
 @dataclass
-class ServerState:
-    """What the routes share: the engine, the model's facts and the server's limits."""
+class Text:
+    """The tokenizer, for the HTTP side (the model lives in the engine process)."""
 
-    engine: Any
-    lm: Any
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine client, the tokenizer and the server's limits."""
+
+    engine: EngineClient
+    lm: Text
     model_name: str
     limits: Limits
     template: ChatTemplate = field(default_factory=ChatTemplate)
     request_timeout: float | None = None
-    stream_interval: float = 0.004
     created: int = field(default_factory=lambda: int(time.time()))
     timer: HttpTimer = field(default_factory=HttpTimer)
 
-    def stats(self) -> dict:
-        st = self.engine.stats()
-        st["seconds"] = {**st.get("seconds", {}), "http": round(self.timer.seconds, 3)}
+    async def stats(self) -> dict:
+        """The engine's counters and time per phase, and the HTTP side's: reading the engine's
+        steps (`relay`) and turning events into responses (`http`)."""
+        st = await self.engine.stats()
+        relay = round(self.engine.seconds, 3)
+        st["seconds"] = {
+            **st.get("seconds", {}),
+            "relay": relay,
+            "http": round(self.timer.seconds, 3),
+        }
+        st["engine_pid"] = self.engine.proc.pid
         return st
 
 
@@ -590,6 +635,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = _error_body(f"{exc}: retry later", "rate_limit_error", code="queue_full")
         return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
 
+    @app.exception_handler(EngineDead)
+    async def _dead(request, exc: EngineDead):
+        return JSONResponse(_error_body(str(exc), "server_error", code="engine_dead"), 503)
+
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
         body = _error_body(str(exc.detail), "invalid_request_error")
@@ -601,27 +650,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_error_body("internal server error", "server_error"), 500)
 
 
-async def _respond(state: ServerState, work: Work, request: Request, relay: _Relay):
+async def _respond(state: ServerState, work: Work, request: Request):
     """Submit a validated job and answer it: a stream of chunks or one JSON object."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
     prefix = "chatcmpl" if work.kind == "chat.completion" else "cmpl"
-    job = Job(work, relay.sender(loop, queue), prefix)
+    job = Job(work, prefix)
     base = {"id": job.id, "object": work.kind, "created": int(time.time())}
     base["model"] = state.model_name
-    try:
-        state.engine.submit_many(job.requests)
-    except eng.QueueFull:
-        raise  # a 429 (its handler)
-    except PolygptError as e:  # what validation let through and the engine refuses
-        raise BadRequest(str(e)) from None
+    job.rids = state.engine.submit_many(job.requests)  # QueueFull: 429, EngineDead: 503
     timeout = state.request_timeout
     if work.stream:
         chunk_base = {**base, "object": f"{work.kind}.chunk"} if work.kind != "text_completion" \
             else base  # fmt: skip
-        events = stream_events(job, queue, chunk_base, state.engine, state.timer, timeout)
+        events = stream_events(job, chunk_base, state.engine, state.timer, timeout, state.lm)
         return StreamingResponse(events, media_type="text/event-stream")
-    error = await collect(job, queue, request, state.engine, timeout)
+    error = await collect(job, request, state.engine, timeout)
     if error is not None:
         return error
     with state.timer.timed():
@@ -631,8 +673,14 @@ async def _respond(state: ServerState, work: Work, request: Request, relay: _Rel
 
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /v1/stats, /health."""
-    app = FastAPI(title="polygpt", docs_url=None, redoc_url=None)
-    relay = _Relay(state.stream_interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.engine.deliver = deliver
+        state.engine.attach(asyncio.get_running_loop())  # each step's message read here
+        yield
+
+    app = FastAPI(title="polygpt", docs_url=None, redoc_url=None, lifespan=lifespan)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -646,17 +694,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/stats")
     async def stats():
-        return state.stats()
+        return await state.stats()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         work = check_completion(req, state.lm, state.limits)
-        return await _respond(state, work, request, relay)
+        return await _respond(state, work, request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         work = check_chat(req, state.lm, state.limits, state.template)
-        return await _respond(state, work, request, relay)
+        return await _respond(state, work, request)
 
     return app
 
@@ -693,45 +741,50 @@ def serve(
     request_timeout: float | None = None,
     chat_template: str | None = None,
 ) -> None:
-    """Load the checkpoint, serve until Ctrl-C / SIGTERM. The model runs in this thread."""
+    """Start the engine process, serve until Ctrl-C / SIGTERM (in-flight requests finish),
+    stop the engine. A dead engine process fails the open requests and stops the server with
+    an error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if max_batch < 1 or max_queue < 0:
         raise PolygptError("--max-batch must be >= 1 and --max-queue >= 0")
     template = ChatTemplate.load(chat_template)
-    lm = inference.load(checkpoint, backend=backend, device=device, precision=precision)
-    block = lm.spec.block_size
-    engine = eng.Engine(
-        lm.backend, lm.model, block, max_batch, decode_text=lm.tokenizer.decode, max_queue=max_queue
-    )
-    name = model_name or Path(checkpoint).resolve().name
-    limits = Limits(max_batch, max_tokens_limit, block)
-    app = create_app(ServerState(engine, lm, name, limits, template, request_timeout))
+    ckpt = weights.read_checkpoint(checkpoint)  # a bad path fails here, before a process starts
+    text = Text(tok.from_dict(ckpt.tokenizer))
+    limits = Limits(max_batch, max_tokens_limit, ckpt.spec.block_size, text.tokenizer.vocab_size)
     sock = bind(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    engine = EngineClient(checkpoint, backend, device, precision, max_batch, max_queue)
+    try:
+        name = model_name or Path(checkpoint).resolve().name
+        app = create_app(ServerState(engine, text, name, limits, template, request_timeout))
+        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        engine.on_dead = lambda: setattr(server, "should_exit", True)
+        _log_serving(sock, name, engine, max_batch, ready)
+        # uvicorn re-raises the signal that stopped it once it has drained: as KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            log.info("shutting down")
+    finally:
+        engine.close()
+    if engine.dead:
+        raise PolygptError(f"{engine.dead}; the server stopped")
+
+
+def _log_serving(sock, name: str, engine: EngineClient, max_batch: int, ready) -> None:
     h, p = sock.getsockname()[:2]
     url = f"http://{h if ':' not in h else f'[{h}]'}:{p}/v1"
+    info = engine.info
     log.info(
-        "serving %s (%s on %s, %s, max batch %d) at %s",
+        "serving %s (%s on %s, %s, max batch %d; engine process %d) at %s",
         name,
-        lm.backend.name,
-        lm.backend.device,
-        lm.precision,
+        info["backend"],
+        info["device"],
+        info["precision"],
         max_batch,
+        engine.proc.pid,
         url,
     )
     if ready is not None:
         ready(url)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
-    # The model thread drops the GIL in every framework op and must get it back from the event
-    # loop thread: at the default 5 ms switch interval a decode step waited that long per op.
-    sys.setswitchinterval(5e-4)
-    try:
-        engine.run(stop=lambda: not thread.is_alive())
-    except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)

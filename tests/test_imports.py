@@ -13,6 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "polygpt"
 LAZY_ALLOWED = {
     "polygpt.plot": {"matplotlib", "matplotlib.pyplot"},  # the [plot] extra
     "polygpt.tokenizer": {"tiktoken"},  # the [bpe] extra
+    "polygpt.hf_tokenizer": {"tokenizers"},  # the [hf] extra (convert --to hf)
     # nanoGPT pickles need torch.load; tensors are read and written through the torch backend
     "polygpt.convert": {"torch", "safetensors.torch", "polygpt.backends.torch_backend.loading"},
     "polygpt.cli.generation": {"polygpt.serve"},  # the [serve] extra (fastapi, uvicorn)

@@ -131,8 +131,9 @@ def test_streaming_equals_the_whole_completion(server, lm):
 
 def test_16_concurrent_streams_are_batched_and_equal_one_by_one(server, lm):
     """120 tokens past a 32-token block: every row's window slides, each at its own steps,
-    and no row's text changes for it."""
-    before = server.stats()["batch_sizes"]
+    and no row's text changes for it; the engine process sends one message per step."""
+    first = server.stats()
+    before = first["batch_sizes"]
     jobs = [(PROMPTS[i % len(PROMPTS)], 100 + i) for i in range(16)]
 
     def run(job):
@@ -147,9 +148,13 @@ def test_16_concurrent_streams_are_batched_and_equal_one_by_one(server, lm):
     for (prompt, seed), text in zip(jobs, got):
         want = one_by_one(lm, prompt, max_new_tokens=120, temperature=0.8, seed=seed)[0]
         assert text == want, (prompt, seed)
-    after = server.stats()["batch_sizes"]
+    stats = server.stats()
+    after = stats["batch_sizes"]
     ran = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     assert max(ran) > 1, f"no step decoded more than one request: {ran}"
+    # the engine process sends one message per step, whatever the rows (not one per token)
+    steps = stats["decode_steps"] - first["decode_steps"]
+    assert stats["messages"] - first.get("messages", 0) <= steps + len(jobs)
 
 
 # ---- errors, disconnects, /health during generation --------------------------------------
@@ -166,7 +171,19 @@ BAD = [
     ('{"model": "x", "prompt": ""}', "empty", "prompt"),
     ('{"model": "x", "prompt": "hi", "n": 17}', "at most 16", "n"),
     ('{"model": "x", "prompt": "hi", "top_p": 0}', "greater than 0", "top_p"),
-    ('{"model": "x", "prompt": "hi", "logprobs": 2, "stream": true}', "non-streaming", "logprobs"),
+    (
+        '{"model": "x", "prompt": "hi", "logprobs": 2, "echo": true, "stream": true}',
+        "non-streaming",
+        "logprobs",
+    ),  # fmt: skip
+    ('{"model": "x", "prompt": [65]}', "token id 65 is outside the vocabulary (0..64)", "prompt"),
+    ('{"model": "x", "prompt": [[3], [-1]]}', "token id -1 is outside", "prompt"),
+    ('{"model": "x", "prompt": [3, 1.5]}', "token ids must be integers, got 1.5", "prompt"),
+    ('{"model": "x", "prompt": [3, true]}', "token ids must be integers, got true", "prompt"),
+    ('{"model": "x", "prompt": [3, [4]]}', "not a mix", "prompt"),
+    ('{"model": "x", "prompt": []}', "the list is empty", "prompt"),
+    ('{"model": "x", "prompt": [[]]}', "the prompt is empty", "prompt"),
+    ('{"model": "x", "prompt": [' + "1," * 32 + "1]}", "longer than the model's context", "prompt"),
     ('{"model": "x", "prompt": "hi", "logprobs": 21}', "less than or equal to 20", "logprobs"),
     ('{"model": "x", "prompt": "hi", "suffix": "x"}', "not supported", "suffix"),
 ]
@@ -200,6 +217,8 @@ def test_a_client_that_goes_away_frees_its_slot_and_health_answers(server):
     while server.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.stats()["running"] == 0
+    while not any("cancelled" in line for line in server.lines) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log line travels through the server's stderr
     assert any("cancelled" in line for line in server.lines)
 
 
@@ -214,6 +233,57 @@ def test_bench_serve_clients_measure_the_server(server, backend):
 
 
 # ---- log-probabilities, chat, backpressure -----------------------------------------------
+
+
+def test_token_id_prompts_answer_as_the_same_text(server, lm):
+    """lm-eval's local-completions scores with token ids, echo, logprobs 1 and max_tokens 1."""
+    texts = ["ROMEO:", "KING", "O, "]
+    kw = dict(model="tiny", max_tokens=1, temperature=0, echo=True, logprobs=1)
+    by_text = server.client.completions.create(prompt=texts, **kw)
+    by_ids = server.client.completions.create(prompt=[lm.encode(t) for t in texts], **kw)
+    assert [c.model_dump() for c in by_ids.choices] == [c.model_dump() for c in by_text.choices]
+    assert by_ids.choices[0].text.startswith("ROMEO:")
+    assert len(by_ids.choices[0].logprobs.token_logprobs) == len("ROMEO:") + 1
+    one = server.client.completions.create(
+        model="tiny", prompt=lm.encode("ROMEO:"), max_tokens=20, temperature=0.8, seed=2
+    )
+    want = one_by_one(lm, "ROMEO:", max_new_tokens=20, temperature=0.8, seed=2)
+    assert one.choices[0].text == want[0] and one.usage.prompt_tokens == 6
+
+
+def test_streamed_logprobs_equal_the_whole_completions(server, lm):
+    kw = dict(model="tiny", prompt="JULIET:", max_tokens=40, temperature=0.9, seed=11, n=2)
+    kw.update(logprobs=2, stop=["\n\n", "the"])
+    whole = server.client.completions.create(**kw)
+    got = {k: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+           for k in range(2)}  # fmt: skip
+    text = ["", ""]
+    for chunk in server.client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            text[c.index] += c.text
+            for key, v in (c.logprobs.model_dump() if c.logprobs else {}).items():
+                got[c.index][key] += v
+    for c in whole.choices:
+        assert text[c.index] == c.text
+        assert got[c.index] == c.logprobs.model_dump()
+        assert "".join(got[c.index]["tokens"]) == c.text
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=12)
+    chat.update(temperature=0.5, seed=3, logprobs=True, top_logprobs=2)
+    whole = server.client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [
+        e
+        for chunk in server.client.chat.completions.create(**chat, stream=True)
+        for c in chunk.choices
+        if c.logprobs
+        for e in c.logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole]
+
+
+def test_no_max_tokens_generates_up_to_the_context(server, lm):
+    res = server.client.completions.create(model="tiny", prompt="ROMEO:", temperature=0)
+    block = lm.spec.block_size
+    assert res.usage.completion_tokens == block - 6 and res.choices[0].finish_reason == "length"
 
 
 def test_prompt_logprobs_equal_polygpt_eval_and_token_logprobs(server, lm):

@@ -47,6 +47,7 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self.url: str | None = None
+        self.engine_pid: int | None = None
         ready = threading.Event()
 
         def drain() -> None:  # read the log as it comes, so the pipe never fills
@@ -54,6 +55,8 @@ class ServerProcess:
                 self.lines.append(line)
                 if self.url is None and " at http://" in line:
                     self.url = line.rsplit(" at ", 1)[1].strip()
+                    if "engine process " in line:
+                        self.engine_pid = int(line.split("engine process ")[1].split(")")[0])
                     ready.set()
             ready.set()
 
@@ -83,6 +86,7 @@ class ServerProcess:
         return json.loads(body)
 
     def close(self) -> None:
+        """Stop the server (SIGTERM) and check that its engine process went with it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -90,6 +94,34 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.check_no_orphan()
+
+    def check_no_orphan(self, timeout: float = 30) -> None:
+        """The engine process is gone within `timeout` seconds of the server (else killed, and
+        an error)."""
+        pid = self.engine_pid
+        deadline = time.monotonic() + timeout
+        while pid is not None and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid is not None and alive(pid):
+            os.kill(pid, 9)
+            raise PolygptError(f"the engine process {pid} outlived the server")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state after the command name; Z is a zombie
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): kill(pid, 0) answered
+        return True
 
 
 class ExternalServer:

@@ -46,15 +46,6 @@ def char_tokenizer(chars: list[str]):
     return t
 
 
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (OpenAI's encoder.py `bytes_to_unicode`), in
-    which Hugging Face files spell byte-level tokens."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-
 def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """BPE merges from tiktoken ranks: each multi-byte token is made from every split of it
     into two lower-ranked tokens, ordered by the token's rank (then the halves' ranks), so the
@@ -79,7 +70,7 @@ def gpt2_tokenizer():
     from tokenizers import decoders, models, pre_tokenizers, processors
 
     ranks = tok._gpt2_ranks()
-    table = _byte_chars()
+    table = tok.byte_chars()
 
     def spell(b: bytes) -> str:
         return "".join(table[x] for x in b)

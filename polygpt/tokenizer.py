@@ -116,7 +116,7 @@ def gpt2_encoding():
     )
 
 
-def _byte_chars() -> dict[int, str]:
+def byte_chars() -> dict[int, str]:
     """GPT-2's byte -> printable character table (OpenAI's encoder.py `bytes_to_unicode`), in
     which Hugging Face's vocab.json and tokenizer.json spell byte-level tokens."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
@@ -129,7 +129,7 @@ def gpt2_hf_vocab() -> dict[str, int]:
     """GPT-2's vocabulary as Hugging Face writes it (vocab.json): token -> id, ids equal to
     tiktoken's ranks, plus <|endoftext|>. Comparing a model's own files with this is how a
     converted model is checked to use the tokenizer polygpt ships."""
-    table = _byte_chars()
+    table = byte_chars()
     vocab = {"".join(table[b] for b in t): r for t, r in _gpt2_ranks().items()}
     vocab["<|endoftext|>"] = GPT2_EOT
     return vocab

@@ -281,12 +281,14 @@ def bench_serve(
     rounds: int = 4,
     n: int = 1,
     url: str | None = None,
+    precision: str | None = None,
     log=print,
 ) -> list[Result]:
     """One client at a time and `clients` at once, per backend, alternating in `rounds`
     rounds of duration / rounds seconds each (so a change in the machine's load hits both).
     `n`: choices per request (the server's rows: clients x n). `url`: measure the server
-    running there instead (one row, named "url")."""
+    running there instead (one row, named "url"). `precision`: the servers' (default: the
+    checkpoint's own)."""
     if url is not None:
         backends = ["url"]
     else:
@@ -303,7 +305,8 @@ def bench_serve(
             server = ExternalServer(url)
         else:
             rows = str(max(clients * n, 1))
-            server = ServerProcess(checkpoint, backend, "-d", device, "--max-batch", rows)
+            extra = ("-p", precision) if precision else ()
+            server = ServerProcess(checkpoint, backend, "-d", device, "--max-batch", rows, *extra)
         try:
             run_clients(server, clients, 1.0, body, seed=10**6)  # warm up every batch size
             runs: dict[int, list[Run]] = {n: [] for n in dict.fromkeys([1, clients])}

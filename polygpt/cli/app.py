@@ -54,8 +54,7 @@ def precision_option(choices: list[str] | None = None, **kw):
         "-p",
         default=None,
         type=click.Choice(choices) if choices else None,
-        help="fp32, fp16, bf16, int8 (torch CPU; mlx), int4 (mlx) [the checkpoint's; torch "
-        "computes an int8/int4 checkpoint in fp32].",
+        help="fp32, fp16, bf16, int8, int4 (torch's int8/int4: CPU) [the checkpoint's].",
         **kw,
     )
 

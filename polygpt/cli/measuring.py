@@ -200,10 +200,12 @@ def bench_(
 @click.option("--n", "n", default=1, show_default=True, type=int, help="Choices per request.")
 @click.option("--prompt", default="\n", show_default=True, help="Every request's prompt.")
 @click.option("--url", default=None, help="Measure the OpenAI server running there instead.")
+@precision_option()
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
 def bench_serve(
-    checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, url, as_json
-):
+    checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, url,
+    precision, as_json,
+):  # fmt: skip
     """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
     needs_serve_extra()
     names = available_backends() if backends == "all" else backends.split(",")
@@ -212,7 +214,7 @@ def bench_serve(
     click.echo(serving.HEADER)
     res = serving.bench_serve(
         checkpoint, names, clients, duration, max_tokens, prompt=prompt,
-        device=device or "auto", rounds=rounds, n=n, url=url,
+        device=device or "auto", rounds=rounds, n=n, url=url, precision=precision,
     )  # fmt: skip
     for line in serving.speedups(res):
         click.echo(line)

@@ -156,8 +156,14 @@ def stream_once(host: str, port: int, body: dict, conn=None) -> Request:
     conn = conn or http.client.HTTPConnection(host, port, timeout=300)
     payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
     sent = time.perf_counter()
-    conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
-    r = conn.getresponse()
+    try:
+        conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+    except http.client.RemoteDisconnected:  # a server that closed a kept-alive connection
+        conn.close()
+        sent = time.perf_counter()
+        conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
+        r = conn.getresponse()
     if r.status != 200:
         raise PolygptError(f"the server answered {r.status}: {r.read().decode()[:200]}")
     times, tokens = [], 0

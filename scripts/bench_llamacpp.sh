@@ -61,7 +61,7 @@ gguf() {  # the checkpoint as GGUF f32, q8_0, q4_0 (once per checkpoint)
     [ -f "$OUT/model-q4_0.gguf" ] && return
     rm -rf "$hf" && $PY -m polygpt.cli convert "$CKPT" "$hf" --to hf
     PYTHONPATH="$CACHE/src/gguf-py" $PY "$CACHE/src/convert_hf_to_gguf.py" "$hf" \
-        --outtype f32 --outfile "$OUT/model-f32.gguf"
+        --outtype f32 --outfile "$OUT/model-f32.gguf" >"$OUT/convert.log" 2>&1
     for q in q8_0 q4_0; do
         "$CACHE/build/bin/llama-quantize" "$OUT/model-f32.gguf" "$OUT/model-$q.gguf" "$q" \
             >"$OUT/quantize-$q.log" 2>&1

@@ -50,7 +50,8 @@ def kernels(device: str = "cpu") -> dict[str, str]:
     `sample --stats`): the fastest that exists here, or the fallback taken."""
     if device != "cpu":
         return {"fp32": "aten", "bf16": "aten", "fp16": "aten"}
-    packed = "onednn-packed" if available("packed") else "aten"
+    packed = f"onednn-packed (matrices of {PACK_MIN_BYTES >> 20} MB or more)"
+    packed = packed if available("packed") else "aten"
     return {
         "fp32": packed,
         "bf16": packed,

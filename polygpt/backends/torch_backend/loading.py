@@ -58,7 +58,7 @@ def load_gpt(
             wte = module_name == "transformer.wte"
             bias = None if wte else model.get_submodule(module_name).bias
             built = _int8(reader, bias) if precision == "int8" else _int4(reader, bias, spec)
-            prepared._swap(model, module_name, built)
+            prepared.swap(model, module_name, built)
     if matrices:
         model.prepared = True
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -115,17 +115,12 @@ class _Matrix:
 
 def _int8(m: _Matrix, bias) -> nn.Module:
     q, s = prepared.int8_rows_of(m.rows, m.shape[0], m.chunk())
-    if m.name == WTE:  # the tied table: int8 rows to look up, and the head
-        return prepared.Embedding(prepared._Int8Rows(q, s), prepared.Int8Linear(q, s, None))
-    return prepared.Int8Linear(q, s, bias)
+    return prepared.int8_matrix(q, s, bias, table=m.name == WTE)
 
 
 def _int4(m: _Matrix, bias, spec: ModelSpec) -> nn.Module:
     packed, scales, biases, g = m.affine4(weights.default_group_size(spec))
-    head = prepared.Int4Linear.from_affine(packed, scales, biases, g, bias)
-    if m.name == WTE:
-        return prepared.Embedding(prepared._AffineRows(packed, scales, biases, 4, g), head)
-    return head
+    return prepared.int4_matrix(packed, scales, biases, g, bias, table=m.name == WTE)
 
 
 class _SkipInit(TorchFunctionMode):

@@ -285,24 +285,33 @@ def quantize_model(model: nn.Module, precision: str, group_size: int) -> nn.Modu
     model = model.float()
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear:
-            _swap(model, name, _quantized(m.weight.detach(), m.bias, precision, group_size))
+            swap(model, name, _quantized(m.weight.detach(), m.bias, precision, group_size))
     tr = model.transformer
-    w = tr.wte.weight.detach()
-    if precision == "int8":
-        q, s = int8_weights(w)
-        tr.wte = Embedding(_Int8Rows(q, s), Int8Linear(q, s, None))
-    else:
-        packed, scales, biases = quantize.affine_quantize(w, 4, group_size)
-        lookup = _AffineRows(packed, scales, biases, 4, group_size)
-        tr.wte = Embedding(lookup, Int4Linear.from_affine(packed, scales, biases, group_size))
+    tr.wte = _quantized(tr.wte.weight.detach(), None, precision, group_size, table=True)
     model.prepared = True
     return model
 
 
-def _quantized(w: torch.Tensor, bias, precision: str, group_size: int) -> nn.Module:
+def _quantized(w: torch.Tensor, bias, precision: str, group_size: int, table=False) -> nn.Module:
     if precision == "int8":
-        return Int8Linear(*int8_weights(w), bias)
-    return Int4Linear.from_affine(*quantize.affine_quantize(w, 4, group_size), group_size, bias)
+        return int8_matrix(*int8_weights(w), bias, table)
+    return int4_matrix(*quantize.affine_quantize(w, 4, group_size), group_size, bias, table)
+
+
+def int8_matrix(q: torch.Tensor, scales: torch.Tensor, bias, table: bool) -> nn.Module:
+    """An int8 matrix's module; the tied token `table`: int8 rows to look up, and the head."""
+    if table:
+        return Embedding(_Int8Rows(q, scales), Int8Linear(q, scales, None))
+    return Int8Linear(q, scales, bias)
+
+
+def int4_matrix(packed, scales, biases, group_size: int, bias, table: bool) -> nn.Module:
+    """A 4-bit matrix's module from MLX's affine groups; the tied token `table`: its groups
+    to look rows up in, and the head."""
+    head = Int4Linear.from_affine(packed, scales, biases, group_size, bias)
+    if table:
+        return Embedding(_AffineRows(packed, scales, biases, 4, group_size), head)
+    return head
 
 
 class _AsLinear:
@@ -329,7 +338,7 @@ def prepare(model: nn.Module) -> nn.Module:
         return model
     for name, m in list(model.named_modules()):
         if packable(m):
-            _swap(model, name, PackedLinear(m.weight, m.bias))
+            swap(model, name, PackedLinear(m.weight, m.bias))
     tr = model.transformer
     if isinstance(tr.wte, nn.Embedding) and packable(_AsLinear(tr.wte.weight)):
         tr.wte = Embedding(_FloatRows(tr.wte.weight), PackedLinear(tr.wte.weight, None))
@@ -337,7 +346,8 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+def swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 

@@ -27,7 +27,7 @@ PATH_RE = re.compile(r"(?<![\w./~$-])((?:" + "|".join(REPO_DIRS) + r")/[\w./*{},
 MAKE_RE = re.compile(r"(?<![\w./-])make\s+([a-z][\w-]*)")
 LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
 FENCE_RE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
-INLINE_RE = re.compile(r"`([^`\n]+)`")
+INLINE_RE = re.compile(r"`([^`]+)`")
 # shell separators between commands; a bare `|` inside a token (torch|mlx) is a placeholder
 SEPARATOR_RE = re.compile(r"\s(?:&&|\|\||\||;|&)(?=\s|$)|;")
 
@@ -56,7 +56,7 @@ def snippets(text: str) -> list[str]:
     for block in FENCE_RE.findall(text):
         out.extend(block.replace("\\\n", " ").splitlines())
     prose = FENCE_RE.sub("", text)
-    out.extend(INLINE_RE.findall(prose))
+    out.extend(INLINE_RE.findall(prose.replace("\n", " ")))  # inline code may wrap a line
     return out
 
 

@@ -1,4 +1,4 @@
-"""Side-by-side timing of perplexity methods on one checkpoint, per backend (issue 6).
+"""Side-by-side timing of perplexity methods on one checkpoint, per backend.
 
 Scores the whole split (or --max-tokens) with batched sliding windows (stride block/2 by
 default, and the non-overlapping stride == block) and with the reference experiment's

@@ -1,4 +1,4 @@
-"""The speed goals, measured: polygpt against nanoGPT, and the engine's batch, interleaved rounds.
+"""Speed, measured: polygpt against nanoGPT, and the engine's batch, interleaved rounds.
 
     .venv/bin/python scripts/bench_speed.py train [--rounds 5] [--cold] [key=value overrides...]
     .venv/bin/python scripts/bench_speed.py decode CHECKPOINT [--rounds 3]
@@ -19,7 +19,7 @@ decode: per round, batch-1 tokens/s by the difference method (a SHORT- and a LON
     same weights and sampler) in a subprocess; default threads both.
 rows: the engine's decode step (`decode_rows`) for one row and for N rows at once, rows of
     different lengths (a server's batch), on the checkpoint's weights in this process; per round
-    the median ms of 200 steps each, the ratio N rows / 1 row (the goal: <= 2).
+    the median ms of 200 steps each, the ratio N rows / 1 row.
 decode-rows: the decode step alone (no sampling, no start-up; what llama-bench's tg test
     times), tokens/s for each precision and row count after a 16-token prompt per row, the
     precisions interleaved in each round (scripts/bench_llamacpp.sh runs it beside llama.cpp).

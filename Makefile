@@ -62,9 +62,10 @@ test: install
 	$(BIN)/pytest -q
 
 # The experiments of the blog "My fork of karpathy/nanoGPT" (Nov 14, 2024), about two hours on
-# 2 idle CPU cores: the sweep (runs, full-split perplexity, samples, results table), the seed spread in torch, MLX and nanoGPT's own
-# recipe, the blog's last-token perplexity, its inference table, the charts and
-# docs/experiments/report.md. What is already in docs/experiments is not measured again.
+# 2 idle CPU cores: the sweep (runs, full-split perplexity, samples, results table), the seed
+# spread in torch, MLX and nanoGPT's own recipe, the blog's last-token perplexity, its inference
+# table, the charts and docs/experiments/report.md. What is already in docs/experiments is not
+# measured again.
 SWEEP_RUNS := 0.8M-500 0.8M-1000 0.8M-2000 0.8M-4000 0.8M-2000-mlx 3.2M-2000 6.3M-2000 6.3M-4000
 experiments: install data/shakespeare_char/train.bin
 	$(BIN)/polygpt sweep experiments/shakespeare.toml

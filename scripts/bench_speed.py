@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,30 @@ def train_report(rounds: list[dict[str, TrainRun]]) -> None:
         print(line)
 
 
+def _cpu() -> str:
+    """The CPU's model name and its bf16/AMX flags (Linux; the platform string elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.platform()
+    fields = dict(x.split(":", 1) for x in info.splitlines() if ":" in x)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{fields.get('model name', '?')} ({', '.join(has)})"
+
+
+def _write_train(args, res: list[dict[str, TrainRun]]) -> None:
+    record = {
+        "command": "scripts/bench_speed.py train " + " ".join(sys.argv[2:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": _cpu(),
+        "load_average_after": _load(),
+        "rounds": [{side: vars(t) for side, t in r.items()} for r in res],
+    }
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def train_rounds(cfg_path: str, overrides: list[str], tmp: Path, rounds: int, cold: bool):
     """Interleaved rounds of nanoGPT, polygpt with a warm inductor cache and (`cold`) polygpt
     with an empty one, the order reversed every other round."""
@@ -170,6 +195,7 @@ def train_rounds(cfg_path: str, overrides: list[str], tmp: Path, rounds: int, co
             flush=True,
         )
     train_report(res)
+    return res
 
 
 def decode_round(ckpt: str, short: int, long: int, r: int) -> tuple[float, float]:
@@ -309,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument(
         "--cold", action="store_true", help="also time polygpt with an empty inductor cache"
     )
+    tr.add_argument("--out", help="also write every round's figures to this JSON file")
     de = sub.add_parser("decode", help="batch-1 decode: polygpt sample vs nanoGPT's method")
     de.add_argument("checkpoint")
     de.add_argument("--short", type=int, default=500, help="tokens of the short run")
@@ -354,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         if args.what == "train":
-            train_rounds(args.config, args.overrides, Path(d), args.rounds, args.cold)
+            res = train_rounds(args.config, args.overrides, Path(d), args.rounds, args.cold)
+            if args.out:
+                _write_train(args, res)
         else:
             for r in range(args.rounds):
                 rows.append(decode_round(args.checkpoint, args.short, args.long, r))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from polygpt import atomic, jsonfile
 from polygpt import tokenizer as tok
-from polygpt import weights
 from polygpt.errors import PolygptError
 
 SHAKESPEARE_URL = (
@@ -94,14 +94,14 @@ def _write(out_dir, t, train: np.ndarray, val: np.ndarray) -> PreparedData:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, arr in (("train.bin", train), ("val.bin", val)):
-        with weights.atomic_file(out / name) as tmp:
+        with atomic.atomic_file(out / name) as tmp:
             arr.tofile(tmp)
     _write_tokenizer(out, t)
     return PreparedData(out, len(train), len(val), t.vocab_size)
 
 
 def _write_tokenizer(out: Path, t) -> None:
-    weights.write_json(out / "tokenizer.json", t.to_dict(), indent=None)
+    jsonfile.write_json(out / "tokenizer.json", t.to_dict(), indent=None)
 
 
 def prepare_shakespeare(

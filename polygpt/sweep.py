@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polygpt import __version__, config, evaluate, inference, weights
+from polygpt import __version__, atomic, checkpoints, config, evaluate, inference, jsonfile
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
 from polygpt.train import TrainEvent, train
@@ -156,7 +156,7 @@ def _finished(run_dir: Path, fp: str, max_iters: int) -> dict | None:
         return None
     try:
         res = json.loads(p.read_text())
-        ck = weights.read_checkpoint(run_dir)
+        ck = checkpoints.read(run_dir)
     except (json.JSONDecodeError, OSError, PolygptError):
         return None
     if res.get("fingerprint") == fp and ck.step == max_iters:
@@ -166,7 +166,7 @@ def _finished(run_dir: Path, fp: str, max_iters: int) -> dict | None:
 
 def _resumable(run_dir: Path, fp: str) -> bool:
     try:
-        ck = weights.read_checkpoint(run_dir)
+        ck = checkpoints.read(run_dir)
     except PolygptError:
         return False
     return ck.config.get("sweep_fingerprint") == fp and ck.optimizer_file.exists()
@@ -207,7 +207,7 @@ def run_one(
     if done is not None:
         on_event(RunSkipped(run.name))
         return done
-    weights.recover(run_dir)
+    atomic.recover(run_dir)
     resume = _resumable(run_dir, fp)
     on_event(RunStart(run.name, resume, run.backend, run_dir))
     t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def run_one(
         "fingerprint": fp,
         "polygpt_version": __version__,
     }
-    weights.write_json(run_dir / RESULT_FILE, result)
+    jsonfile.write_json(run_dir / RESULT_FILE, result)
     on_event(RunDone(run.name, result))
     return result
 
@@ -313,10 +313,10 @@ def results_table(results: list[dict]) -> str:
 def write_results(sweep: Sweep, results: list[dict]) -> Path:
     out = Path(sweep.results)
     out.mkdir(parents=True, exist_ok=True)
-    weights.write_json(out / "results.json", results)
+    jsonfile.write_json(out / "results.json", results)
     lines = [f"# {sweep.name}: results\n", results_table(results), "\n## Samples\n"]
     for r in results:
         lines.append(f"\n### {r['name']}\n\n```\n{r['sample'].strip()}\n```\n")
-    with weights.atomic_file(out / "results.md") as tmp:
+    with atomic.atomic_file(out / "results.md") as tmp:
         tmp.write_text("".join(lines))
     return out

@@ -26,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from polygpt import __version__, data, distributed, rundir, weights
+from polygpt import (
+    __version__,
+    atomic,
+    checkpoints,
+    data,
+    distributed,
+    metrics_log,
+    modelfile,
+    rundir,
+)
 from polygpt.backends import get_backend
 from polygpt.config import RunConfig, TrainConfig, from_dict, parse_override
 from polygpt.errors import PolygptError
@@ -225,19 +234,19 @@ def setup(
     train_dtype, eval_dtype = dtypes(tc, backend)
     world = world or distributed.World()
     if world.is_main:
-        weights.recover(out)
+        atomic.recover(out)
     world.barrier("waiting for rank 0 to recover the checkpoint directory")
     tokenizer = data.load_tokenizer(cfg.data.dir)
     splits = {name: data.load_split(cfg.data.dir, name) for name in ("train", "val")}
 
     if resume:
-        ckpt = weights.read_checkpoint(out)
+        ckpt = checkpoints.read(out)
         if not ckpt.optimizer_file.exists():
             raise PolygptError(f"{out} has no optimizer.safetensors: it cannot be resumed")
         if ckpt.tokenizer != tokenizer.to_dict():
             raise PolygptError(f"the data in {cfg.data.dir} has another vocabulary than {out}")
         spec = ckpt.spec
-        model = backend.load_model(spec, ckpt.model_file, "fp32")
+        model = backend.load_model(ckpt.model, "fp32")
         opt = backend.make_optimizer(model, tc)
         backend.load_optimizer(opt, ckpt.optimizer_file)
         state = ckpt.config.get("train_state", {})
@@ -256,7 +265,7 @@ def setup(
             ) from None
         start, history = ckpt.step, dict(ckpt.config.get("metrics", {}))
     else:
-        if (out / weights.CONFIG_FILE).exists() and not overwrite:
+        if (out / checkpoints.CONFIG_FILE).exists() and not overwrite:
             raise PolygptError(
                 f"{out} already holds a checkpoint: pass --resume to continue it, "
                 "--overwrite to replace it, or --out to train elsewhere"
@@ -273,8 +282,8 @@ def setup(
         opt = backend.make_optimizer(model, tc)
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            if overwrite and (out / weights.METRICS_FILE).exists():
-                (out / weights.METRICS_FILE).unlink()
+            if overwrite and (out / checkpoints.METRICS_FILE).exists():
+                (out / checkpoints.METRICS_FILE).unlink()
         rng = np.random.default_rng(tc.seed)
         start, history = 0, {}
     world.prepare(backend, model, opt)  # rank 0's weights; gradients averaged across ranks
@@ -329,7 +338,7 @@ def evaluate(run: Run, step: int) -> Evaluated:
         lr=get_lr(step, tc),
         eval_s=round(time.perf_counter() - t0, 4),
     )
-    weights.append_metrics(run.out, {"event": "eval", **vars(ev), "time": time.time()})
+    metrics_log.append(run.out, {"event": "eval", **vars(ev), "time": time.time()})
     run.history = {"train_loss": ev.train_loss, "val_loss": ev.val_loss, "val_ppl": ev.val_ppl}
     return ev
 
@@ -358,8 +367,8 @@ def save(run: Run, step: int) -> Saved | None:
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **run.extra_config,
     }
-    meta = weights.model_metadata(spec, step=str(step))
-    weights.write_checkpoint(
+    meta = modelfile.metadata(spec, step=str(step))
+    checkpoints.write(
         run.out,
         config=config,
         tokenizer=run.tokenizer.to_dict(),
@@ -397,7 +406,7 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
         )
     )
     if world.is_main:  # each run segment says how many processes ran it, and over what
-        weights.append_metrics(
+        metrics_log.append(
             run.out,
             {
                 "event": "start",
@@ -452,7 +461,7 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
             if it % tc.log_interval == 0 or it == tc.max_iters:
                 lossf = world.mean(loss)  # the only host sync between evaluations
                 if world.is_main:
-                    weights.append_metrics(
+                    metrics_log.append(
                         run.out, {"event": "train", "step": it, "loss": lossf, "lr": lr}
                     )
             on_event(TrainStep(it, lr, lossf))
@@ -517,7 +526,7 @@ _FIXED_ON_RESUME = ("model",)
 def config_for_resume(out: str | Path, overrides: list[str]) -> RunConfig:
     """The run config stored in a checkpoint, with command-line overrides on top; an override
     of a model key to another value is an error naming it (the weights fix the model)."""
-    ckpt = weights.read_checkpoint(out)
+    ckpt = checkpoints.read(out)
     cfg = from_dict(dict(ckpt.config.get("run", {})))
     cfg.train.out = str(out)
     for item in overrides:

@@ -111,7 +111,7 @@ def _download(hf, model: ModelId, revision: str | None, patterns: list[str]) -> 
     try:
         if revision and _COMMIT.fullmatch(revision):
             # a commit never changes, so what the cache holds of it needs no Hub call (one
-            # that, without a network, huggingface_hub retries for tens of seconds)
+            # that, without a network, huggingface_hub retries a while before it gives up)
             snap = _cached(hf, model, revision, patterns)
             if snap is not None:
                 return snap

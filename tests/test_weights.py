@@ -15,6 +15,7 @@ from polygpt.spec import ModelSpec
 from .conftest import backends_under_test
 
 SPEC = ModelSpec(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+MODEL = checkpoints.MODEL_FILE
 
 
 def _save(be, model, out, spec=SPEC):
@@ -36,10 +37,15 @@ def test_round_trip_is_identical(name, tmp_path):
     out = _save(be, model, tmp_path / "ck")
     ckpt = checkpoints.read(out)
     assert ckpt.spec == SPEC and ckpt.step == 3
+    assert (ckpt.model.dtype, ckpt.model.precision, ckpt.model.quantization) == (
+        "F32",
+        "fp32",
+        None,
+    )
     tensors, meta = tensorfile.read_header(ckpt.model_file)
     assert set(tensors) == set(SPEC.param_shapes())
     assert ModelSpec.from_json(meta["spec"]) == SPEC
-    loaded = be.load_model(modelfile.check(ckpt.model_file, SPEC))
+    loaded = be.load_model(ckpt.model)
     x = np.arange(16).reshape(2, 8) % 11
     assert np.array_equal(be.logits(model, x), be.logits(loaded, x))  # bit-identical weights
     # save again from the loaded model: the same tensors, bit for bit
@@ -63,20 +69,34 @@ def test_corrupt_and_mismatched_files(name, tmp_path):
 
     f.write_bytes(raw[: len(raw) // 2])  # truncated
     with pytest.raises(PolygptError, match="not a valid safetensors"):
-        be.load_model(modelfile.check(f, SPEC))
+        checkpoints.read(out)  # a checkpoint is read checked, its model file included
     f.write_bytes(b"garbage")
     with pytest.raises(PolygptError, match="not a valid safetensors"):
-        be.load_model(modelfile.check(f, SPEC))
+        modelfile.check(f, SPEC)
     f.write_bytes(raw)
     wider = ModelSpec(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
     with pytest.raises(PolygptError, match="shape"):
-        be.load_model(modelfile.check(f, wider))
+        modelfile.check(f, wider)
     deeper = ModelSpec(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8)
     with pytest.raises(PolygptError, match="missing tensor 'transformer.h.2"):
-        be.load_model(modelfile.check(f, deeper))
+        modelfile.check(f, deeper)
     biased = ModelSpec(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True)
     with pytest.raises(PolygptError, match="missing tensor"):
-        be.load_model(modelfile.check(f, biased))
+        modelfile.check(f, biased)
+
+
+@pytest.mark.parametrize("name", backends_under_test())
+def test_loading_checks_the_model_file_once(name, tmp_path, monkeypatch):
+    """inference.load reads the checkpoint checked, and the backend loads what was checked."""
+    from polygpt import inference
+
+    be = get_backend(name, "cpu")
+    out = _save(be, be.init_model(SPEC, 0), tmp_path / "ck")
+    checked, real = [], modelfile.check
+    monkeypatch.setattr(modelfile, "check", lambda *a: checked.append(a) or real(*a))
+    lm = inference.load(out, backend=name, device="cpu")
+    assert checked == [(out / MODEL, SPEC)]
+    assert lm.precision == "fp32" and lm.checkpoint.model.path == out / MODEL
 
 
 def test_read_checkpoint_errors(tmp_path):

@@ -196,9 +196,9 @@ def _copy(valid: Path, dst: Path) -> Path:
 # ---- safetensors ------------------------------------------------------------------------------
 def _load_model_file(path: Path, backends=()):
     tensorfile.read_header(path)
-    modelfile.check(path, SPEC)
+    checked = modelfile.check(path, SPEC)
     for name in backends:
-        get_backend(name, "cpu").load_model(modelfile.check(path, SPEC))
+        get_backend(name, "cpu").load_model(checked)
 
 
 HOSTILE_METADATA = [

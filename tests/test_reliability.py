@@ -14,7 +14,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from polygpt import checkpoints, errors, modelfile, rundir
+from polygpt import checkpoints, errors, rundir
 from polygpt.backends import available_backends, get_backend
 from polygpt.cli import main
 
@@ -124,7 +124,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, char_data, mon
         f"{out} still holds its step 3 checkpoint, unchanged"
     )
     ck = checkpoints.read(out)
-    assert ck.step == 3 and modelfile.check(ck.model_file, ck.spec).dtype == "F32"
+    assert ck.step == 3 and ck.model.dtype == "F32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary, no lock left
     monkeypatch.setattr(TorchBackend, "save_optimizer", real)
     r = CliRunner().invoke(main, ["train", "--resume", "--out", str(out), "--quiet"])

@@ -269,7 +269,7 @@ def _train_rate(
         tc.threads = int(be.describe().get("threads", "0"))
     except ValueError:
         tc.threads = 0
-    model = be.load_model(modelfile.check(ckpt.model_file, spec), "fp32")
+    model = be.load_model(ckpt.model, "fp32")
     opt = be.make_optimizer(model, tc)
     arr = data.load_split(data_dir, "train")
     rng = np.random.default_rng(0)

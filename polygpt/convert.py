@@ -10,7 +10,7 @@
 Parameter names are the same in all three (nanoGPT copied OpenAI's), so everything else is a
 name-for-name copy, checked against the spec (from the headers, before a tensor is read).
 
-Conversion streams: the target file is written tensor by tensor (weights.write_tensors), each
+Conversion streams: the target file is written tensor by tensor (tensorfile.write_tensors), each
 read from the source just before it is written (safetensors: plain reads of that tensor;
 nanoGPT: `torch.load(weights_only=True, mmap=True)`, which maps the pickle's tensors instead
 of reading them all), so no whole copy of the weights is ever built in memory.
@@ -21,7 +21,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polygpt import __version__, hf_tokenizer, weights
+from polygpt import (
+    __version__,
+    atomic,
+    checkpoints,
+    hf_tokenizer,
+    jsonfile,
+    modelfile,
+    quantized,
+    tensorfile,
+)
 from polygpt import tokenizer as tok
 from polygpt.errors import PolygptError
 from polygpt.spec import LAYER_NORM_EPS, ModelSpec
@@ -67,7 +76,7 @@ def _write_f32(path: Path, shapes: dict, tensor, metadata: dict[str, str]) -> No
         t = tensor(name).float().contiguous()
         return t.view(-1).view(torch.uint8).numpy()  # its bytes; the array keeps t alive
 
-    weights.write_tensors(path, [(n, "F32", s) for n, s in shapes.items()], data, metadata)
+    tensorfile.write_tensors(path, [(n, "F32", s) for n, s in shapes.items()], data, metadata)
 
 
 def _write(out, spec, tensor, tokenizer: dict, extra: dict) -> Path:
@@ -80,15 +89,15 @@ def _write(out, spec, tensor, tokenizer: dict, extra: dict) -> Path:
         "precision": "fp32",
         **extra,
     }
-    meta = weights.model_metadata(spec)
+    meta = modelfile.metadata(spec)
     shapes = spec.param_shapes()
-    out = weights.write_checkpoint(
+    out = checkpoints.write(
         out,
         config=config,
         tokenizer=tokenizer,
         save_model=lambda p: _write_f32(p, shapes, tensor, meta),
     )
-    weights.check_model_file(out / weights.MODEL_FILE, spec)  # what we wrote reads back
+    modelfile.check(out / checkpoints.MODEL_FILE, spec)  # what we wrote reads back
     return out
 
 
@@ -171,14 +180,14 @@ def from_hf(
     """A Hugging Face GPT-2 directory (or hub snapshot, `source_name` its id@commit) -> polygpt."""
     torch, loading = _torch()
     d = Path(hf_dir)
-    spec = _hf_spec(weights.read_json(d / "config.json"), d)
+    spec = _hf_spec(jsonfile.read_json(d / "config.json"), d)
     if not (d / "model.safetensors").exists() and (d / "pytorch_model.bin").exists():
         raise PolygptError(
             f"{d} holds pytorch_model.bin, a pickle, which can run code when loaded: polygpt "
             "reads model.safetensors only (transformers' save_pretrained writes it by default)"
         )
-    weights.read_header(d / "model.safetensors")  # a clear error for a bad file
-    with weights.TensorFile(d / "model.safetensors") as f:
+    tensorfile.read_header(d / "model.safetensors")  # a clear error for a bad file
+    with tensorfile.TensorFile(d / "model.safetensors") as f:
         source, shapes = {}, {}  # polygpt name -> HF name, polygpt shape
         for k, e in f.entries.items():
             if k == _DROP[0] or k.endswith(_DROP[1:]):
@@ -237,9 +246,9 @@ def _hf_vocabs(d: Path) -> dict[str, object]:
     """The vocabularies a Hugging Face directory's tokenizer files hold, by file name."""
     found: dict[str, object] = {}
     if (d / "vocab.json").is_file():
-        found["vocab.json"] = weights.read_json(d / "vocab.json")
+        found["vocab.json"] = jsonfile.read_json(d / "vocab.json")
     if (d / "tokenizer.json").is_file():
-        tj = weights.read_json(d / "tokenizer.json")
+        tj = jsonfile.read_json(d / "tokenizer.json")
         model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
         vocab = model.get("vocab") if model.get("type", "BPE") == "BPE" else None
         vocab = dict(vocab) if isinstance(vocab, dict) else {}
@@ -270,9 +279,9 @@ def _check_hf_tokenizer(d: Path, name: str) -> None:
         )
 
 
-def _check_float(f: weights.TensorFile, names, source) -> None:
+def _check_float(f: tensorfile.TensorFile, names, source) -> None:
     for n in names:
-        if f.entries[n].dtype not in weights.FLOAT_DTYPES:
+        if f.entries[n].dtype not in tensorfile.FLOAT_DTYPES:
             raise PolygptError(f"{source}: {n} has dtype {f.entries[n].dtype}, expected a float")
 
 
@@ -281,9 +290,8 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
     (fp32; a quantized checkpoint is dequantized), with a tokenizer.json `AutoTokenizer` loads
     that encodes as polygpt does (hf_tokenizer.py)."""
     torch, loading = _torch()
-    ckpt = weights.read_checkpoint(ckpt_dir)
+    ckpt = checkpoints.read(ckpt_dir)
     spec = ckpt.spec
-    weights.check_model_file(ckpt.model_file, spec)
     C = spec.n_embd
     shapes = {k: s[::-1] if k.endswith(CONV1D) else s for k, s in spec.param_shapes().items()}
     if not spec.bias:  # GPT-2 has biases everywhere: zeros compute the same function
@@ -320,9 +328,9 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
         "eos_token_id": 50256 if bpe else None,
     }
     params = spec.param_shapes()
-    with weights.TensorFile(ckpt.model_file) as f:
+    with tensorfile.TensorFile(ckpt.model_file) as f:
         q = f.metadata.get("quantization")
-        quant = weights.Quantization.from_json(q) if q else None
+        quant = quantized.Quantization.from_json(q) if q else None
 
         def tensor(name: str):
             if name not in params:
@@ -330,7 +338,7 @@ def to_hf(ckpt_dir: str | Path, out: str | Path) -> Path:
             t = loading.read_tensor(f, name, params[name], torch.float32, quant)
             return t.t() if name.endswith(CONV1D) else t
 
-        with weights.atomic_directory(out) as tmp:
+        with atomic.atomic_directory(out) as tmp:
             _write_f32(tmp / "model.safetensors", shapes, tensor, {"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "polygpt_tokenizer.json").write_text(json.dumps(ckpt.tokenizer))
@@ -349,7 +357,7 @@ def detect_format(src: str | Path) -> str:
     if src.is_file() and src.suffix in (".pt", ".pth"):
         return "nanogpt"
     if (src / "config.json").is_file():
-        cfg = weights.read_json(src / "config.json")
+        cfg = jsonfile.read_json(src / "config.json")
         if isinstance(cfg.get("spec"), dict):
             return "polygpt"
         if "model_type" in cfg or "architectures" in cfg:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from polygpt import atomic, jsonfile
 from polygpt import tokenizer as tok
-from polygpt import weights
 from polygpt.errors import PolygptError
 
 SHAKESPEARE_URL = (
@@ -94,14 +94,14 @@ def _write(out_dir, t, train: np.ndarray, val: np.ndarray) -> PreparedData:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, arr in (("train.bin", train), ("val.bin", val)):
-        with weights.atomic_file(out / name) as tmp:
+        with atomic.atomic_file(out / name) as tmp:
             arr.tofile(tmp)
     _write_tokenizer(out, t)
     return PreparedData(out, len(train), len(val), t.vocab_size)
 
 
 def _write_tokenizer(out: Path, t) -> None:
-    weights.write_json(out / "tokenizer.json", t.to_dict(), indent=None)
+    jsonfile.write_json(out / "tokenizer.json", t.to_dict(), indent=None)
 
 
 def prepare_shakespeare(
@@ -226,6 +226,25 @@ def prepare_text(
     token boundary after that mark, like nanoGPT's split of the text before encoding). With
     GPT-2 BPE each file ends with <|endoftext|>, as nanoGPT's openwebtext documents do.
     `on_progress(bytes_done, bytes_total)` is called as the files stream (two passes)."""
+    files = _inputs(paths, tokenizer, val_fraction)
+    total = sum(p.stat().st_size for p in files)
+    advance = _progress(2 * total, on_progress)
+    t = _vocabulary(files, tokenizer, chunk_bytes, advance)
+    enc = _Encoder(t)
+    eot = [t.eot] if enc.bpe else []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mark = int(total * (1 - val_fraction))  # corpus byte offset where val starts
+
+    def encode(splits: _Splits) -> None:
+        _encode(files, enc, eot, mark, chunk_bytes, splits, advance)
+
+    counts = _write_splits(out, token_dtype(t.vocab_size), encode, val_fraction)
+    _write_tokenizer(out, t)
+    return PreparedData(out, counts["train"], counts["val"], t.vocab_size)
+
+
+def _inputs(paths: list[str | Path], tokenizer: str, val_fraction: float) -> list[Path]:
     if tokenizer not in TOKENIZERS:
         raise PolygptError(f"unknown tokenizer {tokenizer!r} (choose from {', '.join(TOKENIZERS)})")
     if not 0 < val_fraction < 1:
@@ -236,16 +255,25 @@ def prepare_text(
     for p in files:
         if not p.is_file():
             raise PolygptError(f"input file not found: {p}")
-    total = sum(p.stat().st_size for p in files)
+    return files
+
+
+def _progress(total: int, on_progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """`advance(n)`: n more bytes of `total` streamed, told to on_progress."""
     done = 0
 
     def advance(n: int) -> None:
         nonlocal done
         done += n
         if on_progress:
-            on_progress(done, 2 * total)
+            on_progress(done, total)
 
-    # pass 1: every byte is valid UTF-8 (before anything is written); the character vocabulary
+    return advance
+
+
+def _vocabulary(files: list[Path], tokenizer: str, chunk_bytes: int, advance) -> tok.Tokenizer:
+    """Pass 1: every byte is valid UTF-8 (before anything is written); the character
+    vocabulary."""
     chars: set[str] = set()
     for p in files:
         for text, n in _read_utf8(p, chunk_bytes):
@@ -254,42 +282,32 @@ def prepare_text(
             advance(n)
     if tokenizer == "char" and len(chars) < 2:
         raise PolygptError("input text is empty")
-    t = tok.TiktokenTokenizer("gpt2") if tokenizer == "gpt2" else tok.CharTokenizer(sorted(chars))
-    enc, dtype = _Encoder(t), token_dtype(t.vocab_size)
-    eot = [t.eot] if enc.bpe else []
+    return (
+        tok.TiktokenTokenizer("gpt2") if tokenizer == "gpt2" else tok.CharTokenizer(sorted(chars))
+    )
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+class _Splits:
+    """train.bin and val.bin being written: tokens go to `split`, train until the mark."""
+
+    def __init__(self, files: dict, dtype) -> None:
+        self.files, self.dtype, self.split = files, dtype, "train"
+        self.counts = {"train": 0, "val": 0}
+
+    def emit(self, ids) -> None:
+        np.asarray(ids).astype(self.dtype).tofile(self.files[self.split])
+        self.counts[self.split] += len(ids)
+
+
+def _write_splits(out: Path, dtype, encode: Callable[[_Splits], None], val_fraction: float):
+    """train.bin and val.bin as `encode` fills them, renamed into place only when both hold
+    tokens; the token counts."""
     tmp = {s: out / f".{s}.bin.tmp" for s in ("train", "val")}
-    counts = {"train": 0, "val": 0}
-    mark = int(total * (1 - val_fraction))  # corpus byte offset where val starts
     try:
         with open(tmp["train"], "wb") as ft, open(tmp["val"], "wb") as fv:
-            fh, split, pos = {"train": ft, "val": fv}, "train", 0
-
-            def emit(ids) -> None:
-                np.asarray(ids).astype(dtype).tofile(fh[split])
-                counts[split] += len(ids)
-
-            for p in files:
-                buf = ""
-                for text, n in _read_utf8(p, chunk_bytes):
-                    buf += text
-                    pos += n
-                    if split == "train" and pos >= mark:
-                        raw = buf.encode("utf-8")  # the chars after the mark (a cut one dropped)
-                        past = raw[max(0, len(raw) - (pos - mark)) :].decode("utf-8", "ignore")
-                        k = enc.split_at(buf, len(buf) - len(past))
-                        if k is not None:
-                            emit(enc(buf[:k]))
-                            buf, split = buf[k:], "val"
-                    k = enc.safe_end(buf)
-                    emit(enc(buf[:k]))
-                    buf = buf[k:]
-                    advance(n)
-                emit(np.concatenate([enc(buf), eot]) if buf or eot else [])
-                if split == "train" and pos >= mark:
-                    split = "val"
+            splits = _Splits({"train": ft, "val": fv}, dtype)
+            encode(splits)
+        counts = splits.counts
         if counts["val"] == 0 or counts["train"] == 0:
             raise PolygptError(
                 f"the corpus is too small for a {val_fraction:g} validation split "
@@ -300,8 +318,32 @@ def prepare_text(
     finally:
         for f in tmp.values():
             f.unlink(missing_ok=True)
-    _write_tokenizer(out, t)
-    return PreparedData(out, counts["train"], counts["val"], t.vocab_size)
+    return counts
+
+
+def _encode(files, enc: _Encoder, eot: list, mark: int, chunk_bytes: int, splits: _Splits, advance):
+    """Pass 2: the files' tokens, in order, train's up to the first token boundary after byte
+    `mark` of the corpus and val's after it; each file ends with `eot`."""
+    pos = 0
+    for p in files:
+        buf = ""
+        for text, n in _read_utf8(p, chunk_bytes):
+            buf += text
+            pos += n
+            if splits.split == "train" and pos >= mark:
+                raw = buf.encode("utf-8")  # the chars after the mark (a cut one dropped)
+                past = raw[max(0, len(raw) - (pos - mark)) :].decode("utf-8", "ignore")
+                k = enc.split_at(buf, len(buf) - len(past))
+                if k is not None:
+                    splits.emit(enc(buf[:k]))
+                    buf, splits.split = buf[k:], "val"
+            k = enc.safe_end(buf)
+            splits.emit(enc(buf[:k]))
+            buf = buf[k:]
+            advance(n)
+        splits.emit(np.concatenate([enc(buf), eot]) if buf or eot else [])
+        if splits.split == "train" and pos >= mark:
+            splits.split = "val"
 
 
 def load_tokenizer(data_dir: str | Path) -> tok.Tokenizer:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from polygpt import weights
+from polygpt import checkpoints
 from polygpt.backends import available_backends, backend_module, entry, launcher_backend
 from polygpt.errors import PolygptError
 
@@ -119,7 +119,7 @@ class World:
         if not self.is_main:  # rank 0 may be mid-write: it alone reads and names the step
             return f"rank 0 writes the checkpoints, in {self.out}; resume with: {cmd}"
         try:  # whatever the disk holds, the line is said
-            step = weights.read_checkpoint(self.out).step
+            step = checkpoints.read(self.out).step
         except Exception:
             return f"no checkpoint was saved in {self.out} yet"
         return f"{self.out} holds the checkpoint of step {step}; resume with: {cmd}"

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from polygpt import data, inference, weights
+from polygpt import checkpoints, data, inference, jsonfile
 from polygpt.errors import PolygptError
 
 METHODS = ("sliding", "last-token")
@@ -286,9 +286,9 @@ def save_result(path: str | Path, res: EvalResult) -> None:
     """Record `res` in the checkpoint's config.json as metrics["eval_<split>"], atomically
     (a temporary sibling renamed over it). Training rewrites config.json without it, so a
     recorded evaluation never outlives the weights it measured."""
-    p = Path(path) / weights.CONFIG_FILE
-    cfg = weights.read_json(p)
+    p = Path(path) / checkpoints.CONFIG_FILE
+    cfg = jsonfile.read_json(p)
     rec = {k: v for k, v in res.to_dict().items() if k not in ("checkpoint",)}
     rec["evaluated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     cfg.setdefault("metrics", {})[f"eval_{res.split}"] = rec
-    weights.write_json(p, cfg)
+    jsonfile.write_json(p, cfg)

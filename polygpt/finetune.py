@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from polygpt import hub, weights
+from polygpt import checkpoints, hub
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
@@ -24,7 +24,7 @@ def load_init(
     """(spec, fp32 model) from checkpoint `path` (a directory, or a Hugging Face GPT-2 id
     such as "gpt2-medium", converted once into polygpt's cache), checked against the data's
     tokenizer."""
-    ckpt = weights.read_checkpoint(hub.checkpoint(path))
+    ckpt = checkpoints.read(hub.checkpoint(path))
     ours, theirs = tokenizer.to_dict(), dict(ckpt.tokenizer)
     if ours != theirs:
         raise PolygptError(
@@ -33,7 +33,7 @@ def load_init(
         )
     spec = dataclasses.replace(ckpt.spec, dropout=dropout)
     # a quantized checkpoint loads dequantized: training continues from its rounded weights
-    return spec, backend.load_model(spec, ckpt.model_file, "fp32")
+    return spec, backend.load_model(dataclasses.replace(ckpt.model, spec=spec), "fp32")
 
 
 def _describe(t: dict) -> str:

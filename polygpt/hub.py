@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from polygpt import checkpoints, jsonfile
 from polygpt import convert as convert_mod
-from polygpt import weights
 from polygpt.errors import PolygptError
 
 try:
@@ -111,7 +111,7 @@ def _download(hf, model: ModelId, revision: str | None, patterns: list[str]) -> 
     try:
         if revision and _COMMIT.fullmatch(revision):
             # a commit never changes, so what the cache holds of it needs no Hub call (one
-            # that, without a network, huggingface_hub retries for tens of seconds)
+            # that, without a network, huggingface_hub retries a while before it gives up)
             snap = _cached(hf, model, revision, patterns)
             if snap is not None:
                 return snap
@@ -176,7 +176,7 @@ def _check_gpt2_config(model: ModelId, path: Path) -> None:
     """Refuse a model that is not GPT-2 before its weights are fetched."""
     if not path.is_file():
         raise PolygptError(f"{model} has no {CONFIG}: it is not a transformers GPT-2 model")
-    cfg = weights.read_json(path)
+    cfg = jsonfile.read_json(path)
     if cfg.get("model_type") != "gpt2":
         arch = ", ".join(cfg.get("architectures") or []) or "no architectures"
         raise PolygptError(
@@ -198,7 +198,7 @@ def checkpoint(source: str | Path) -> Path:
     commit = fetch(model, with_weights=False).name
     done = converted_dir(model, commit)
     with _one_converter(done):
-        weights.clean_stale(done)  # what a converter killed mid-write left (we hold the lock)
+        checkpoints.clean_stale(done)  # what a converter killed mid-write left (we hold the lock)
         if done.is_dir():
             return done
         snap = fetch(ModelId(model.repo, commit))

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polygpt import config, weights
+from polygpt import checkpoints, config
 from polygpt import tokenizer as tok
 from polygpt.backends import Backend, available_backends, get_backend
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig, generate
+from polygpt.modelfile import ModelFile
 from polygpt.spec import ModelSpec
 from polygpt.textstream import cut_at_stop
 
@@ -22,7 +23,7 @@ class LanguageModel:
     model: Any
     spec: ModelSpec
     tokenizer: Any
-    checkpoint: weights.Checkpoint
+    checkpoint: checkpoints.Checkpoint
     precision: str
 
     def encode(self, text: str) -> list[int]:
@@ -59,14 +60,14 @@ class LanguageModel:
         return [cut_at_stop(self.tokenizer.decode(o), cfg.stop) for o in out]
 
 
-def sample_config(ckpt: weights.Checkpoint) -> config.SampleConfig:
+def sample_config(ckpt: checkpoints.Checkpoint) -> config.SampleConfig:
     """The [sample] section of the run that made `ckpt` (SampleConfig's defaults for keys it
     does not set, or for a checkpoint without a run config)."""
     stored = (ckpt.config.get("run") or {}).get("sample") or {}
     return config.from_dict({"sample": stored}).sample
 
 
-def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
+def default_backend(ckpt: checkpoints.Checkpoint | None = None) -> str:
     avail = available_backends()
     if not avail:
         raise PolygptError("neither torch nor mlx is installed: pip install 'polygpt[torch]'")
@@ -74,26 +75,23 @@ def default_backend(ckpt: weights.Checkpoint | None = None) -> str:
     return trained if trained in avail else avail[0]
 
 
-def resolve_precision(requested: str | None, ckpt: weights.Checkpoint, backend: Backend) -> str:
-    """The compute precision to load a checkpoint at. Asked for: that (the backend says if it
-    can't). Not asked for: the checkpoint's own, where the backend's device computes at it;
-    else fp32 (a quantized file dequantized: its rounded weights, exactly)."""
+def resolve_precision(requested: str | None, model: ModelFile, backend: Backend) -> str:
+    """The compute precision to load a model file at. Asked for: that (the backend says if it
+    can't). Not asked for: the file's own, where the backend's device computes at it; else
+    fp32 (a quantized file dequantized: its rounded weights, exactly)."""
     if requested not in (None, "auto"):
         return requested
-    have = weights.check_model_file(ckpt.model_file, ckpt.spec)
-    own = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have)
-    if own not in backend.device_precisions():
-        return "fp32"
-    return own
+    return model.precision if model.precision in backend.device_precisions() else "fp32"
 
 
 def load(
     path: str | Path, backend: str | None = None, device: str = "auto", precision: str | None = None
 ) -> LanguageModel:
-    """Load a checkpoint for inference. precision None: the checkpoint's own where the backend
-    computes at it (see resolve_precision), else fp32/fp16/bf16/int8/int4."""
-    ckpt = weights.read_checkpoint(path)
+    """Load a checkpoint for inference: read and checked once (checkpoints.read), then loaded
+    by the backend as checked. precision None: the checkpoint's own where the backend computes
+    at it (see resolve_precision), else fp32/fp16/bf16/int8/int4."""
+    ckpt = checkpoints.read(path)
     be = get_backend(backend or default_backend(ckpt), device)
-    precision = resolve_precision(precision, ckpt, be)
-    model = be.prepare(be.load_model(ckpt.spec, ckpt.model_file, precision))
+    precision = resolve_precision(precision, ckpt.model, be)
+    model = be.prepare(be.load_model(ckpt.model, precision))
     return LanguageModel(be, model, ckpt.spec, tok.from_dict(ckpt.tokenizer), ckpt, precision)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from polygpt import weights
+from polygpt import checkpoints, metrics_log
 from polygpt.errors import PolygptError
 
 KINDS = ("loss", "ppl-iters", "ppl-params")
@@ -32,7 +32,7 @@ def _label(run: Path) -> str:
     return run.name
 
 
-def _perplexity(ckpt: weights.Checkpoint) -> tuple[float, bool]:
+def _perplexity(ckpt: checkpoints.Checkpoint) -> tuple[float, bool]:
     """(perplexity, exact): the full-split eval when recorded, else exp(val loss estimate)."""
     m = ckpt.config.get("metrics", {})
     if isinstance(m.get("eval_val"), dict) and "perplexity" in m["eval_val"]:
@@ -52,13 +52,13 @@ def plot_losses(runs: list[Path], out: Path, title: str | None = None) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
-        rows = weights.read_metrics(run)
+        rows = metrics_log.read(run)
         color = f"C{i % 10}"
         # rows another program (or a bad edit) wrote without these numbers are skipped
         train = [(r["step"], r["loss"]) for r in rows if _has(r, "train", "step", "loss")]
         evals = [r for r in rows if _has(r, "eval", "step", "train_loss", "val_loss")]
         if not train and not evals:
-            raise PolygptError(f"{run} has no losses in {weights.METRICS_FILE} to plot")
+            raise PolygptError(f"{run} has no losses in {checkpoints.METRICS_FILE} to plot")
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.25, lw=0.8)
         if evals:
@@ -94,7 +94,7 @@ def plot_perplexity(
     plt = pyplot()
     pts = []
     for run in runs:
-        ck = weights.read_checkpoint(run)
+        ck = checkpoints.read(run)
         ppl, exact = _perplexity(ck)
         xv = ck.step if x == "iters" else ck.spec.num_params()
         pts.append((xv, ppl, exact, run))

@@ -1,6 +1,6 @@
 """`polygpt quantize`: write a checkpoint at a lower precision that every backend loads back.
 
-One quantized format for both frameworks (weights.Quantization): MLX's affine group
+One quantized format for both frameworks (quantized.Quantization): MLX's affine group
 quantization, stored as plain safetensors. MLX reads it natively (nn.quantize + load_weights)
 and computes in 8 or 4 bits; torch reads the same bytes and dequantizes them (torch has no
 4-bit kernels; its int8 is dynamic quantization of fp32 Linear layers). Both backends also
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from polygpt import weights
+from polygpt import checkpoints, modelfile, quantized
 from polygpt.backends import get_backend
 from polygpt.errors import PolygptError
 from polygpt.inference import default_backend
@@ -52,13 +52,13 @@ def quantize_checkpoint(
             f"unknown precision {precision!r} (choose from {', '.join([*QUANT_BITS, *FLOATS])})"
         )
     src, out = Path(src), Path(out)
-    ckpt = weights.read_checkpoint(src)
+    ckpt = checkpoints.read(src)
     if out.resolve() == src.resolve():
         raise PolygptError("--out must be a new directory, not the source checkpoint")
     if out.exists() and not overwrite:
         raise PolygptError(f"{out} exists (use --overwrite to replace it)")
-    have = weights.check_model_file(ckpt.model_file, ckpt.spec)
-    if have.startswith("int"):
+    have = ckpt.model.dtype
+    if ckpt.model.quantization is not None:
         raise PolygptError(f"{src} is already {have}-quantized: quantize from a float checkpoint")
     if group_size is not None and precision not in QUANT_BITS:
         raise PolygptError("--group-size applies to int8/int4 only")
@@ -66,32 +66,32 @@ def quantize_checkpoint(
     config = {k: v for k, v in ckpt.config.items() if k != "quantization"}
     config.update(precision=precision, quantized_from=str(src), quantized_with=be.name)
     if precision in QUANT_BITS:
-        q = weights.Quantization(
-            QUANT_BITS[precision], group_size or weights.default_group_size(ckpt.spec)
+        q = quantized.Quantization(
+            QUANT_BITS[precision], group_size or quantized.default_group_size(ckpt.spec)
         )
-        if not weights.quantizable(ckpt.spec, q.group_size):
+        if not quantized.quantizable(ckpt.spec, q.group_size):
             raise PolygptError(f"no weight of this model has a multiple of {q.group_size} inputs")
-        model = be.load_model(ckpt.spec, ckpt.model_file, "fp32")
-        meta = weights.model_metadata(ckpt.spec, quantization=q.to_json())
+        model = be.load_model(ckpt.model, "fp32")
+        meta = modelfile.metadata(ckpt.spec, quantization=q.to_json())
         config["quantization"] = q.to_dict()
 
         def save(path: Path) -> None:
             be.save_quantized(model, path, meta, q.bits, q.group_size)
     else:
         q = None
-        model = be.load_model(ckpt.spec, ckpt.model_file, precision)
-        meta = weights.model_metadata(ckpt.spec)
+        model = be.load_model(ckpt.model, precision)
+        meta = modelfile.metadata(ckpt.spec)
 
         def save(path: Path) -> None:
             be.save_model(model, path, meta)
 
-    weights.write_checkpoint(out, config=config, tokenizer=ckpt.tokenizer, save_model=save)
-    weights.check_model_file(out / weights.MODEL_FILE, ckpt.spec)  # what we wrote loads
+    checkpoints.write(out, config=config, tokenizer=ckpt.tokenizer, save_model=save)
+    modelfile.check(out / checkpoints.MODEL_FILE, ckpt.spec)  # what we wrote loads
     return QuantizeResult(
         out=out,
         precision=precision,
         backend=be.name,
         group_size=q.group_size if q else None,
         bytes_before=ckpt.model_file.stat().st_size,
-        bytes_after=(out / weights.MODEL_FILE).stat().st_size,
+        bytes_after=(out / checkpoints.MODEL_FILE).stat().st_size,
     )

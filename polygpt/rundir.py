@@ -6,7 +6,7 @@ nothing). The kernel drops the lock when its process dies, however it dies, so a
 never leaves a stale lock: the file stays, but the next run takes it over. The file holds the
 holder's pid for the error message.
 
-`owned` wraps the training loop: lock, remove what a killed writer left (weights.clean_stale),
+`owned` wraps the training loop: lock, remove what a killed writer left (checkpoints.clean_stale),
 and on --resume drop the metrics the killed run wrote past its last checkpoint.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from polygpt import weights
+from polygpt import checkpoints, metrics_log
 from polygpt.errors import PolygptError
 
 try:
@@ -75,12 +75,12 @@ def owned(out: str | Path, resume: bool) -> Iterator[None]:
     the metrics it wrote past its last checkpoint). Rank 0 alone does this under a launcher."""
     out = Path(out)
     with run_lock(out):
-        weights.clean_stale(out)
+        checkpoints.clean_stale(out)
         if resume:
             try:
-                step = weights.read_checkpoint(out).step
+                step = checkpoints.read(out).step
             except PolygptError:
                 step = None  # train() itself says what is wrong with the checkpoint
             if step is not None:
-                weights.trim_metrics(out, step)
+                metrics_log.trim(out, step)
         yield

@@ -47,9 +47,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from polygpt import checkpoints
 from polygpt import engine as eng
 from polygpt import tokenizer as tok
-from polygpt import weights
 from polygpt.engine_process import EngineClient, EngineDead
 from polygpt.errors import PolygptError
 
@@ -748,7 +748,7 @@ def serve(
     if max_batch < 1 or max_queue < 0:
         raise PolygptError("--max-batch must be >= 1 and --max-queue >= 0")
     template = ChatTemplate.load(chat_template)
-    ckpt = weights.read_checkpoint(checkpoint)  # a bad path fails here, before a process starts
+    ckpt = checkpoints.read(checkpoint)  # a bad path fails here, before a process starts
     text = Text(tok.from_dict(ckpt.tokenizer))
     limits = Limits(max_batch, max_tokens_limit, ckpt.spec.block_size, text.tokenizer.vocab_size)
     sock = bind(host, port)

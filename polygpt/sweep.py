@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polygpt import __version__, config, evaluate, inference, weights
+from polygpt import __version__, atomic, checkpoints, config, evaluate, inference, jsonfile
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
 from polygpt.train import TrainEvent, train
@@ -156,7 +156,7 @@ def _finished(run_dir: Path, fp: str, max_iters: int) -> dict | None:
         return None
     try:
         res = json.loads(p.read_text())
-        ck = weights.read_checkpoint(run_dir)
+        ck = checkpoints.read(run_dir)
     except (json.JSONDecodeError, OSError, PolygptError):
         return None
     if res.get("fingerprint") == fp and ck.step == max_iters:
@@ -166,7 +166,7 @@ def _finished(run_dir: Path, fp: str, max_iters: int) -> dict | None:
 
 def _resumable(run_dir: Path, fp: str) -> bool:
     try:
-        ck = weights.read_checkpoint(run_dir)
+        ck = checkpoints.read(run_dir)
     except PolygptError:
         return False
     return ck.config.get("sweep_fingerprint") == fp and ck.optimizer_file.exists()
@@ -207,7 +207,7 @@ def run_one(
     if done is not None:
         on_event(RunSkipped(run.name))
         return done
-    weights.recover(run_dir)
+    atomic.recover(run_dir)
     resume = _resumable(run_dir, fp)
     on_event(RunStart(run.name, resume, run.backend, run_dir))
     t0 = time.perf_counter()
@@ -222,6 +222,27 @@ def run_one(
     train_wall = time.perf_counter() - t0
     # ms/iter means something only on an idle machine: keep the load it was measured under
     load_avg = [round(x, 2) for x in os.getloadavg()]
+    ev, sample, spec = _evaluate_and_sample(sweep, run, cfg)
+    result = _result(run, cfg, res, ev, spec)
+    result.update(
+        train_wall_s=train_wall,
+        ms_per_iter=res.ms_per_iter,
+        train_tokens_per_s=res.tokens_per_s,
+        load_avg_1_5_15=load_avg,
+        resumed=resume,
+        sample=sample,
+        fingerprint=fp,
+        polygpt_version=__version__,
+    )
+    jsonfile.write_json(run_dir / RESULT_FILE, result)
+    on_event(RunDone(run.name, result))
+    return result
+
+
+def _evaluate_and_sample(sweep: Sweep, run: RunSpec, cfg: config.RunConfig) -> tuple:
+    """(evaluation on the full val split, saved beside the checkpoint; a sample of the
+    sweep's length from the run's prompt; the model's spec) of a trained run."""
+    run_dir = Path(cfg.train.out)
     ev = evaluate.evaluate_checkpoint(
         run_dir,
         backend=run.backend,
@@ -234,9 +255,12 @@ def run_one(
     gen = GenerationConfig(
         max_new_tokens=sweep.sample_tokens, temperature=sweep.sample_temperature, seed=sweep.seed
     )
-    sample = lm.generate([cfg.sample.prompt], gen)[0]
-    spec = lm.spec
-    result = {
+    return ev, lm.generate([cfg.sample.prompt], gen)[0], lm.spec
+
+
+def _result(run: RunSpec, cfg: config.RunConfig, res, ev, spec) -> dict:
+    """A run's row of the sweep: what it is, and its losses and perplexity."""
+    return {
         "name": run.name,
         "backend": run.backend,
         "device": res.backend.get("device"),
@@ -256,18 +280,7 @@ def run_one(
         "val_bpc": ev.bits_per_char,
         "eval_stride": ev.stride,
         "eval_tokens": ev.tokens,
-        "train_wall_s": train_wall,
-        "ms_per_iter": res.ms_per_iter,
-        "train_tokens_per_s": res.tokens_per_s,
-        "load_avg_1_5_15": load_avg,
-        "resumed": resume,
-        "sample": sample,
-        "fingerprint": fp,
-        "polygpt_version": __version__,
     }
-    weights.write_json(run_dir / RESULT_FILE, result)
-    on_event(RunDone(run.name, result))
-    return result
 
 
 def run_sweep(
@@ -313,10 +326,10 @@ def results_table(results: list[dict]) -> str:
 def write_results(sweep: Sweep, results: list[dict]) -> Path:
     out = Path(sweep.results)
     out.mkdir(parents=True, exist_ok=True)
-    weights.write_json(out / "results.json", results)
+    jsonfile.write_json(out / "results.json", results)
     lines = [f"# {sweep.name}: results\n", results_table(results), "\n## Samples\n"]
     for r in results:
         lines.append(f"\n### {r['name']}\n\n```\n{r['sample'].strip()}\n```\n")
-    with weights.atomic_file(out / "results.md") as tmp:
+    with atomic.atomic_file(out / "results.md") as tmp:
         tmp.write_text("".join(lines))
     return out

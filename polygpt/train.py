@@ -26,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from polygpt import __version__, data, distributed, rundir, weights
+from polygpt import (
+    __version__,
+    atomic,
+    checkpoints,
+    data,
+    distributed,
+    metrics_log,
+    modelfile,
+    rundir,
+)
 from polygpt.backends import get_backend
 from polygpt.config import RunConfig, TrainConfig, from_dict, parse_override
 from polygpt.errors import PolygptError
@@ -225,58 +234,14 @@ def setup(
     train_dtype, eval_dtype = dtypes(tc, backend)
     world = world or distributed.World()
     if world.is_main:
-        weights.recover(out)
+        atomic.recover(out)
     world.barrier("waiting for rank 0 to recover the checkpoint directory")
     tokenizer = data.load_tokenizer(cfg.data.dir)
     splits = {name: data.load_split(cfg.data.dir, name) for name in ("train", "val")}
-
     if resume:
-        ckpt = weights.read_checkpoint(out)
-        if not ckpt.optimizer_file.exists():
-            raise PolygptError(f"{out} has no optimizer.safetensors: it cannot be resumed")
-        if ckpt.tokenizer != tokenizer.to_dict():
-            raise PolygptError(f"the data in {cfg.data.dir} has another vocabulary than {out}")
-        spec = ckpt.spec
-        model = backend.load_model(spec, ckpt.model_file, "fp32")
-        opt = backend.make_optimizer(model, tc)
-        backend.load_optimizer(opt, ckpt.optimizer_file)
-        state = ckpt.config.get("train_state", {})
-        sizes = {name: len(arr) for name, arr in splits.items()}
-        if state.get("data_tokens", sizes) != sizes:  # (older checkpoints lack it)
-            raise PolygptError(
-                f"data.dir {cfg.data.dir} holds other token files than {out} was trained on "
-                f"({state['data_tokens']} tokens, now {sizes})"
-            )
-        rng = np.random.default_rng()
-        try:
-            rng.bit_generator.state = state["rng"]
-        except (KeyError, TypeError, ValueError):
-            raise PolygptError(
-                f"{out}: no valid train_state.rng in config.json to resume"
-            ) from None
-        start, history = ckpt.step, dict(ckpt.config.get("metrics", {}))
+        spec, model, opt, rng, start, history = _resumed(cfg, backend, tokenizer, splits)
     else:
-        if (out / weights.CONFIG_FILE).exists() and not overwrite:
-            raise PolygptError(
-                f"{out} already holds a checkpoint: pass --resume to continue it, "
-                "--overwrite to replace it, or --out to train elsewhere"
-            )
-        if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
-            spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
-        else:
-            spec = cfg.model.to_spec(tokenizer.vocab_size)
-            if spec.vocab_size < tokenizer.vocab_size:
-                raise PolygptError(
-                    f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
-                )
-            model = backend.init_model(spec, tc.seed)
-        opt = backend.make_optimizer(model, tc)
-        if world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if overwrite and (out / weights.METRICS_FILE).exists():
-                (out / weights.METRICS_FILE).unlink()
-        rng = np.random.default_rng(tc.seed)
-        start, history = 0, {}
+        spec, model, opt, rng, start, history = _fresh(cfg, backend, tokenizer, overwrite, world)
     world.prepare(backend, model, opt)  # rank 0's weights; gradients averaged across ranks
     return Run(
         cfg=cfg,
@@ -295,6 +260,59 @@ def setup(
         train_dtype=train_dtype,
         eval_dtype=eval_dtype,
     )
+
+
+def _resumed(cfg: RunConfig, backend, tokenizer: Tokenizer, splits: dict) -> tuple:
+    """(spec, model, opt, rng, start, history) of the run saved in cfg.train.out: its weights,
+    AdamW state, batch stream and step, checked against the data it continues on."""
+    out = Path(cfg.train.out)
+    ckpt = checkpoints.read(out)
+    if not ckpt.optimizer_file.exists():
+        raise PolygptError(f"{out} has no optimizer.safetensors: it cannot be resumed")
+    if ckpt.tokenizer != tokenizer.to_dict():
+        raise PolygptError(f"the data in {cfg.data.dir} has another vocabulary than {out}")
+    model = backend.load_model(ckpt.model, "fp32")
+    opt = backend.make_optimizer(model, cfg.train)
+    backend.load_optimizer(opt, ckpt.optimizer_file)
+    state = ckpt.config.get("train_state", {})
+    sizes = {name: len(arr) for name, arr in splits.items()}
+    if state.get("data_tokens", sizes) != sizes:  # (older checkpoints lack it)
+        raise PolygptError(
+            f"data.dir {cfg.data.dir} holds other token files than {out} was trained on "
+            f"({state['data_tokens']} tokens, now {sizes})"
+        )
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = state["rng"]
+    except (KeyError, TypeError, ValueError):
+        raise PolygptError(f"{out}: no valid train_state.rng in config.json to resume") from None
+    return ckpt.spec, model, opt, rng, ckpt.step, dict(ckpt.config.get("metrics", {}))
+
+
+def _fresh(cfg: RunConfig, backend, tokenizer: Tokenizer, overwrite: bool, world) -> tuple:
+    """(spec, model, opt, rng, start, history) of a new run: fresh weights at train.seed, or a
+    checkpoint's with train.init_from, and a fresh optimizer."""
+    tc, out = cfg.train, Path(cfg.train.out)
+    if (out / checkpoints.CONFIG_FILE).exists() and not overwrite:
+        raise PolygptError(
+            f"{out} already holds a checkpoint: pass --resume to continue it, "
+            "--overwrite to replace it, or --out to train elsewhere"
+        )
+    if tc.init_from:  # fine-tuning: spec and weights from a checkpoint, a fresh optimizer
+        spec, model = load_init(backend, tc.init_from, tokenizer, cfg.model.dropout)
+    else:
+        spec = cfg.model.to_spec(tokenizer.vocab_size)
+        if spec.vocab_size < tokenizer.vocab_size:
+            raise PolygptError(
+                f"model.vocab_size {spec.vocab_size} < the data's {tokenizer.vocab_size}"
+            )
+        model = backend.init_model(spec, tc.seed)
+    opt = backend.make_optimizer(model, tc)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and (out / checkpoints.METRICS_FILE).exists():
+            (out / checkpoints.METRICS_FILE).unlink()
+    return spec, model, opt, np.random.default_rng(tc.seed), 0, {}
 
 
 def draw_batches(run: Run) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -329,7 +347,7 @@ def evaluate(run: Run, step: int) -> Evaluated:
         lr=get_lr(step, tc),
         eval_s=round(time.perf_counter() - t0, 4),
     )
-    weights.append_metrics(run.out, {"event": "eval", **vars(ev), "time": time.time()})
+    metrics_log.append(run.out, {"event": "eval", **vars(ev), "time": time.time()})
     run.history = {"train_loss": ev.train_loss, "val_loss": ev.val_loss, "val_ppl": ev.val_ppl}
     return ev
 
@@ -358,8 +376,8 @@ def save(run: Run, step: int) -> Saved | None:
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **run.extra_config,
     }
-    meta = weights.model_metadata(spec, step=str(step))
-    weights.write_checkpoint(
+    meta = modelfile.metadata(spec, step=str(step))
+    checkpoints.write(
         run.out,
         config=config,
         tokenizer=run.tokenizer.to_dict(),
@@ -369,6 +387,30 @@ def save(run: Run, step: int) -> Saved | None:
     return Saved(step, run.out)
 
 
+@dataclass
+class _Clock:
+    """Training time with evaluations left out; the first step (it allocates and, with
+    train.compile, compiles) is timed apart, not in ms/iter."""
+
+    train_s: float = 0.0
+    timed_iters: int = 0
+    first_step_s: float | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def stop(self) -> None:
+        self.train_s += time.perf_counter() - self.t0
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stepped(self) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self.t0
+            self.restart()
+        else:
+            self.timed_iters += 1
+
+
 def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> TrainResult:
     """Train from run.start to max_iters, evaluating and saving every eval_interval steps.
 
@@ -376,9 +418,39 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
     (between parameter updates), and a checkpoint of that state is one no unbroken run passes
     through, which would break "a resumed run equals the unbroken run". The checkpoint on disk
     stays the last evaluated one (at most eval_interval steps behind)."""
-    tc, spec, backend, world = run.cfg.train, run.spec, run.backend, run.world
+    tc, world = run.cfg.train, run.world
     if not world.is_main:  # rank 0 alone reports
         on_event = lambda ev: None  # noqa: E731
+    desc = _announce(run, on_event)
+    t_start = time.perf_counter()
+    clock = _Clock()
+    it, loss = run.start, None
+    try:
+        while True:
+            at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
+            if at_eval and (it > run.start or not run.resumed):  # resumed: evaluated when saved
+                if loss is not None:
+                    world.sync(loss)  # finish queued work before the clock stops
+                clock.stop()
+                _evaluate_and_save(run, it, on_event)
+                clock.restart()
+            if it >= tc.max_iters:
+                break
+            lr = get_lr(it, tc)
+            loss = _train_step(run, lr, clock)
+            it += 1
+            on_event(TrainStep(it, lr, _log_step(run, it, lr, loss)))
+    except KeyboardInterrupt:
+        raise TrainInterrupted(run.out, it) from None
+    result = _result(run, it, clock, time.perf_counter() - t_start, desc)
+    on_event(TrainEnd(result, clock.timed_iters, clock.first_step_s))
+    return result
+
+
+def _announce(run: Run, on_event: Callable[[TrainEvent], None]) -> dict[str, str]:
+    """Report the start, and record in metrics.jsonl how many processes run this segment and
+    over what; returns the backend's description."""
+    tc, spec, backend, world = run.cfg.train, run.spec, run.backend, run.world
     desc = backend.describe()
     on_event(
         TrainStart(
@@ -396,84 +468,67 @@ def loop(run: Run, on_event: Callable[[TrainEvent], None] = lambda ev: None) -> 
             eval_dtype=run.eval_dtype,
         )
     )
-    if world.is_main:  # each run segment says how many processes ran it, and over what
-        weights.append_metrics(
-            run.out,
-            {
-                "event": "start",
-                "step": run.start,
-                **world.record(),
-                "dtype": run.train_dtype,
-                "eval_dtype": run.eval_dtype,
-                "time": time.time(),
-            },
+    if world.is_main:
+        record = {"event": "start", "step": run.start, **world.record()}
+        record.update(dtype=run.train_dtype, eval_dtype=run.eval_dtype, time=time.time())
+        metrics_log.append(run.out, record)
+    return desc
+
+
+def _evaluate_and_save(run: Run, it: int, on_event: Callable[[TrainEvent], None]) -> None:
+    world = run.world
+    if world.is_main:
+        on_event(evaluate(run, it))
+        with world.saving:
+            saved = save(run, it) if it > 0 else None
+        if saved is not None:
+            on_event(saved)
+    world.barrier("waiting for rank 0 to evaluate and save")
+
+
+def _train_step(run: Run, lr: float, clock: _Clock) -> Any:
+    """One optimizer step on this rank's slice of the global batch; its loss, not synced."""
+    tc, world = run.cfg.train, run.world
+    batches = world.shard(draw_batches(run))  # every rank draws the global batch
+    first = clock.first_step_s is None
+    # (its collectives wait for the peers; the first step also compiles, on every rank)
+    with world.deadline("in a training step", first=first):
+        loss = run.backend.train_step(
+            run.model, run.opt, batches, lr, tc.grad_clip, run.train_dtype
         )
-    tokens_per_iter = tc.batch_size * tc.grad_accum * spec.block_size
-    train_time, timed_iters = 0.0, 0
-    first_step_s = None
-    t_start = time.perf_counter()
-    it = run.start
-    t0 = time.perf_counter()
-    loss = None
-    try:
-        while True:
-            at_eval = it % tc.eval_interval == 0 or it == tc.max_iters
-            if at_eval and (it > run.start or not run.resumed):  # resumed: evaluated when saved
-                if loss is not None:
-                    world.sync(loss)  # finish queued work before the clock stops
-                train_time += time.perf_counter() - t0
-                if world.is_main:
-                    on_event(evaluate(run, it))
-                    with world.saving:
-                        saved = save(run, it) if it > 0 else None
-                    if saved is not None:
-                        on_event(saved)
-                world.barrier("waiting for rank 0 to evaluate and save")
-                t0 = time.perf_counter()
-            if it >= tc.max_iters:
-                break
-            lr = get_lr(it, tc)
-            batches = world.shard(draw_batches(run))  # every rank draws the global batch
-            # (its collectives wait for the peers; the first step also compiles, on every rank)
-            with world.deadline("in a training step", first=first_step_s is None):
-                loss = backend.train_step(
-                    run.model, run.opt, batches, lr, tc.grad_clip, run.train_dtype
-                )
-            it += 1
-            if first_step_s is None:
-                # the first step allocates and, with train.compile, compiles: not in ms/iter
-                with world.deadline("finishing the first training step", first=True):
-                    float(loss)  # waits for the queued step
-                first_step_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-            else:
-                timed_iters += 1
-            lossf = None
-            if it % tc.log_interval == 0 or it == tc.max_iters:
-                lossf = world.mean(loss)  # the only host sync between evaluations
-                if world.is_main:
-                    weights.append_metrics(
-                        run.out, {"event": "train", "step": it, "loss": lossf, "lr": lr}
-                    )
-            on_event(TrainStep(it, lr, lossf))
-    except KeyboardInterrupt:
-        raise TrainInterrupted(run.out, it) from None
-    wall = time.perf_counter() - t_start
-    ms = 1000 * train_time / max(1, timed_iters)
-    tps = tokens_per_iter / (ms / 1000) if ms > 0 else 0.0
-    result = TrainResult(
+    if first:
+        with world.deadline("finishing the first training step", first=True):
+            float(loss)  # waits for the queued step
+    clock.stepped()
+    return loss
+
+
+def _log_step(run: Run, it: int, lr: float, loss: Any) -> float | None:
+    """The loss at log_interval steps (and the last), recorded in metrics.jsonl; else None."""
+    tc = run.cfg.train
+    if it % tc.log_interval != 0 and it != tc.max_iters:
+        return None
+    lossf = run.world.mean(loss)  # the only host sync between evaluations
+    if run.world.is_main:
+        metrics_log.append(run.out, {"event": "train", "step": it, "loss": lossf, "lr": lr})
+    return lossf
+
+
+def _result(run: Run, it: int, clock: _Clock, wall: float, desc: dict) -> TrainResult:
+    tc = run.cfg.train
+    ms = 1000 * clock.train_s / max(1, clock.timed_iters)
+    tokens_per_iter = tc.batch_size * tc.grad_accum * run.spec.block_size
+    return TrainResult(
         out=run.out,
         step=it,
         train_loss=run.history.get("train_loss"),
         val_loss=run.history.get("val_loss"),
         ms_per_iter=ms,
-        tokens_per_s=tps,
+        tokens_per_s=tokens_per_iter / (ms / 1000) if ms > 0 else 0.0,
         wall_s=wall,
         backend=desc,
-        is_main=world.is_main,
+        is_main=run.world.is_main,
     )
-    on_event(TrainEnd(result, timed_iters, first_step_s))
-    return result
 
 
 def train(
@@ -517,7 +572,7 @@ _FIXED_ON_RESUME = ("model",)
 def config_for_resume(out: str | Path, overrides: list[str]) -> RunConfig:
     """The run config stored in a checkpoint, with command-line overrides on top; an override
     of a model key to another value is an error naming it (the weights fix the model)."""
-    ckpt = weights.read_checkpoint(out)
+    ckpt = checkpoints.read(out)
     cfg = from_dict(dict(ckpt.config.get("run", {})))
     cfg.train.out = str(out)
     for item in overrides:

@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from polygpt import data, evaluate, inference
+from polygpt import checkpoints, data, evaluate
 from polygpt.backends import get_backend
 from polygpt.errors import PolygptError
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=None, help="also write results here")
     args = ap.parse_args(argv)
 
-    ckpt = inference.weights.read_checkpoint(args.checkpoint)
+    ckpt = checkpoints.read(args.checkpoint)
     block = ckpt.spec.block_size
     stride = args.stride or block // 2
     tokens = data.load_split(ckpt.config["run"]["data"]["dir"], args.split)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.backends.split(","):
         try:
             be = get_backend(name, args.device)
-            model = be.load_model(ckpt.spec, ckpt.model_file, "fp32")
+            model = be.load_model(ckpt.model, "fp32")
         except (PolygptError, ImportError, AttributeError) as e:
             print(f"{name}: skipped ({e})")
             continue

@@ -45,9 +45,9 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
     if model in SPECS:
         C, V = SPECS[model]["n_embd"], SPECS[model]["vocab_size"]
     else:
-        from polygpt import weights
+        from polygpt import checkpoints
 
-        spec = weights.read_checkpoint(model).spec
+        spec = checkpoints.read(model).spec
         C, V = spec.n_embd, spec.vocab_size
     return {"qkv": (3 * C, C), "proj": (C, C), "fc": (4 * C, C), "fc2": (C, 4 * C), "head": (V, C)}
 

@@ -76,14 +76,14 @@ log "parity"
 timeout 240 $PY - "$CK" "$DEV" "$MLXDEV" "$ROWS" <<'EOF'
 import sys
 import numpy as np
-from polygpt import weights
+from polygpt import checkpoints
 from polygpt.backends import available_backends, get_backend
 ck, dev, mlxdev, rows = sys.argv[1:]
-ckpt = weights.read_checkpoint(ck)
+ckpt = checkpoints.read(ck)
 spec = ckpt.spec
 x = np.random.default_rng(0).integers(0, spec.vocab_size, (2, min(256, spec.block_size)))
 cpu = get_backend("torch", "cpu")
-ref = cpu.logits(cpu.load_model(spec, ckpt.model_file, "fp32"), x)
+ref = cpu.logits(cpu.load_model(ckpt.model, "fp32"), x)
 # max |logit - CPU fp32 logit|: fp32 allows TF32 matmuls; half precisions their rounding
 TOL = {"fp32": 5e-3, "fp16": 5e-2, "bf16": 0.5}
 with open(rows, "a") as out:
@@ -95,7 +95,7 @@ with open(rows, "a") as out:
                 continue
             try:
                 be = get_backend(backend, device)
-                d = float(np.abs(be.logits(be.load_model(spec, ckpt.model_file, p), x) - ref).max())
+                d = float(np.abs(be.logits(be.load_model(ckpt.model, p), x) - ref).max())
                 ok = "ok" if d <= TOL[p] else "FAIL"
                 out.write(f"parity\t{name}\tmax abs logit diff vs torch cpu fp32 {d:.2e}\t{ok}\n")
             except Exception as e:  # noqa: BLE001 - one row per failure, the table goes on

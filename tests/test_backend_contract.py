@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from polygpt import weights
+from polygpt import modelfile, tensorfile
 from polygpt.backends import backend_class, get_backend
 from polygpt.config import TrainConfig
 from polygpt.errors import PolygptError
@@ -35,7 +35,7 @@ def _params(be, model, spec: ModelSpec) -> dict[str, np.ndarray]:
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.safetensors"
-        be.save_model(model, path, weights.model_metadata(spec))
+        be.save_model(model, path, modelfile.metadata(spec))
         return load_file(str(path))
 
 
@@ -92,20 +92,22 @@ def test_init_statistics(be):
 def test_safetensors_round_trip_keeps_dtype(be, tmp_path, precision, dtype):
     model = be.set_precision(be.init_model(SPEC, seed=3), precision)
     path = tmp_path / "model.safetensors"
-    be.save_model(model, path, weights.model_metadata(SPEC))
-    assert weights.check_model_file(path, SPEC) == dtype
-    _, meta = weights.read_header(path)
+    be.save_model(model, path, modelfile.metadata(SPEC))
+    assert modelfile.check(path, SPEC).dtype == dtype
+    _, meta = tensorfile.read_header(path)
     assert ModelSpec.from_json(meta["spec"]) == SPEC
-    loaded = be.load_model(SPEC, path, precision)
+    loaded = be.load_model(modelfile.check(path, SPEC), precision)
     x = _tokens((2, 16))
     np.testing.assert_array_equal(be.logits(model, x), be.logits(loaded, x))
 
 
 def test_load_rejects_a_wrong_spec(be, tmp_path):
     path = tmp_path / "model.safetensors"
-    be.save_model(be.init_model(SPEC, 0), path, weights.model_metadata(SPEC))
+    be.save_model(be.init_model(SPEC, 0), path, modelfile.metadata(SPEC))
     with pytest.raises(PolygptError, match="shape"):
-        be.load_model(ModelSpec(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64), path)
+        modelfile.check(
+            path, ModelSpec(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64)
+        )
 
 
 def _batches(n, seed, shape=(4, 32)):
@@ -124,11 +126,11 @@ def test_optimizer_state_round_trip_continues_the_same_run(be, tmp_path):
     opt_a = be.make_optimizer(a, cfg)
     for b in batches[:3]:
         be.train_step(a, opt_a, [b], 1e-3, 1.0)
-    be.save_model(a, tmp_path / "model.safetensors", weights.model_metadata(SPEC))
+    be.save_model(a, tmp_path / "model.safetensors", modelfile.metadata(SPEC))
     be.save_optimizer(opt_a, tmp_path / "opt.safetensors", {})
-    _, meta = weights.read_header(tmp_path / "opt.safetensors")
+    _, meta = tensorfile.read_header(tmp_path / "opt.safetensors")
     assert meta["step"] == "3"
-    b_model = be.load_model(SPEC, tmp_path / "model.safetensors")
+    b_model = be.load_model(modelfile.check(tmp_path / "model.safetensors", SPEC))
     opt_b = be.make_optimizer(b_model, cfg)
     assert be.load_optimizer(opt_b, tmp_path / "opt.safetensors") == 3
     for b in batches[3:]:

@@ -15,7 +15,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from polygpt import weights
+from polygpt import checkpoints
 from polygpt.bench import measure as bench_measure
 from polygpt.bench import run as bench
 from polygpt.cli import main
@@ -63,7 +63,7 @@ def test_run_config_measures_everything(tiny_ckpt, backend):
     _rate_ok(row.train)
     assert row.train.dtype == "fp32" and row.train.batch == "8x32"
     # fp32 size is the checkpoint's own model.safetensors
-    ckpt = weights.read_checkpoint(tiny_ckpt)
+    ckpt = checkpoints.read(tiny_ckpt)
     assert row.size_mb == pytest.approx(ckpt.model_file.stat().st_size / 1e6)
     assert row.memory["peak_rss_mb"] > 0 and row.memory["weights_mb"] > 0
     # perplexity of a 60-step model on 300 val tokens: worse than a good model, far better

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polygpt import convert, inference, weights
+from polygpt import checkpoints, convert, inference
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
 
@@ -34,7 +34,7 @@ def test_export_to_hf_matches_transformers(random_ckpt, tmp_path):
 def test_hf_round_trip(random_ckpt, tmp_path, char_data):
     hf_dir = convert.to_hf(random_ckpt, tmp_path / "hf")
     back = convert.from_hf(hf_dir, tmp_path / "back", tokenizer_dir=char_data)
-    ck = weights.read_checkpoint(back)
+    ck = checkpoints.read(back)
     assert ck.spec.bias and ck.spec.activation == "gelu_tanh"  # GPT-2 always has biases
     np.testing.assert_allclose(_logits(back), _logits(random_ckpt), atol=1e-5)
 
@@ -81,7 +81,7 @@ def test_nanogpt_import(tmp_path, char_data):
     )
     ref = _nanogpt_ckpt(tmp_path / "ckpt.pt", spec)
     out = convert.from_nanogpt(tmp_path / "ckpt.pt", tmp_path / "ck", tokenizer_dir=char_data)
-    ck = weights.read_checkpoint(out)
+    ck = checkpoints.read(out)
     assert ck.spec == spec and ck.config["metrics"]["val_loss"] == pytest.approx(1.9)
     with torch.no_grad():
         expected = ref(torch.from_numpy(X)).numpy()
@@ -144,7 +144,7 @@ def _check_hf_import(hf, hf_dir, tmp_path, x, backends):
     with torch.no_grad():
         ref = hf(torch.from_numpy(x)).logits.numpy()
     ck = convert.from_hf(hf_dir, tmp_path / "ck")
-    assert weights.read_checkpoint(ck).tokenizer["type"] == "tiktoken"  # vocab 50257: GPT-2 BPE
+    assert checkpoints.read(ck).tokenizer["type"] == "tiktoken"  # vocab 50257: GPT-2 BPE
     for b in backends:
         lm = inference.load(ck, backend=b, device="cpu")
         diff = np.abs(lm.backend.logits(lm.model, x) - ref)

@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from polygpt import weights
+from polygpt import checkpoints, metrics_log
 from polygpt.backends import available_backends, get_backend
 from polygpt.cli import main
 from polygpt.config import TrainConfig
@@ -105,9 +105,9 @@ def _tensors(path) -> dict[str, np.ndarray]:
 
 def _steps(path) -> tuple[str, str]:
     """The step a checkpoint file was saved at (model) and AdamW's step count (optimizer)."""
-    with safe_open(str(path / weights.MODEL_FILE), "numpy") as m:
+    with safe_open(str(path / checkpoints.MODEL_FILE), "numpy") as m:
         model_step = m.metadata()["step"]
-    with safe_open(str(path / weights.OPTIMIZER_FILE), "numpy") as o:
+    with safe_open(str(path / checkpoints.OPTIMIZER_FILE), "numpy") as o:
         opt_step = o.metadata()["step"]
     return model_step, opt_step
 
@@ -123,11 +123,11 @@ def _log(rows: list[dict]) -> list[tuple]:
 
 def _loads_everywhere(out) -> int:
     """The checkpoint (model and optimizer) loads in every backend here; returns its step."""
-    ck = weights.read_checkpoint(out)
+    ck = checkpoints.read(out)
     assert _steps(ck.path) == (str(ck.step), str(ck.step)), "model and optimizer disagree"
     for name in available_backends():
         be = get_backend(name, "cpu")
-        model = be.load_model(ck.spec, ck.model_file)
+        model = be.load_model(ck.model)
         assert be.load_optimizer(be.make_optimizer(model, TrainConfig()), ck.optimizer_file) == (
             ck.step
         )
@@ -155,14 +155,17 @@ def test_kill_9_anywhere_then_resume_matches_an_unbroken_run(tmp_path, char_data
     assert codes[1:] == [-9] * len(plan), list(zip(plan, codes[1:]))
 
     ref = tmp_path / "ref" / "ck"
-    ref_model, ref_opt = _tensors(ref / weights.MODEL_FILE), _tensors(ref / weights.OPTIMIZER_FILE)
-    ref_metrics = weights.read_metrics(ref)
+    ref_model, ref_opt = (
+        _tensors(ref / checkpoints.MODEL_FILE),
+        _tensors(ref / checkpoints.OPTIMIZER_FILE),
+    )
+    ref_metrics = metrics_log.read(ref)
     resumed_from, leftovers = {}, set()
     for i, kill in enumerate(plan):
         out = tmp_path / f"t{i}" / "ck"
         point, n = kill.split(":")[:2]
-        has_checkpoint = (out / weights.CONFIG_FILE).exists() or (
-            out.parent / ".ck.old" / weights.CONFIG_FILE
+        has_checkpoint = (out / checkpoints.CONFIG_FILE).exists() or (
+            out.parent / ".ck.old" / checkpoints.CONFIG_FILE
         ).exists()
         if point not in ("metrics",) and int(n) > 1:
             assert has_checkpoint, f"{kill}: the previous checkpoint is gone"
@@ -178,13 +181,16 @@ def test_kill_9_anywhere_then_resume_matches_an_unbroken_run(tmp_path, char_data
         left = sorted(p.name for p in out.parent.iterdir())
         assert left == ["ck"], f"{kill}: left behind {left}"
         assert _steps(out) == ("12", "12")
-        model, opt = _tensors(out / weights.MODEL_FILE), _tensors(out / weights.OPTIMIZER_FILE)
+        model, opt = (
+            _tensors(out / checkpoints.MODEL_FILE),
+            _tensors(out / checkpoints.OPTIMIZER_FILE),
+        )
         for k, v in ref_model.items():
             assert np.array_equal(model[k], v), f"{kill}: {k} differs from the unbroken run"
         for k, v in ref_opt.items():
             assert np.array_equal(opt[k], v), f"{kill}: optimizer {k} differs"
         # the log is the unbroken run's: no duplicate steps, no torn line
-        assert _log(weights.read_metrics(out)) == _log(ref_metrics), kill
+        assert _log(metrics_log.read(out)) == _log(ref_metrics), kill
     # the seeded plan resumed from checkpoints of several different steps
     assert len(set(resumed_from.values())) >= 3, resumed_from
     # the kills did leave a temporary, an old directory and a lock file, all cleaned above

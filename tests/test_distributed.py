@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from polygpt import distributed, rundir, weights
+from polygpt import checkpoints, distributed, metrics_log, rundir
 from polygpt.errors import PolygptError
 from polygpt.train import config_for_resume, train
 
@@ -107,7 +107,7 @@ def _quiet(s: str) -> None:
 
 
 def _losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in weights.read_metrics(out) if r["event"] == "train"}
+    return {r["step"]: r["loss"] for r in metrics_log.read(out) if r["event"] == "train"}
 
 
 def _header(raw: bytes) -> dict:
@@ -121,7 +121,7 @@ def _assert_same_run(a: Path, b: Path, atol: float = 1e-5, steps=None) -> None:
     assert all(s in lb for s in steps), f"steps {sorted(lb)} lack some of {steps}"
     d = max(abs(la[s] - lb[s]) for s in steps)
     assert d <= atol, f"per-step losses differ by up to {d:.3g}"
-    wa, wb = load_file(str(a / weights.MODEL_FILE)), load_file(str(b / weights.MODEL_FILE))
+    wa, wb = load_file(str(a / checkpoints.MODEL_FILE)), load_file(str(b / checkpoints.MODEL_FILE))
     assert wa.keys() == wb.keys()
     d = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
     assert d <= atol, f"final weights differ by up to {d:.3g}"
@@ -161,7 +161,7 @@ def launched(runs, char_data):
             out = root / f"{launcher}-2proc" / "run"
             res = _launch(launcher, _args(char_data, out), cwd)
             assert "Traceback" not in res.stderr, res.stderr
-            assert (out / weights.CONFIG_FILE).exists(), res.stdout + res.stderr
+            assert (out / checkpoints.CONFIG_FILE).exists(), res.stdout + res.stderr
             done[launcher] = out, res, cwd
         return done[launcher]
 
@@ -184,7 +184,7 @@ def test_two_processes_follow_the_one_process_run(runs, launched, launcher, back
     assert res.stdout.count("2 processes") == 1, res.stdout
     assert f"over {dist_backend}" in res.stdout
     assert res.stdout.count("checkpoint:") == 1, res.stdout
-    rows = weights.read_metrics(out)
+    rows = metrics_log.read(out)
     assert [r["step"] for r in rows if r["event"] == "train"] == list(range(1, 21))
     assert [r["step"] for r in rows if r["event"] == "eval"] == [0, 10, 20]
     start = [r for r in rows if r["event"] == "start"]
@@ -202,25 +202,25 @@ def test_only_rank0_writes_the_one_process_checkpoint(
     lock = rundir.lock_path(out).name
     assert sorted(p.name for p in out.parent.iterdir() if p.name != lock) == ["run"]
     assert list(cwd.iterdir()) == []  # nothing written where the processes ran
-    assert weights.dir_size(out).keys() == weights.dir_size(one).keys()
-    assert (out / weights.TOKENIZER_FILE).read_bytes() == (
-        one / weights.TOKENIZER_FILE
+    assert checkpoints.dir_size(out).keys() == checkpoints.dir_size(one).keys()
+    assert (out / checkpoints.TOKENIZER_FILE).read_bytes() == (
+        one / checkpoints.TOKENIZER_FILE
     ).read_bytes()
-    for name in (weights.MODEL_FILE, weights.OPTIMIZER_FILE):
+    for name in (checkpoints.MODEL_FILE, checkpoints.OPTIMIZER_FILE):
         # same header (names, dtypes, shapes, offsets, metadata) and size; safetensors writes
         # the metadata in hash order, so two one-process runs differ in its byte order too
         a, b = (one / name).read_bytes(), (out / name).read_bytes()
         assert len(a) == len(b) and _header(a) == _header(b), name
     # config.json: no trace of the world size; equal but for timings, the output path and
     # the float rounding of the evaluated losses
-    ca, cb = (json.loads((d / weights.CONFIG_FILE).read_text()) for d in (one, out))
+    ca, cb = (json.loads((d / checkpoints.CONFIG_FILE).read_text()) for d in (one, out))
     for c in (ca, cb):
         c.pop("saved_at")
         c["run"]["train"].pop("out")
     ma, mb = ca.pop("metrics"), cb.pop("metrics")
     assert ca == cb
     assert ma.keys() == mb.keys() and all(abs(ma[k] - mb[k]) < 1e-4 for k in ma)
-    assert "world_size" not in (out / weights.CONFIG_FILE).read_text()
+    assert "world_size" not in (out / checkpoints.CONFIG_FILE).read_text()
 
 
 @pytest.mark.parametrize("launcher,backend,dist_backend", LAUNCHERS)
@@ -241,7 +241,7 @@ def test_two_process_checkpoint_resumes_in_one_process(
     # tolerance (DESIGN.md: 1e-4 relative per step)
     tol = 1e-5 if resume_in == backend else 5e-4
     _assert_same_run(ref[backend, 30], part, atol=tol, steps=list(range(21, 31)))
-    start = [r for r in weights.read_metrics(part) if r["event"] == "start"]
+    start = [r for r in metrics_log.read(part) if r["event"] == "start"]
     assert [(r["step"], r["world_size"]) for r in start] == [(0, 2), (20, 1)]
 
 
@@ -365,7 +365,7 @@ def _training(
     )
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
-        while not (out / weights.CONFIG_FILE).exists():
+        while not (out / checkpoints.CONFIG_FILE).exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
     except BaseException:
@@ -401,7 +401,7 @@ def _assert_stopped(stderr: str, out: Path, launcher: str, resume: str) -> None:
     resumes it. A rank may see its peer's exit in a collective before its own SIGTERM: then its
     line says a peer failed; the first rank to go says it was stopped."""
     errors = _error_lines(stderr)
-    ckpt = weights.read_checkpoint(out)
+    ckpt = checkpoints.read(out)
     assert ckpt.optimizer_file.exists()
     for rank in (0, 1):
         mine = [e for e in errors if f"rank {rank}/2: " in e]
@@ -482,7 +482,7 @@ def test_a_dead_or_stopped_peer_is_an_error_not_a_hang(
     mine = [e for e in errors if expect in e and "rank 0/2" in e]
     assert mine, stderr
     # the last checkpoint is whole: it loads and resumes, and the line names it
-    ckpt = weights.read_checkpoint(out)
+    ckpt = checkpoints.read(out)
     assert ckpt.step % 20 == 0 and ckpt.optimizer_file.exists()
     assert f"{out} holds the checkpoint of step {ckpt.step}; resume with: " in mine[0], stderr
     lock = rundir.lock_path(out).name

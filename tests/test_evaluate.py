@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polygpt import data, evaluate, inference
+from polygpt import checkpoints, data, evaluate, inference
 from polygpt.cli import main
 from polygpt.errors import PolygptError
 
@@ -49,7 +49,7 @@ def lm(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def val(tiny_ckpt) -> np.ndarray:
-    ckpt = inference.weights.read_checkpoint(tiny_ckpt)
+    ckpt = checkpoints.read(tiny_ckpt)
     return np.array(data.load_split(ckpt.config["run"]["data"]["dir"], "val"))
 
 
@@ -189,8 +189,8 @@ def _mlx_backend():
 
 def test_torch_and_mlx_agree(tiny_ckpt, val):
     be = _mlx_backend()
-    ckpt = inference.weights.read_checkpoint(tiny_ckpt)
-    mlx_model = be.load_model(ckpt.spec, ckpt.model_file, "fp32")
+    ckpt = checkpoints.read(tiny_ckpt)
+    mlx_model = be.load_model(ckpt.model, "fp32")
     lm_t = inference.load(tiny_ckpt, backend="torch", device="cpu")
     tokens = val[:3000]
     block = ckpt.spec.block_size

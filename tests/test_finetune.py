@@ -2,7 +2,7 @@
 
 import pytest
 
-from polygpt import weights
+from polygpt import checkpoints, metrics_log
 from polygpt.errors import PolygptError
 from polygpt.train import train
 
@@ -11,7 +11,7 @@ from .conftest import backends_under_test, tiny_config
 
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_finetune_from_checkpoint_loss_falls(backend, tiny_ckpt, char_data, tmp_path):
-    base = weights.read_checkpoint(tiny_ckpt)
+    base = checkpoints.read(tiny_ckpt)
     out = tmp_path / "ft"
     cfg = tiny_config(
         char_data,
@@ -24,11 +24,11 @@ def test_finetune_from_checkpoint_loss_falls(backend, tiny_ckpt, char_data, tmp_
         backend=backend,
     )
     train(cfg)
-    rows = [r for r in weights.read_metrics(out) if r["event"] == "eval"]
+    rows = [r for r in metrics_log.read(out) if r["event"] == "eval"]
     # step 0 is the checkpoint itself: the same eval batches give its last val loss again
     assert rows[0]["val_loss"] == pytest.approx(base.config["metrics"]["val_loss"], abs=1e-4)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.1
-    ft = weights.read_checkpoint(out)
+    ft = checkpoints.read(out)
     assert ft.spec == base.spec and ft.step == 40
     assert ft.config["run"]["train"]["init_from"] == str(tiny_ckpt)
 

@@ -23,7 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from polygpt import config, sweep, weights  # noqa: E402
+from polygpt import checkpoints, config, metrics_log, modelfile, sweep, tensorfile  # noqa: E402
 from polygpt import tokenizer as tok  # noqa: E402
 from polygpt.backends import available_backends, get_backend  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402
@@ -162,7 +162,7 @@ def valid(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("valid") / "ck"
     rng = np.random.default_rng(0)
     tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in SPEC.param_shapes().items()}
-    weights.write_checkpoint(
+    checkpoints.write(
         d,
         config={
             "polygpt_version": "0",
@@ -176,11 +176,11 @@ def valid(tmp_path_factory) -> Path:
             "train_state": {"rng": {"bit_generator": "PCG64"}},
         },
         tokenizer={"type": "char", "vocab_size": 5, "chars": CHARS},
-        save_model=lambda p: save_file(tensors, str(p), metadata=weights.model_metadata(SPEC)),
+        save_model=lambda p: save_file(tensors, str(p), metadata=modelfile.metadata(SPEC)),
     )
     for step in (1, 2, 3):
-        weights.append_metrics(d, {"event": "train", "step": step, "loss": 2.0, "lr": 1e-3})
-    weights.append_metrics(d, {"event": "eval", "step": 3, "train_loss": 1.5, "val_loss": 1.6})
+        metrics_log.append(d, {"event": "train", "step": step, "loss": 2.0, "lr": 1e-3})
+    metrics_log.append(d, {"event": "eval", "step": 3, "train_loss": 1.5, "val_loss": 1.6})
     return d
 
 
@@ -195,11 +195,10 @@ def _copy(valid: Path, dst: Path) -> Path:
 
 # ---- safetensors ------------------------------------------------------------------------------
 def _load_model_file(path: Path, backends=()):
-    weights.read_header(path)
-    weights.model_quantization(path)
-    weights.check_model_file(path, SPEC)
+    tensorfile.read_header(path)
+    checked = modelfile.check(path, SPEC)
     for name in backends:
-        get_backend(name, "cpu").load_model(SPEC, path)
+        get_backend(name, "cpu").load_model(checked)
 
 
 HOSTILE_METADATA = [
@@ -262,7 +261,7 @@ def test_fuzz_safetensors_headers(tmp_path, data, tail):
 @given(data=st.data())
 def test_fuzz_mutated_model_file(tmp_path, valid, data):
     """A valid model file with its header JSON or its bytes mutated, loaded by every backend."""
-    raw = (valid / weights.MODEL_FILE).read_bytes()
+    raw = (valid / checkpoints.MODEL_FILE).read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
     kind = data.draw(st.sampled_from(["header", "metadata", "bytes"]))
@@ -288,7 +287,7 @@ def _load_checkpoint(path: Path):
     from polygpt.cli import views
     from polygpt.train import config_for_resume
 
-    ck = weights.read_checkpoint(path)
+    ck = checkpoints.read(path)
     (ck.step, ck.spec.num_params(), ck.model_file, ck.optimizer_file)
     views.checkpoint_lines(path)
     config_for_resume(path, [])
@@ -298,7 +297,7 @@ def _load_checkpoint(path: Path):
 @given(data=st.data())
 def test_fuzz_config_json(tmp_path, valid, data):
     d = _copy(valid, tmp_path / "ck")
-    good = json.loads((d / weights.CONFIG_FILE).read_text())
+    good = json.loads((d / checkpoints.CONFIG_FILE).read_text())
     kind = data.draw(st.sampled_from(["mutated", "mutated", "json", "bytes"]))
     if kind == "mutated":
         text = _dump(data.draw(mutated(good)))
@@ -310,7 +309,9 @@ def test_fuzz_config_json(tmp_path, valid, data):
                 st.binary(max_size=80).map(lambda b: b.decode("latin-1")), st.just(_deep(100_000))
             )
         )
-    (d / weights.CONFIG_FILE).write_text(text, encoding="latin-1" if kind == "bytes" else "utf-8")
+    (d / checkpoints.CONFIG_FILE).write_text(
+        text, encoding="latin-1" if kind == "bytes" else "utf-8"
+    )
     loads_or_says_why(_load_checkpoint, d)
 
 
@@ -340,10 +341,10 @@ def test_fuzz_tokenizer_json(tmp_path, data):
 
 # ---- metrics.jsonl ----------------------------------------------------------------------------
 def _load_metrics(d: Path):
-    rows = weights.read_metrics(d)
+    rows = metrics_log.read(d)
     assert all(isinstance(r, dict) for r in rows)
-    weights.trim_metrics(d, 2)
-    assert all(r["step"] <= 2 for r in weights.read_metrics(d))
+    metrics_log.trim(d, 2)
+    assert all(r["step"] <= 2 for r in metrics_log.read(d))
 
 
 def _plot(d: Path, out: Path):
@@ -356,7 +357,7 @@ def _plot(d: Path, out: Path):
 @given(data=st.data())
 def test_fuzz_metrics_jsonl(tmp_path, valid, data):
     d = _copy(valid, tmp_path / "ck")
-    good = (d / weights.METRICS_FILE).read_text().splitlines()
+    good = (d / checkpoints.METRICS_FILE).read_text().splitlines()
     line = st.one_of(
         st.sampled_from(good),
         st.sampled_from(good).flatmap(lambda g: st.integers(0, len(g)).map(lambda i: g[:i])),
@@ -370,7 +371,7 @@ def test_fuzz_metrics_jsonl(tmp_path, valid, data):
     raw = "\n".join(lines).encode()
     if data.draw(st.booleans()):
         raw = data.draw(byte_mutations(raw)) if raw else raw
-    (d / weights.METRICS_FILE).write_bytes(raw)
+    (d / checkpoints.METRICS_FILE).write_bytes(raw)
     loads_or_says_why(_load_metrics, d)
 
 
@@ -380,11 +381,11 @@ def test_fuzz_metrics_into_a_plot(tmp_path, valid, data):
     """The one reader that uses each row's fields: `polygpt plot --kind loss`."""
     pytest.importorskip("matplotlib")
     d = _copy(valid, tmp_path / "ck")
-    good = [json.loads(x) for x in (d / weights.METRICS_FILE).read_text().splitlines()]
+    good = [json.loads(x) for x in (d / checkpoints.METRICS_FILE).read_text().splitlines()]
     rows = data.draw(
         st.lists(st.one_of(st.sampled_from(good).flatmap(mutated), json_values), max_size=5)
     )
-    (d / weights.METRICS_FILE).write_text("".join(_dump(r) + "\n" for r in rows))
+    (d / checkpoints.METRICS_FILE).write_text("".join(_dump(r) + "\n" for r in rows))
     loads_or_says_why(_plot, d, tmp_path / "plot.png")
 
 

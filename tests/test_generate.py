@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polygpt import inference
+from polygpt import inference, modelfile
 from polygpt.backends.common import SlotCache, SlotOps
 from polygpt.cli import main
 from polygpt.errors import PolygptError
@@ -311,7 +311,6 @@ def biased_model_file(tmp_path_factory):
 
     from polygpt.backends import get_backend
     from polygpt.spec import ModelSpec
-    from polygpt.weights import model_metadata
 
     spec = ModelSpec(
         vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True, activation="gelu"
@@ -323,7 +322,7 @@ def biased_model_file(tmp_path_factory):
             if name.endswith("bias"):
                 p.normal_(0.0, 0.1)
     path = tmp_path_factory.mktemp("biased") / "model.safetensors"
-    be.save_model(model, path, model_metadata(spec))
+    be.save_model(model, path, modelfile.metadata(spec))
     return spec, path
 
 
@@ -333,7 +332,7 @@ def test_cached_logits_with_biases_and_exact_gelu(biased_model_file, backend):
 
     spec, path = biased_model_file
     be = get_backend(backend, "cpu")
-    model = be.load_model(spec, path)
+    model = be.load_model(modelfile.check(path, spec))
     steps: list = []
     cfg = GenerationConfig(max_new_tokens=30, temperature=1.0)
     generate(be, model, spec.block_size, [[1, 2, 3], [4]], cfg, observe=_record(steps))

@@ -3,7 +3,7 @@ samples the same greedy text in torch and MLX, offline, from the API and the CLI
 
 import pytest
 
-from polygpt import convert, inference, weights
+from polygpt import checkpoints, convert, inference
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
 
@@ -30,7 +30,7 @@ def bpe_ckpt(tmp_path_factory):
 
 @requires("torch", "mlx")
 def test_bpe_checkpoint_greedy_is_identical_in_torch_and_mlx(bpe_ckpt):
-    ck = weights.read_checkpoint(bpe_ckpt)
+    ck = checkpoints.read(bpe_ckpt)
     assert ck.spec.vocab_size == 50257 and ck.tokenizer["type"] == "tiktoken"
     cfg = GenerationConfig(max_new_tokens=80, temperature=0.0)  # slides past block_size 64
     texts = {}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from polygpt import convert, hf_tokenizer, weights
+from polygpt import checkpoints, convert, hf_tokenizer
 from polygpt import tokenizer as tok
 
 from .conftest import requires
@@ -20,7 +20,7 @@ pytest.importorskip("tokenizers")
 @requires("torch")
 def test_char_export_encodes_every_character_as_polygpt(random_ckpt, tmp_path, shakespeare_text):
     out = convert.to_hf(random_ckpt, tmp_path / "hf")
-    ours = tok.from_dict(weights.read_checkpoint(random_ckpt).tokenizer)
+    ours = tok.from_dict(checkpoints.read(random_ckpt).tokenizer)
     hf = transformers.AutoTokenizer.from_pretrained(out)
     ids = hf.encode(shakespeare_text)
     assert ids == ours.encode(shakespeare_text)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polygpt import convert, finetune, hub, inference, weights
+from polygpt import checkpoints, convert, finetune, hub, inference
 from polygpt.cli import main
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
@@ -172,7 +172,7 @@ def test_convert_by_name_equals_the_directory(offline, tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(X)).logits.numpy()
     assert np.abs(logits(by_dir) - ref).max() <= 1e-4
-    ck = weights.read_checkpoint(tmp_path / "by_name")
+    ck = checkpoints.read(tmp_path / "by_name")
     assert ck.config["converted_from"] == f"Hugging Face {REPO}@{COMMIT}"
     assert ck.tokenizer["type"] == "tiktoken"
     assert not (tmp_path / "polygpt-cache").exists()  # convert writes OUT only
@@ -209,7 +209,7 @@ def test_processes_asking_at_once_convert_once(offline, monkeypatch):
     monkeypatch.setattr(convert, "from_hf", lambda *a, **k: calls.append(a) or real(*a, **k))
     with ThreadPoolExecutor(3) as pool:
         dirs = list(pool.map(hub.checkpoint, [REPO] * 3))
-    assert len(calls) == 1 and len(set(dirs)) == 1 and weights.read_checkpoint(dirs[0])
+    assert len(calls) == 1 and len(set(dirs)) == 1 and checkpoints.read(dirs[0])
 
 
 def test_a_conversion_killed_mid_write_leaves_nothing_used(offline, tmp_path):
@@ -220,7 +220,7 @@ def test_a_conversion_killed_mid_write_leaves_nothing_used(offline, tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     done = hub.checkpoint(REPO)
     assert [p.name for p in hub_dir.iterdir()] == [done.name]
-    assert weights.read_checkpoint(done).spec.n_embd == 32
+    assert checkpoints.read(done).spec.n_embd == 32
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
@@ -263,7 +263,7 @@ def test_finetune_config_with_init_from_by_name(offline, tmp_path, bpe_data):
         "block_size=64",
     )
     train(cfg)
-    ft = weights.read_checkpoint(tmp_path / "ft")
+    ft = checkpoints.read(tmp_path / "ft")
     assert ft.step == 2 and ft.spec.n_embd == 32 and ft.spec.vocab_size == 50257
     assert ft.config["run"]["train"]["init_from"] == REPO
 

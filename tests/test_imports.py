@@ -1,5 +1,6 @@
-"""The package's imports point down: no cycle, no framework outside its backend, and
-function-level imports only for optional dependencies (read from the source, nothing imported).
+"""The package's imports point down: no cycle, no arrow from a layer to one above it, no
+framework outside its backend, and function-level imports only for optional dependencies (read
+from the source, nothing imported).
 """
 
 import ast
@@ -20,6 +21,58 @@ LAZY_ALLOWED = {
     "polygpt.hub": {"huggingface_hub"},  # the [hub] extra: fetching a model by name
 }
 FRAMEWORKS = ("torch", "mlx")
+
+# The layers, bottom up: a module imports from its own layer or the ones below it, never from a
+# layer above. An entry names a module and everything under it (the longest entry wins).
+LAYERS = [
+    ("ground", ["polygpt", "polygpt.errors", "polygpt.faults", "polygpt.blas"]),
+    (
+        "text",
+        ["polygpt.textstream", "polygpt.sampling", "polygpt.tokenizer", "polygpt.hf_tokenizer"],
+    ),
+    ("spec and config", ["polygpt.spec", "polygpt.config"]),
+    (
+        "files",
+        [
+            "polygpt.atomic",
+            "polygpt.jsonfile",
+            "polygpt.tensorfile",
+            "polygpt.quantized",
+            "polygpt.modelfile",
+            "polygpt.checkpoints",
+            "polygpt.metrics_log",
+            "polygpt.rundir",
+            "polygpt.data",
+        ],
+    ),
+    ("backends", ["polygpt.backends"]),
+    (
+        "engine",
+        [
+            "polygpt.engine",
+            "polygpt.generate",
+            "polygpt.inference",
+            "polygpt.engine_process",
+            "polygpt.distributed",
+        ],
+    ),
+    (
+        "workflows",
+        [
+            "polygpt.finetune",
+            "polygpt.train",
+            "polygpt.evaluate",
+            "polygpt.sweep",
+            "polygpt.quantize",
+            "polygpt.convert",
+            "polygpt.hub",
+            "polygpt.plot",
+            "polygpt.serve",
+            "polygpt.bench",
+        ],
+    ),
+    ("cli", ["polygpt.cli", "polygpt.__main__"]),
+]
 
 
 def module_name(path: Path, pkg: Path) -> str:
@@ -72,8 +125,38 @@ def find_cycle(pkg: Path = PKG) -> None:
         visit(m)
 
 
+def layer_of(mod: str, layers=LAYERS) -> int | None:
+    """Index in `layers` of the longest entry naming `mod` or a package above it."""
+    best, level = -1, None
+    for i, (_, entries) in enumerate(layers):
+        for e in entries:
+            if (mod == e or mod.startswith(e + ".")) and len(e) > best:
+                best, level = len(e), i
+    return level
+
+
+def arrows_up(pkg: Path = PKG, layers=LAYERS) -> list[str]:
+    """Imports from a module to one in a higher layer, and modules the table does not place."""
+    bad = []
+    for mod, deps in graph(pkg).items():
+        here = layer_of(mod, layers)
+        if here is None:
+            bad.append(f"{mod} is in no layer: add it to LAYERS")
+            continue
+        for dep in sorted({d for d, _ in deps if d.startswith("polygpt")}):
+            there = layer_of(dep, layers)
+            if there is not None and there > here:
+                bad.append(f"{mod} ({layers[here][0]}) imports {dep} ({layers[there][0]})")
+    return bad
+
+
 def test_no_import_cycle():
     find_cycle()
+
+
+def test_imports_point_down():
+    bad = arrows_up()
+    assert not bad, "\n".join(bad)
 
 
 def test_frameworks_only_inside_their_backend():
@@ -105,3 +188,15 @@ def test_the_check_sees_a_cycle(tmp_path):
     (pkg / "b.py").write_text("def f():\n    from polygpt import a\n")
     with pytest.raises(AssertionError, match="polygpt.a -> polygpt.b -> polygpt.a"):
         find_cycle(pkg)
+
+
+def test_the_check_sees_an_arrow_up(tmp_path):
+    pkg = tmp_path / "polygpt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low.py").write_text("from polygpt import high\n")
+    (pkg / "high.py").write_text("from polygpt import low\n")
+    (pkg / "odd.py").write_text("")
+    layers = [("ground", ["polygpt"]), ("low", ["polygpt.low"]), ("high", ["polygpt.high"])]
+    assert arrows_up(pkg, layers) == ["polygpt.low (low) imports polygpt.high (high)"]
+    assert layer_of("polygpt.odd", layers) == 0  # placed by the package above it

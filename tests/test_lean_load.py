@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polygpt import data, evaluate, inference, weights
+from polygpt import checkpoints, data, evaluate, inference, modelfile, tensorfile
 from polygpt.backends import get_backend
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
@@ -42,7 +42,7 @@ SMALL = ModelSpec(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128
 
 def _save(spec: ModelSpec, path: Path) -> Path:
     be = get_backend("torch", "cpu")
-    be.save_model(be.init_model(spec, 0), path, weights.model_metadata(spec))
+    be.save_model(be.init_model(spec, 0), path, modelfile.metadata(spec))
     return path
 
 
@@ -53,7 +53,7 @@ def small_file(tmp_path_factory) -> Path:
 
 
 def _largest_tensor(path: Path) -> int:
-    with weights.TensorFile(path) as f:
+    with tensorfile.TensorFile(path) as f:
         return max(e.nbytes for e in f.entries.values())
 
 
@@ -106,11 +106,13 @@ class LiveBytes:
 @pytest.mark.parametrize("precision", PRECISIONS["torch"])
 def test_torch_load_allocates_the_model_once(small_file, precision, monkeypatch):
     be = get_backend("torch", "cpu")
-    be.load_model(SMALL, small_file, precision)  # first use of a precision imports its modules
+    be.load_model(
+        modelfile.check(small_file, SMALL), precision
+    )  # first use of a precision imports its modules
     # chunks far smaller than a matrix, as at GPT-2 scale: int8/int4 quantize a chunk at a time
     monkeypatch.setattr(importlib.import_module(TORCH_LOADING), "CHUNK_BYTES", 32 << 10)
     with LiveBytes() as counted:
-        model = be.load_model(SMALL, small_file, precision)
+        model = be.load_model(modelfile.check(small_file, SMALL), precision)
     held = be.model_bytes(model)
     # beyond the model: one tensor of the file in flight, never a float copy of a matrix
     # (int4 from a float file: plus that matrix's 4-bit groups, an eighth of it, while
@@ -129,11 +131,11 @@ def test_mlx_load_allocates_the_model_once(small_file, precision):
     import mlx.core as mx
 
     be = get_backend("mlx", "cpu")
-    be.load_model(SMALL, small_file, precision)
+    be.load_model(modelfile.check(small_file, SMALL), precision)
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    model = be.load_model(SMALL, small_file, precision)
+    model = be.load_model(modelfile.check(small_file, SMALL), precision)
     peak = mx.get_peak_memory() - base
     held = be.model_bytes(model)
     # one file tensor in flight plus what it becomes (quantized: packed weights and scales)
@@ -149,8 +151,10 @@ def test_torch_int8_load_equals_quantizing_the_fp32_model(small_file):
     pytest.importorskip("torch")
     be = get_backend("torch", "cpu")
     x = np.arange(40)[None] % SMALL.vocab_size
-    streamed = be.logits(be.load_model(SMALL, small_file, "int8"), x)
-    whole = be.logits(be.set_precision(be.load_model(SMALL, small_file, "fp32"), "int8"), x)
+    streamed = be.logits(be.load_model(modelfile.check(small_file, SMALL), "int8"), x)
+    whole = be.logits(
+        be.set_precision(be.load_model(modelfile.check(small_file, SMALL), "fp32"), "int8"), x
+    )
     assert np.array_equal(streamed, whole)
 
 
@@ -158,7 +162,9 @@ def test_torch_int8_load_equals_quantizing_the_fp32_model(small_file):
 def small_bf16_file(small_file) -> Path:
     be = get_backend("torch", "cpu")
     path = small_file.with_name("small-bf16.safetensors")
-    be.save_model(be.load_model(SMALL, small_file, "bf16"), path, weights.model_metadata(SMALL))
+    be.save_model(
+        be.load_model(modelfile.check(small_file, SMALL), "bf16"), path, modelfile.metadata(SMALL)
+    )
     return path
 
 
@@ -174,15 +180,17 @@ def test_each_precision_loads_as_casting_the_fp32_model(
     be = get_backend(backend, "cpu")
     x = np.arange(40)[None] % SMALL.vocab_size
     for p in PRECISIONS[backend]:
-        streamed = be.logits(be.load_model(SMALL, small_file, p), x)
-        whole = be.logits(be.set_precision(be.load_model(SMALL, small_file, "fp32"), p), x)
+        streamed = be.logits(be.load_model(modelfile.check(small_file, SMALL), p), x)
+        whole = be.logits(
+            be.set_precision(be.load_model(modelfile.check(small_file, SMALL), "fp32"), p), x
+        )
         assert np.array_equal(streamed, whole), p
     for path in (small_file, small_bf16_file):
         for p in PRECISIONS[backend]:
             monkeypatch.setattr(loading, "CHUNK_BYTES", 1 << 40)
-            one = be.logits(be.load_model(SMALL, path, p), x)
+            one = be.logits(be.load_model(modelfile.check(path, SMALL), p), x)
             monkeypatch.setattr(loading, "CHUNK_BYTES", 4096)
-            chunked = be.logits(be.load_model(SMALL, path, p), x)
+            chunked = be.logits(be.load_model(modelfile.check(path, SMALL), p), x)
             assert np.array_equal(one, chunked), (path.name, p)
 
 
@@ -191,6 +199,7 @@ _CHILD = """
 import gc, json, sys
 from pathlib import Path
 import numpy as np
+from polygpt import modelfile
 from polygpt.backends import get_backend
 from polygpt.spec import ModelSpec
 
@@ -202,13 +211,13 @@ def status(key):
 backend, precision, path, warm, spec, warm_spec = sys.argv[1:]
 be = get_backend(backend, "cpu")
 x = np.array([[1, 2, 3, 4]])
-m = be.load_model(ModelSpec.from_json(warm_spec), Path(warm), precision)  # imports, first use
+m = be.load_model(modelfile.check(warm, ModelSpec.from_json(warm_spec)), precision)  # first use
 be.logits(m, x)
 del m
 gc.collect()
 base = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-m = be.load_model(ModelSpec.from_json(spec), Path(path), precision)
+m = be.load_model(modelfile.check(path, ModelSpec.from_json(spec)), precision)
 be.logits(m, x)  # weights mapped lazily would only become resident here
 print(json.dumps({"extra": status("VmHWM") - base, "model": be.model_bytes(m)}))
 """
@@ -296,8 +305,8 @@ def test_conversion_streams_tensor_by_tensor(process_files, tmp_path, char_data)
         pytest.skip("/proc/self/clear_refs is not writable here")
     path, _ = process_files
     ckpt = tmp_path / "ckpt"
-    tokenizer = json.loads((char_data / weights.TOKENIZER_FILE).read_text())
-    weights.write_checkpoint(
+    tokenizer = json.loads((char_data / checkpoints.TOKENIZER_FILE).read_text())
+    checkpoints.write(
         ckpt,
         config={"spec": PROCESS.to_dict(), "step": 0},
         tokenizer=tokenizer,
@@ -307,8 +316,10 @@ def test_conversion_streams_tensor_by_tensor(process_files, tmp_path, char_data)
     file_bytes = path.stat().st_size
     for what, grew in peaks.items():
         assert grew <= 0.15 * file_bytes, f"{what}: peak RSS +{grew:,} for a {file_bytes:,} file"
-    a = get_backend("torch", "cpu").load_model(PROCESS, path)
-    b = get_backend("torch", "cpu").load_model(PROCESS, tmp_path / "back" / weights.MODEL_FILE)
+    a = get_backend("torch", "cpu").load_model(modelfile.check(path, PROCESS))
+    b = get_backend("torch", "cpu").load_model(
+        modelfile.check(tmp_path / "back" / checkpoints.MODEL_FILE, PROCESS)
+    )
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert x.equal(y), n
 
@@ -323,14 +334,14 @@ def written_by(tiny_ckpt, tmp_path_factory):
         be = get_backend("mlx", "cpu")
     except (PolygptError, ImportError):
         return out
-    ckpt = weights.read_checkpoint(tiny_ckpt)
+    ckpt = checkpoints.read(tiny_ckpt)
     d = tmp_path_factory.mktemp("mlx-written") / "tiny"
-    model = be.load_model(ckpt.spec, ckpt.model_file, "fp32")
-    weights.write_checkpoint(
+    model = be.load_model(ckpt.model, "fp32")
+    checkpoints.write(
         d,
         config={**ckpt.config, "backend": "mlx"},
         tokenizer=ckpt.tokenizer,
-        save_model=lambda p: be.save_model(model, p, weights.model_metadata(ckpt.spec)),
+        save_model=lambda p: be.save_model(model, p, modelfile.metadata(ckpt.spec)),
     )
     out["mlx"] = d
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polygpt import data, weights
+from polygpt import checkpoints, data, metrics_log, modelfile
 from polygpt.backends import get_backend
 from polygpt.cli import main
 from polygpt.config import TrainConfig
@@ -72,7 +72,7 @@ def ref_init(tmp_path_factory, backends) -> str:
     """A reference-shaped model initialized once (torch) and saved: both backends load it."""
     tb, _ = backends
     path = tmp_path_factory.mktemp("ref") / "model.safetensors"
-    tb.save_model(tb.init_model(REF_SPEC, seed=1337), path, weights.model_metadata(REF_SPEC))
+    tb.save_model(tb.init_model(REF_SPEC, seed=1337), path, modelfile.metadata(REF_SPEC))
     return str(path)
 
 
@@ -83,7 +83,7 @@ def val_batch(char_data):
 
 
 def _checkpoints(tiny_ckpt, ref_init):
-    tiny = weights.read_checkpoint(tiny_ckpt)
+    tiny = checkpoints.read(tiny_ckpt)
     return {"tiny_trained": (tiny.spec, tiny.model_file), "ref_init": (REF_SPEC, ref_init)}
 
 
@@ -92,8 +92,8 @@ def test_fp32_logits_agree(backends, tiny_ckpt, ref_init, val_batch, which):
     spec, path = _checkpoints(tiny_ckpt, ref_init)[which]
     x, _ = val_batch(spec.block_size)
     tb, mb = backends
-    lt = tb.logits(tb.load_model(spec, path), x)
-    lm = mb.logits(mb.load_model(spec, path), x)
+    lt = tb.logits(tb.load_model(modelfile.check(path, spec)), x)
+    lm = mb.logits(mb.load_model(modelfile.check(path, spec)), x)
     assert lt.shape == lm.shape == (*x.shape, spec.vocab_size)
     assert_close(lm, lt, atol=1e-4, what=f"fp32 logits ({which})")
 
@@ -104,18 +104,18 @@ def test_half_precision_logits_agree(backends, tiny_ckpt, ref_init, val_batch, w
     spec, path = _checkpoints(tiny_ckpt, ref_init)[which]
     x, _ = val_batch(spec.block_size)
     tb, mb = backends
-    lt = tb.logits(tb.load_model(spec, path, precision), x)
-    lm = mb.logits(mb.load_model(spec, path, precision), x)
+    lt = tb.logits(tb.load_model(modelfile.check(path, spec), precision), x)
+    lm = mb.logits(mb.load_model(modelfile.check(path, spec), precision), x)
     max_tol, mean_tol = HALF_TOL[precision]
     assert_close(lm, lt, atol=max_tol, what=f"{precision} logits ({which})")
     assert np.abs(lm - lt).mean() <= mean_tol, f"{precision} mean |diff| {np.abs(lm - lt).mean()}"
     # and neither is far from its fp32 self (the cast really happened, the model still works)
-    ref = tb.logits(tb.load_model(spec, path), x)
+    ref = tb.logits(tb.load_model(modelfile.check(path, spec)), x)
     assert 0 < np.abs(lm - ref).max() <= 2 * max_tol
 
 
 def _trajectory(be, spec, path, batches, cfg, grad_clip):
-    model = be.load_model(spec, path)
+    model = be.load_model(modelfile.check(path, spec))
     opt = be.make_optimizer(model, cfg)
     return np.array(
         [
@@ -144,7 +144,7 @@ def test_training_trajectories_agree(
     else:
         spec = ModelSpec(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
         path = tmp_path / "init.safetensors"
-        tb.save_model(tb.init_model(spec, seed=5), path, weights.model_metadata(spec))
+        tb.save_model(tb.init_model(spec, seed=5), path, modelfile.metadata(spec))
     train_arr = data.load_split(char_data, "train")
     rng = np.random.default_rng(42)
     batches = [
@@ -162,10 +162,10 @@ def test_training_trajectories_agree(
 
 
 def _both(backends, ckpt_dir, prompts, cfg, seen=None):
-    ckpt = weights.read_checkpoint(ckpt_dir)
+    ckpt = checkpoints.read(ckpt_dir)
     out = {}
     for be in backends:
-        model = be.load_model(ckpt.spec, ckpt.model_file)
+        model = be.load_model(ckpt.model)
         steps: list = []
         observe = lambda rows, x, steps=steps: steps.append(x)  # noqa: E731
         out[be.name] = generate(be, model, ckpt.spec.block_size, prompts, cfg, observe=observe)
@@ -245,7 +245,7 @@ def test_checkpoint_samples_the_same_in_the_other_backend(tiny_ckpt, mlx_ckpt, t
 
 
 def _train_losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in weights.read_metrics(out) if r["event"] == "train"}
+    return {r["step"]: r["loss"] for r in metrics_log.read(out) if r["event"] == "train"}
 
 
 @pytest.mark.parametrize("first,second", [("torch", "mlx"), ("mlx", "torch")])
@@ -259,7 +259,7 @@ def test_resume_in_the_other_backend_continues_the_run(char_data, tmp_path, firs
     cfg.train.backend = second
     res = train(cfg, resume=True, **quiet)
     assert res.step == 60
-    ckpt = weights.read_checkpoint(split)
+    ckpt = checkpoints.read(split)
     assert ckpt.config["backend"] == second and ckpt.step == 60
     a, b = _train_losses(whole), _train_losses(split)
     steps = sorted(s for s in a if s > 30)
@@ -271,4 +271,4 @@ def test_resume_in_the_other_backend_continues_the_run(char_data, tmp_path, firs
         rtol=1e-3,
         what=f"train loss after resuming a {first} run in {second}",
     )
-    assert abs(res.val_loss - weights.read_checkpoint(whole).config["metrics"]["val_loss"]) < 1e-3
+    assert abs(res.val_loss - checkpoints.read(whole).config["metrics"]["val_loss"]) < 1e-3

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from polygpt import inference, weights  # noqa: E402
+from polygpt import inference, modelfile, quantized, tensorfile  # noqa: E402
 from polygpt.backends import get_backend  # noqa: E402
 from polygpt.backends.torch_backend import prepared  # noqa: E402
 from polygpt.config import TrainConfig  # noqa: E402
@@ -82,7 +82,7 @@ def test_rows_decode_alone_as_in_a_batch():
 
 def test_inference_models_are_prepared_in_place(tiny_ckpt):
     lm = inference.load(tiny_ckpt, backend="torch", device="cpu", precision="fp32")
-    plain = lm.backend.load_model(lm.spec, lm.checkpoint.model_file, "fp32")
+    plain = lm.backend.load_model(lm.checkpoint.model, "fp32")
     assert getattr(lm.model, "prepared", False)
     assert prepared.for_generation(lm.model) is lm.model  # no second copy
     x = np.array([lm.encode("ROMEO:\nWhat say you")])
@@ -101,14 +101,14 @@ def test_a_quantized_checkpoint_loads_without_a_float_copy(tmp_path, precision, 
     spec = ModelSpec(vocab_size=2048, block_size=64, n_layer=2, n_head=4, n_embd=128, bias=True)
     path = tmp_path / "q.safetensors"
     bits, g = (8, 64) if precision == "int8" else (4, 64)
-    meta = weights.model_metadata(spec, quantization=weights.Quantization(bits, g).to_json())
+    meta = modelfile.metadata(spec, quantization=quantized.Quantization(bits, g).to_json())
     be.save_quantized(be.init_model(spec, 0), path, meta, bits, g)
-    be.load_model(spec, path, precision)  # first use imports the kernels' modules
+    be.load_model(modelfile.check(path, spec), precision)  # first use imports the kernels' modules
     monkeypatch.setattr(loading, "CHUNK_BYTES", 32 << 10)
     with LiveBytes() as counted:
-        model = be.load_model(spec, path, precision)
+        model = be.load_model(modelfile.check(path, spec), precision)
     held = be.model_bytes(model)
-    with weights.TensorFile(path) as f:
+    with tensorfile.TensorFile(path) as f:
         largest = max(e.nbytes for e in f.entries.values())
     float_matrix = 4 * spec.vocab_size * spec.n_embd
     # in flight: a tensor of the file, a chunk of rows, and (int4) 64 rows being repacked as

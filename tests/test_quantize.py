@@ -1,6 +1,6 @@
 """Precisions and quantized checkpoints: every precision of every backend loads and samples
 text; `polygpt quantize` writes one format (MLX's affine group quantization) that both backends
-load, byte for byte the same from either quantizer; weights.py validates quantized files; sizes
+load, byte for byte the same from either quantizer; modelfile.py validates quantized files; sizes
 are measured (file bytes, and in-memory bytes that count prepared int8/int4 weights)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file as np_load
 from safetensors.numpy import save_file as np_save
 
-from polygpt import inference, weights
+from polygpt import checkpoints, inference, modelfile, tensorfile
 from polygpt.backends import available_backends, get_backend
 from polygpt.cli import main
 from polygpt.errors import PolygptError
@@ -96,8 +96,8 @@ def test_torch_refuses_an_unknown_precision(tiny_ckpt):
 @requires("torch", "mlx")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_both_quantizers_write_the_same_tensors(quantized, bits):
-    a = np_load(str(quantized["torch", f"int{bits}"] / weights.MODEL_FILE))
-    b = np_load(str(quantized["mlx", f"int{bits}"] / weights.MODEL_FILE))
+    a = np_load(str(quantized["torch", f"int{bits}"] / checkpoints.MODEL_FILE))
+    b = np_load(str(quantized["mlx", f"int{bits}"] / checkpoints.MODEL_FILE))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
@@ -106,15 +106,15 @@ def test_both_quantizers_write_the_same_tensors(quantized, bits):
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "fp16", "bf16"])
 def test_quantized_checkpoints_load_in_every_backend(tiny_ckpt, quantized, precision):
-    spec = weights.read_checkpoint(tiny_ckpt).spec
+    spec = checkpoints.read(tiny_ckpt).spec
     x = np.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     ref = None
     for (_writer, p), d in quantized.items():
         if p != precision:
             continue
-        cfg = json.loads((d / weights.CONFIG_FILE).read_text())
+        cfg = json.loads((d / checkpoints.CONFIG_FILE).read_text())
         assert cfg["precision"] == precision
-        assert weights.check_model_file(d / weights.MODEL_FILE, spec) == {
+        assert modelfile.check(d / checkpoints.MODEL_FILE, spec).dtype == {
             "fp16": "F16",
             "bf16": "BF16",
         }.get(precision, precision)
@@ -138,8 +138,8 @@ def test_quantize_cli_reports_sizes_and_refuses_bad_input(tiny_ckpt, tmp_path):
         main, ["quantize", str(tiny_ckpt), "--out", str(tmp_path / "q"), "-p", "int4"]
     )
     assert res.exit_code == 0, res.output
-    before = (tiny_ckpt / weights.MODEL_FILE).stat().st_size
-    after = (tmp_path / "q" / weights.MODEL_FILE).stat().st_size
+    before = (tiny_ckpt / checkpoints.MODEL_FILE).stat().st_size
+    after = (tmp_path / "q" / checkpoints.MODEL_FILE).stat().st_size
     assert f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB" in res.output
     assert after < before / 4  # 4-bit weights + scales/biases vs fp32
     again = runner.invoke(
@@ -156,9 +156,9 @@ def test_quantize_cli_reports_sizes_and_refuses_bad_input(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_torch_quantized_memory_counts_prepared_weights(tiny_ckpt, precision):
     be = get_backend("torch", "cpu")
-    spec = weights.read_checkpoint(tiny_ckpt).spec
-    fp32 = be.load_model(spec, tiny_ckpt / weights.MODEL_FILE, "fp32")
-    q = be.load_model(spec, tiny_ckpt / weights.MODEL_FILE, precision)
+    spec = checkpoints.read(tiny_ckpt).spec
+    fp32 = be.load_model(modelfile.check(tiny_ckpt / checkpoints.MODEL_FILE, spec), "fp32")
+    q = be.load_model(modelfile.check(tiny_ckpt / checkpoints.MODEL_FILE, spec), precision)
     shapes = spec.param_shapes()
     matrices = [n for n, s in shapes.items() if len(s) == 2 and n != "transformer.wpe.weight"]
     quantized = sum(np.prod(shapes[n]) for n in matrices) * (1 if precision == "int8" else 0.5)
@@ -177,18 +177,18 @@ def test_mlx_refuses_to_requantize(quantized):
         inference.load(d, backend="mlx", device="cpu", precision="int4")
 
 
-# ---- weights.py validation of quantized files ----------------------------------------------
+# ---- modelfile.py validation of quantized files --------------------------------------------
 
 
 @pytest.fixture()
 def int8_file(quantized, tmp_path):
     d = quantized[available_backends()[0], "int8"]
-    return d / weights.MODEL_FILE
+    return d / checkpoints.MODEL_FILE
 
 
 def _rewrite(src, dst, edit):
     tensors = np_load(str(src))
-    _, meta = weights.read_header(src)
+    _, meta = tensorfile.read_header(src)
     edit(tensors, meta)
     np_save(tensors, str(dst), metadata=meta)
     return dst
@@ -242,14 +242,14 @@ def _rewrite(src, dst, edit):
     ],
 )
 def test_malformed_quantized_files_are_rejected(tiny_ckpt, int8_file, tmp_path, edit, message):
-    spec = weights.read_checkpoint(tiny_ckpt).spec
-    assert weights.check_model_file(int8_file, spec) == "int8"
+    spec = checkpoints.read(tiny_ckpt).spec
+    assert modelfile.check(int8_file, spec).dtype == "int8"
     bad = _rewrite(int8_file, tmp_path / "bad.safetensors", edit)
     with pytest.raises(PolygptError, match=message):
-        weights.check_model_file(bad, spec)
+        modelfile.check(bad, spec)
     for be in available_backends():  # and no backend loads it
         with pytest.raises(PolygptError):
-            get_backend(be, "cpu").load_model(spec, bad, "fp32")
+            get_backend(be, "cpu").load_model(modelfile.check(bad, spec), "fp32")
 
 
 @requires("torch", "mlx")

@@ -14,7 +14,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from polygpt import rundir, weights
+from polygpt import checkpoints, errors, rundir
 from polygpt.backends import available_backends, get_backend
 from polygpt.cli import main
 
@@ -86,12 +86,12 @@ def test_second_run_into_the_same_out_is_refused_and_a_killed_holder_leaves_no_s
     r = CliRunner().invoke(main, _train_args(char_data, out, "max_iters=3"))
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # lock file and temporary gone
-    assert weights.read_checkpoint(out).step == 3
+    assert checkpoints.read(out).step == 3
 
 
 def test_lock_is_exclusive_within_one_process_too(tmp_path):
     out = tmp_path / "ck"
-    refused = pytest.raises(weights.PolygptError, match=f"pid {os.getpid()}")
+    refused = pytest.raises(errors.PolygptError, match=f"pid {os.getpid()}")
     with rundir.run_lock(out), refused, rundir.run_lock(out):
         pass
     with rundir.run_lock(out):  # released: taken again
@@ -123,13 +123,13 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, char_data, mon
         f"error: could not write the step 6 checkpoint to {out} ({os.strerror(err)}): "
         f"{out} still holds its step 3 checkpoint, unchanged"
     )
-    ck = weights.read_checkpoint(out)
-    assert ck.step == 3 and weights.check_model_file(ck.model_file, ck.spec) == "F32"
+    ck = checkpoints.read(out)
+    assert ck.step == 3 and ck.model.dtype == "F32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary, no lock left
     monkeypatch.setattr(TorchBackend, "save_optimizer", real)
     r = CliRunner().invoke(main, ["train", "--resume", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert weights.read_checkpoint(out).step == 9
+    assert checkpoints.read(out).step == 9
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
@@ -160,8 +160,8 @@ def test_real_writer_failure_mid_checkpoint(tmp_path, char_data, backend):
     r = CliRunner().invoke(main, _train_args(char_data, out, "max_iters=3"))
     assert r.exit_code == 0, r.output
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    model = len(before[weights.MODEL_FILE])
-    assert len(before[weights.OPTIMIZER_FILE]) > 1.5 * model
+    model = len(before[checkpoints.MODEL_FILE])
+    assert len(before[checkpoints.OPTIMIZER_FILE]) > 1.5 * model
     p = subprocess.run(
         [sys.executable, "-m", "polygpt.cli", "train", "--resume", "--out", str(out)]
         + ["--backend", backend, "--device", "cpu", "--quiet", "max_iters=6"],
@@ -176,7 +176,7 @@ def test_real_writer_failure_mid_checkpoint(tmp_path, char_data, backend):
     assert len(err) == 1 and err[0].startswith("error: could not write the step 6"), p.stderr
     assert err[0].endswith(f"{out} still holds its step 3 checkpoint, unchanged")
     after = {f.name: f.read_bytes() for f in out.iterdir()}
-    assert after.pop(weights.METRICS_FILE).startswith(before.pop(weights.METRICS_FILE))
+    assert after.pop(checkpoints.METRICS_FILE).startswith(before.pop(checkpoints.METRICS_FILE))
     assert after == before  # the step 3 checkpoint, byte for byte (the log grew: steps 4-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 

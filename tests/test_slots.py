@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from polygpt import modelfile
 from polygpt.backends import get_backend
 from polygpt.spec import ModelSpec
 
@@ -23,11 +24,9 @@ SPEC = ModelSpec(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, b
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     """One set of weights for every backend (saved by the first installed one)."""
-    from polygpt.weights import model_metadata
-
     be = get_backend(_installed()[0], "cpu")
     path = tmp_path_factory.mktemp("slots") / "model.safetensors"
-    be.save_model(be.init_model(SPEC, 3), path, model_metadata(SPEC))
+    be.save_model(be.init_model(SPEC, 3), path, modelfile.metadata(SPEC))
     return path
 
 
@@ -79,7 +78,7 @@ def _script(be, model):
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_row_ops_equal_each_row_alone(backend, weights_file):
     be = get_backend(backend, "cpu")
-    worst, _ = _script(be, be.load_model(SPEC, weights_file))
+    worst, _ = _script(be, be.load_model(modelfile.check(weights_file, SPEC)))
     assert worst <= 1e-5, f"slot cache vs full forward: max |diff| {worst:.3g}"
 
 
@@ -90,7 +89,7 @@ def test_row_ops_agree_across_backends(weights_file):
     runs = []
     for name in names:
         be = get_backend(name, "cpu")
-        runs.append(_script(be, be.load_model(SPEC, weights_file))[1])
+        runs.append(_script(be, be.load_model(modelfile.check(weights_file, SPEC)))[1])
     worst = max(float(np.abs(a - b).max()) for a, b in zip(*runs))
     assert worst <= 1e-4, f"torch vs MLX logits: max |diff| {worst:.3g}"
 
@@ -98,7 +97,7 @@ def test_row_ops_agree_across_backends(weights_file):
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_row_ops_reject_what_does_not_fit(backend, weights_file):
     be = get_backend(backend, "cpu")
-    cache = be.slot_cache(be.load_model(SPEC, weights_file), 2)
+    cache = be.slot_cache(be.load_model(modelfile.check(weights_file, SPEC)), 2)
     with pytest.raises(ValueError, match="exceed the block"):
         be.prefill_rows(cache, [0], [list(range(17))])
     with pytest.raises(ValueError, match="rows must be"):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from polygpt import sweep, weights
+from polygpt import checkpoints, sweep
 from polygpt.errors import PolygptError
 
 from .conftest import ROOT, TINY
@@ -42,7 +42,7 @@ def test_sweep_trains_evaluates_skips_and_plots(tmp_path, char_data):
     assert table == results
     md = (tmp_path / "res" / "results.md").read_text()
     assert "| r8 | torch |" in md and "### r12" in md
-    ck = weights.read_checkpoint(tmp_path / "runs" / "r12")
+    ck = checkpoints.read(tmp_path / "runs" / "r12")
     assert ck.step == 12 and ck.config["metrics"]["eval_val"]["perplexity"] == results[1]["val_ppl"]
 
     # run again: everything is skipped, nothing rewritten
@@ -75,7 +75,7 @@ def test_interrupted_run_resumes_and_changed_run_retrains(tmp_path, char_data):
     logs = []
     (res,) = sweep.run_sweep(sw, on_event=logs.append)
     assert res["resumed"] and any(isinstance(m, sweep.RunStart) and m.resumed for m in logs)
-    assert weights.read_checkpoint(tmp_path / "runs" / "r12").step == 12
+    assert checkpoints.read(tmp_path / "runs" / "r12").step == 12
     # a changed config no longer matches the fingerprint: retrained from scratch
     run.overrides.append("lr=5e-4")
     logs.clear()

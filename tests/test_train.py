@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from polygpt import inference, weights
+from polygpt import checkpoints, inference, metrics_log
 from polygpt.config import TrainConfig
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
@@ -25,11 +25,11 @@ def test_lr_schedule_matches_nanogpt():
 
 
 def test_tiny_training_loss_falls(tiny_ckpt):
-    rows = [r for r in weights.read_metrics(tiny_ckpt) if r["event"] == "eval"]
+    rows = [r for r in metrics_log.read(tiny_ckpt) if r["event"] == "eval"]
     assert [r["step"] for r in rows] == [0, 30, 60]
     assert rows[0]["val_loss"] == pytest.approx(math.log(65), abs=0.15)  # uniform at init
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.6
-    ckpt = weights.read_checkpoint(tiny_ckpt)
+    ckpt = checkpoints.read(tiny_ckpt)
     assert ckpt.step == 60 and ckpt.optimizer_file.exists()
     assert ckpt.config["metrics"]["val_loss"] == rows[-1]["val_loss"]
 
@@ -49,13 +49,13 @@ def test_resume_continues_from_saved_step(tmp_path, char_data):
     train(full)
     part = tiny_config(char_data, tmp_path / "part", "max_iters=10", "eval_interval=10")
     train(part)
-    assert weights.read_checkpoint(tmp_path / "part").step == 10
+    assert checkpoints.read(tmp_path / "part").step == 10
     cfg = config_for_resume(tmp_path / "part", ["max_iters=20"])
     res = train(cfg, resume=True)
     assert res.step == 20
     # same batches, same schedule, same optimizer state: the resumed run is the unbroken run
-    a = weights.read_checkpoint(tmp_path / "full").config["metrics"]
-    b = weights.read_checkpoint(tmp_path / "part").config["metrics"]
+    a = checkpoints.read(tmp_path / "full").config["metrics"]
+    b = checkpoints.read(tmp_path / "part").config["metrics"]
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
     lm_a = inference.load(tmp_path / "full", backend="torch", device="cpu")
     lm_b = inference.load(tmp_path / "part", backend="torch", device="cpu")

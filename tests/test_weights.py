@@ -1,12 +1,13 @@
 """Checkpoint directory I/O: round trips, validation, atomic writes."""
 
 import json
+import math
 import os
 
 import pytest
 from safetensors import safe_open
 
-from polygpt import weights
+from polygpt import atomic, checkpoints, metrics_log, modelfile, tensorfile
 from polygpt.backends import get_backend
 from polygpt.errors import PolygptError
 from polygpt.spec import ModelSpec
@@ -14,14 +15,15 @@ from polygpt.spec import ModelSpec
 from .conftest import backends_under_test
 
 SPEC = ModelSpec(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+MODEL = checkpoints.MODEL_FILE
 
 
 def _save(be, model, out, spec=SPEC):
-    return weights.write_checkpoint(
+    return checkpoints.write(
         out,
         config={"spec": spec.to_dict(), "step": 3},
         tokenizer={"type": "char", "chars": [chr(97 + i) for i in range(11)]},
-        save_model=lambda p: be.save_model(model, p, weights.model_metadata(spec)),
+        save_model=lambda p: be.save_model(model, p, modelfile.metadata(spec)),
     )
 
 
@@ -33,12 +35,17 @@ def test_round_trip_is_identical(name, tmp_path):
     model = be.init_model(SPEC, seed=0)
     assert be.param_shapes(model) == SPEC.param_shapes()
     out = _save(be, model, tmp_path / "ck")
-    ckpt = weights.read_checkpoint(out)
+    ckpt = checkpoints.read(out)
     assert ckpt.spec == SPEC and ckpt.step == 3
-    tensors, meta = weights.read_header(ckpt.model_file)
+    assert (ckpt.model.dtype, ckpt.model.precision, ckpt.model.quantization) == (
+        "F32",
+        "fp32",
+        None,
+    )
+    tensors, meta = tensorfile.read_header(ckpt.model_file)
     assert set(tensors) == set(SPEC.param_shapes())
     assert ModelSpec.from_json(meta["spec"]) == SPEC
-    loaded = be.load_model(SPEC, ckpt.model_file)
+    loaded = be.load_model(ckpt.model)
     x = np.arange(16).reshape(2, 8) % 11
     assert np.array_equal(be.logits(model, x), be.logits(loaded, x))  # bit-identical weights
     # save again from the loaded model: the same tensors, bit for bit
@@ -62,62 +69,88 @@ def test_corrupt_and_mismatched_files(name, tmp_path):
 
     f.write_bytes(raw[: len(raw) // 2])  # truncated
     with pytest.raises(PolygptError, match="not a valid safetensors"):
-        be.load_model(SPEC, f)
+        checkpoints.read(out)  # a checkpoint is read checked, its model file included
     f.write_bytes(b"garbage")
     with pytest.raises(PolygptError, match="not a valid safetensors"):
-        be.load_model(SPEC, f)
+        modelfile.check(f, SPEC)
     f.write_bytes(raw)
     wider = ModelSpec(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
     with pytest.raises(PolygptError, match="shape"):
-        be.load_model(wider, f)
+        modelfile.check(f, wider)
     deeper = ModelSpec(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8)
     with pytest.raises(PolygptError, match="missing tensor 'transformer.h.2"):
-        be.load_model(deeper, f)
+        modelfile.check(f, deeper)
     biased = ModelSpec(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True)
     with pytest.raises(PolygptError, match="missing tensor"):
-        be.load_model(biased, f)
+        modelfile.check(f, biased)
+
+
+@pytest.mark.parametrize("name", backends_under_test())
+def test_loading_checks_the_model_file_once(name, tmp_path, monkeypatch):
+    """inference.load reads the checkpoint checked, and the backend loads what was checked."""
+    from polygpt import inference
+
+    be = get_backend(name, "cpu")
+    out = _save(be, be.init_model(SPEC, 0), tmp_path / "ck")
+    checked, real = [], modelfile.check
+    monkeypatch.setattr(modelfile, "check", lambda *a: checked.append(a) or real(*a))
+    lm = inference.load(out, backend=name, device="cpu")
+    assert checked == [(out / MODEL, SPEC)]
+    assert lm.precision == "fp32" and lm.checkpoint.model.path == out / MODEL
 
 
 def test_read_checkpoint_errors(tmp_path):
     with pytest.raises(PolygptError, match="does not exist"):
-        weights.read_checkpoint(tmp_path / "nope")
+        checkpoints.read(tmp_path / "nope")
     d = tmp_path / "ck"
     d.mkdir()
     with pytest.raises(PolygptError, match="config.json is missing"):
-        weights.read_checkpoint(d)
+        checkpoints.read(d)
     (d / "config.json").write_text("{not json")
     with pytest.raises(PolygptError, match="not valid JSON"):
-        weights.read_checkpoint(d)
+        checkpoints.read(d)
     (d / "config.json").write_text(json.dumps({"spec": {**SPEC.to_dict(), "n_embed": 3}}))
     with pytest.raises(PolygptError, match="unknown model spec key"):
-        weights.read_checkpoint(d)
+        checkpoints.read(d)
+
+
+def _zeros(path, tag: str) -> None:
+    """A valid fp32 model file of SPEC, all zeros, told apart by `tag` in its metadata."""
+    shapes = SPEC.param_shapes()
+    tensorfile.write_tensors(
+        path,
+        [(n, "F32", s) for n, s in shapes.items()],
+        lambda n: bytes(4 * math.prod(shapes[n])),
+        modelfile.metadata(SPEC, tag=tag),
+    )
 
 
 def test_failed_write_keeps_the_old_checkpoint(tmp_path):
     out = tmp_path / "ck"
-    good = weights.write_checkpoint(
+    good = checkpoints.write(
         out,
         config={"spec": SPEC.to_dict(), "step": 1},
         tokenizer={},
-        save_model=lambda p: p.write_bytes(b"old"),
+        save_model=lambda p: _zeros(p, "old"),
     )
-    weights.append_metrics(out, {"step": 1})
+    old = (good / "model.safetensors").read_bytes()
+    metrics_log.append(out, {"step": 1})
 
     def crash(p):
         p.write_bytes(b"half")
         raise OSError("disk full")
 
     with pytest.raises(PolygptError, match=r"\(disk full\): .* still holds its step 1 checkpoint"):
-        weights.write_checkpoint(out, config={"step": 2}, tokenizer={}, save_model=crash)
-    assert (good / "model.safetensors").read_bytes() == b"old"
+        checkpoints.write(out, config={"step": 2}, tokenizer={}, save_model=crash)
+    assert (good / "model.safetensors").read_bytes() == old
     assert json.loads((good / "config.json").read_text())["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left behind
     # a new snapshot carries the run's metrics file over
-    weights.write_checkpoint(
+    checkpoints.write(
         out, config={"step": 2}, tokenizer={}, save_model=lambda p: p.write_bytes(b"new")
     )
-    assert weights.read_metrics(out) == [{"step": 1}]
+    assert metrics_log.read(out) == [{"step": 1}]
     # a crash between the two renames is recovered from the .old sibling
     os.replace(out, tmp_path / ".ck.old")
-    weights.recover(out)
+    atomic.recover(out)
     assert (out / "model.safetensors").read_bytes() == b"new"

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from polygpt.errors import PolygptError
+from polygpt.modelfile import ModelFile
 from polygpt.spec import ModelSpec
 
 
@@ -85,10 +86,11 @@ class Backend(Protocol):
     def init_model(self, spec: ModelSpec, seed: int) -> Any:
         """A freshly initialized fp32 model (normal(0, 0.02), scaled residual projections)."""
 
-    def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> Any:
-        """Load model.safetensors, float or quantized (validated against the spec), at the
-        compute precision `precision` (one of PRECISIONS); a one-line PolygptError for a
-        precision this backend/device cannot compute at."""
+    def load_model(self, model_file: ModelFile, precision: str = "fp32") -> Any:
+        """Load a model file, float or quantized, already checked against its spec
+        (modelfile.check; a checkpoint's `model`), at the compute precision `precision` (one of
+        PRECISIONS); a one-line PolygptError for a precision this backend/device cannot compute
+        at."""
 
     def prepare(self, model: Any) -> Any:
         """The model with its inference weights prepared for this machine (packed, quantized
@@ -110,7 +112,7 @@ class Backend(Protocol):
     def save_quantized(
         self, model: Any, path: Path, metadata: dict[str, str], bits: int, group_size: int
     ) -> None:
-        """Write a float model in the shared quantized format (weights.Quantization)."""
+        """Write a float model in the shared quantized format (quantized.Quantization)."""
 
     def model_bytes(self, model: Any) -> int:
         """Bytes the loaded weights occupy in memory, packed quantized weights included."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from polygpt import weights
+from polygpt import tensorfile
 from polygpt.errors import PolygptError
 from polygpt.spec import INIT_STD, ModelSpec
 
@@ -251,7 +251,7 @@ def init_rule(spec: ModelSpec) -> dict[str, tuple[str, float]]:
 
 def optimizer_step(path: Path) -> int:
     """The AdamW step an optimizer.safetensors was saved at (its metadata)."""
-    _, meta = weights.read_header(Path(path))
+    _, meta = tensorfile.read_header(Path(path))
     return int(meta.get("step", 0))
 
 

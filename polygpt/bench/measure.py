@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polygpt import config, data, evaluate, inference, weights
+from polygpt import checkpoints, config, data, evaluate, inference, modelfile
 from polygpt.backends import get_backend, known_backends
 from polygpt.backends.base import PRECISIONS
 from polygpt.errors import PolygptError
@@ -231,22 +231,21 @@ def _saved_size(be, model, ckpt, precision: str) -> tuple[float | None, str | No
     already that precision, else what `polygpt quantize` writes (int8/int4: packed weights,
     scales and biases; fp16/bf16: a cast), else what `Backend.save_model` writes; or None and
     why not."""
-    have = weights.check_model_file(ckpt.model_file, ckpt.spec)
-    if {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(have, have) == precision:
+    if ckpt.model.precision == precision:
         return ckpt.model_file.stat().st_size / 1e6, None
     with tempfile.TemporaryDirectory() as d:
         if precision != "fp32":
             try:
                 quantize_checkpoint(ckpt.path, Path(d) / "q", precision, backend=be.name)
-                return (Path(d) / "q" / weights.MODEL_FILE).stat().st_size / 1e6, None
+                return (Path(d) / "q" / checkpoints.MODEL_FILE).stat().st_size / 1e6, None
             except PolygptError as e:
                 note = f"polygpt quantize: {e}"
             except Exception as e:  # noqa: BLE001 - a failure to write is a note, not a crash
                 note = f"polygpt quantize failed ({type(e).__name__}: {e})"
             return None, note[:200]
-        path = Path(d) / weights.MODEL_FILE
+        path = Path(d) / checkpoints.MODEL_FILE
         try:
-            be.save_model(model, path, weights.model_metadata(ckpt.spec, precision=precision))
+            be.save_model(model, path, modelfile.metadata(ckpt.spec, precision=precision))
         except Exception as e:  # noqa: BLE001
             return None, f"cannot be saved as safetensors ({type(e).__name__}: {e})"[:200]
         return path.stat().st_size / 1e6, None
@@ -270,7 +269,7 @@ def _train_rate(
         tc.threads = int(be.describe().get("threads", "0"))
     except ValueError:
         tc.threads = 0
-    model = be.load_model(spec, ckpt.model_file, "fp32")
+    model = be.load_model(ckpt.model, "fp32")
     opt = be.make_optimizer(model, tc)
     arr = data.load_split(data_dir, "train")
     rng = np.random.default_rng(0)

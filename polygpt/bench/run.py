@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from polygpt import weights
+from polygpt import checkpoints
 from polygpt.backends import available_backends, backend_class, known_backends
 from polygpt.bench import limits, report
 from polygpt.bench.measure import BenchConfig, BenchResult, Row
@@ -181,7 +181,7 @@ def run_bench(
 ) -> BenchResult:
     """Run every configuration and write results.json, results.csv, results.md and charts."""
     cfg.validate()
-    ckpt = weights.read_checkpoint(cfg.checkpoint)  # fail early on a bad path
+    ckpt = checkpoints.read(cfg.checkpoint)  # fail early on a bad path
     out = Path(out)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polygpt import weights
+from polygpt import checkpoints
 from polygpt.errors import PolygptError
 
 
@@ -298,7 +298,7 @@ def bench_serve(
     if url is not None:
         backends = ["url"]
     else:
-        weights.read_checkpoint(checkpoint)  # a bad path fails here, not in a subprocess
+        checkpoints.read(checkpoint)  # a bad path fails here, not in a subprocess
     body = {"prompt": prompt, "max_tokens": max_tokens}
     if url is None:  # another server may read `model` as a model to load
         body["model"] = "bench"

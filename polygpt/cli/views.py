@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from polygpt import evaluate, hub, weights
+from polygpt import checkpoints, evaluate, hub
 from polygpt import train as train_mod
 from polygpt.backends import available_backends, get_backend, known_backends
 from polygpt.bench import run as bench
@@ -81,7 +81,7 @@ def interrupted(e: train_mod.TrainInterrupted, resume_hint: str) -> str:
 
 
 def weights_step(out: Path) -> int:
-    return weights.read_checkpoint(out).step
+    return checkpoints.read(out).step
 
 
 def byte_bar(min_bytes: int = 32 << 20):
@@ -156,9 +156,8 @@ def bench_line(ev) -> None:
 # ---------------------------------------------------------------------------------------------
 def checkpoint_lines(path: str | Path) -> list[str]:
     """`polygpt info CHECKPOINT`: spec, parameters, step, metrics, recorded evaluations, files."""
-    ckpt = weights.read_checkpoint(path)
+    ckpt = checkpoints.read(path)
     s, cfg = ckpt.spec, ckpt.config
-    dtype = weights.check_model_file(ckpt.model_file, s)
     lines = [
         f"checkpoint  {ckpt.path}",
         f"spec        vocab {s.vocab_size}, block {s.block_size}, {s.n_layer} layers, "
@@ -166,7 +165,8 @@ def checkpoint_lines(path: str | Path) -> list[str]:
         f"dropout {s.dropout}, {s.activation}",
         f"parameters  {s.num_params():,} non-embedding, {s.num_params(False):,} total",
         f"flops       {s.flops_per_token(training=False):,}/token forward at full context",
-        f"weights     {dtype}, trained with {cfg.get('backend', '?')} on {cfg.get('device', '?')}",
+        f"weights     {ckpt.model.dtype}, trained with {cfg.get('backend', '?')} on "
+        f"{cfg.get('device', '?')}",
         f"step        {ckpt.step}",
     ]
     m = cfg.get("metrics") or {}
@@ -180,7 +180,7 @@ def checkpoint_lines(path: str | Path) -> list[str]:
                 f" on {rec['tokens']:,} {rec.get('split', key[5:])} tokens ({rec['method']}, "
                 f"stride {rec['stride']}, {rec.get('backend', '?')} {rec.get('precision', '')})"
             )
-    files = weights.dir_size(ckpt.path)
+    files = checkpoints.dir_size(ckpt.path)
     lines.append("files       " + ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in files.items()))
     return lines
 
@@ -188,7 +188,7 @@ def checkpoint_lines(path: str | Path) -> list[str]:
 def hub_cache_lines() -> list[str]:
     """`polygpt info`: where models fetched by name were converted (safe to delete)."""
     models = hub.converted_models()
-    size = sum(sum(weights.dir_size(m).values()) for m in models)
+    size = sum(sum(checkpoints.dir_size(m).values()) for m in models)
     where = hub.cache_root() / "hub"
     lines = [f"hub     models fetched by name: {len(models)}, {size / 1e9:.2f} GB, in {where}"]
     return lines + [f"        {m.name}" for m in models]

@@ -38,12 +38,13 @@ import polygpt.backends.mlx_backend.loading as loading  # noqa: E402
 import polygpt.backends.mlx_backend.prepared as prepared  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
-from polygpt import weights  # noqa: E402
+from polygpt import quantized  # noqa: E402
 from polygpt.backends import common  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
 from polygpt.backends.common import SlotCache, SlotOps  # noqa: E402
 from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402
+from polygpt.modelfile import ModelFile  # noqa: E402
 from polygpt.spec import ModelSpec  # noqa: E402
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
@@ -172,19 +173,17 @@ class Backend(SlotOps):
         return model
 
     @_on_device
-    def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
-        """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16 (a quantized
-        file is dequantized), or int8/int4 (a float file is quantized as nn.quantize does; a
-        file already quantized at those bits loads as it is). Tensor by tensor from the lazy
-        mx.load: no second copy of the weights (loading.py)."""
+    def load_model(self, model_file: ModelFile, precision: str = "fp32") -> GPT:
+        """A float or quantized model file, checked (modelfile.check), at a compute precision:
+        fp32/fp16/bf16 (a quantized file is dequantized), or int8/int4 (a float file is
+        quantized as nn.quantize does; a file already quantized at those bits loads as it is).
+        Tensor by tensor from the lazy mx.load: no second copy of the weights (loading.py)."""
         if precision not in PRECISIONS:
             raise PolygptError(
                 f"precision {precision!r} is not supported by the mlx backend "
                 f"({', '.join(PRECISIONS)})"
             )
-        path = Path(path)
-        weights.check_model_file(path, spec)
-        quant = weights.model_quantization(path)
+        path, quant = model_file.path, model_file.quantization
         bits = QUANT_BITS.get(precision)
         if quant is not None and precision not in DTYPES and precision != quant.precision:
             raise PolygptError(
@@ -194,7 +193,7 @@ class Backend(SlotOps):
             )
         # int8/int4: a float file is quantized from fp32, a quantized one keeps its dtypes
         dtype = DTYPES.get(precision, None if quant is not None else mx.float32)
-        model = loading.load_gpt(spec, path, dtype, bits, quant)
+        model = loading.load_gpt(model_file.spec, path, dtype, bits, quant)
         model.eval()
         return model
 
@@ -205,8 +204,8 @@ class Backend(SlotOps):
             mx.eval(model.parameters())
             return model
         if precision in QUANT_BITS:  # nn.quantize with the checkpoint format's layers
-            group = weights.default_group_size(model.spec)
-            layers = set(weights.quantizable(model.spec, group))
+            group = quantized.default_group_size(model.spec)
+            layers = set(quantized.quantizable(model.spec, group))
             quantize.quantize_layers(model, QUANT_BITS[precision], group, layers)
             mx.eval(model.parameters())
             return model
@@ -219,9 +218,9 @@ class Backend(SlotOps):
     def save_quantized(
         self, model: GPT, path: Path, metadata: dict[str, str], bits: int, group_size: int
     ) -> None:
-        """Write a float model in polygpt's quantized format (weights.Quantization): quantize
+        """Write a float model in polygpt's quantized format (quantized.Quantization): quantize
         its layers in place with nn.quantize and save the flattened parameters."""
-        layers = set(weights.quantizable(model.spec, group_size))
+        layers = set(quantized.quantizable(model.spec, group_size))
         quantize.quantize_layers(model, bits, group_size, layers)
         self.save_model(model, path, metadata)
 

@@ -4,7 +4,7 @@
 the model is filled one tensor at a time — cast to the compute precision, quantized with
 `mx.quantize` (what nn.quantize does to a layer), or dequantized — evaluated, and the file's
 array dropped before the next is read. A large tensor that changes dtype (GPT-2's token
-embedding: 154 MB of fp32) is read a chunk of rows at a time instead (weights.TensorFile), since
+embedding: 154 MB of fp32) is read a chunk of rows at a time instead (tensorfile.TensorFile), since
 mx.load reads a tensor whole. The largest tensor goes first, while nothing else is loaded, and
 the allocator's cache is released after it; so a load holds the model plus a few MB, never the
 file's weights in full beside the model's. The model's own random init is lazy too, and is
@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import polygpt.backends.mlx_backend.quantize as quantize
-from polygpt import weights
+from polygpt import quantized, tensorfile
 from polygpt.backends.mlx_backend.model import GPT
 from polygpt.spec import ModelSpec
 
@@ -32,7 +32,7 @@ def load_gpt(
     path: Path,
     dtype: mx.Dtype | None,
     bits: int | None = None,
-    file_quant: weights.Quantization | None = None,
+    file_quant: quantized.Quantization | None = None,
 ) -> GPT:
     """The checkpoint at `path` (already checked against `spec`; `file_quant` its declared
     quantization) as a GPT: float weights in `dtype` (None: as stored), and with `bits`, its
@@ -47,12 +47,12 @@ def load_gpt(
             group = file_quant.group_size
             layers = {n for n, a in arrays.items() if a.dtype == mx.uint32}
         else:
-            group = weights.default_group_size(spec)
-            layers = set(weights.quantizable(spec, group))
+            group = quantized.default_group_size(spec)
+            layers = set(quantized.quantizable(spec, group))
         quantize.quantize_layers(model, bits, group, layers)  # on the lazy init: nothing runs
     params = {}
     names = sorted(spec.param_shapes(), key=lambda n: -arrays[n].nbytes)  # biggest first
-    with weights.TensorFile(path) as f:
+    with tensorfile.TensorFile(path) as f:
         for i, name in enumerate(names):
             src = arrays.pop(name)
             changes = name in layers or (dtype is not None and src.dtype != dtype)
@@ -78,11 +78,11 @@ def load_gpt(
     return model
 
 
-def _rows(f: weights.TensorFile, name: str) -> Iterator[mx.array]:
+def _rows(f: tensorfile.TensorFile, name: str) -> Iterator[mx.array]:
     """Float tensor `name` of the file as arrays of CHUNK_BYTES of rows, read with plain reads
     (the raw bytes, viewed as the file's dtype: bf16 stays exact)."""
     e = f.entries[name]
-    for a, b in weights.row_chunks(e, CHUNK_BYTES):
+    for a, b in tensorfile.row_chunks(e, CHUNK_BYTES):
         buf = bytearray((b - a) * e.row_bytes)
         f.read_rows(name, buf, a, b)
         yield mx.array(memoryview(buf)).view(FILE_DTYPES[e.dtype]).reshape(b - a, *e.shape[1:])

@@ -2,7 +2,7 @@
 
 `mlx.nn.quantize` swaps Linear and Embedding layers for QuantizedLinear / QuantizedEmbedding,
 whose parameters (`weight` packed uint32, `scales`, `biases`) are exactly the tensors of a
-quantized polygpt checkpoint (see weights.Quantization); saving the quantized model's flattened
+quantized polygpt checkpoint (see quantized.Quantization); saving the quantized model's flattened
 parameters writes the format, loading one back is `nn.quantize` with the file's layers then
 `load_weights`. The twin of backends/torch_backend/quantize.py, which reproduces these bytes.
 """

@@ -38,7 +38,7 @@ import polygpt.backends.torch_backend.decode as decode
 import polygpt.backends.torch_backend.loading as loading
 import polygpt.backends.torch_backend.prepared as prepared
 import polygpt.backends.torch_backend.quantize as quantize
-from polygpt import weights
+from polygpt import quantized
 from polygpt.backends import common
 from polygpt.backends.base import PRECISIONS
 from polygpt.backends.common import SlotCache, SlotOps
@@ -51,6 +51,7 @@ from polygpt.backends.torch_backend.threads import (
     make_thread_tuner,
 )
 from polygpt.errors import PolygptError
+from polygpt.modelfile import ModelFile
 from polygpt.spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -148,21 +149,20 @@ class Backend(SlotOps):
         model.init_weights(torch.Generator().manual_seed(seed))  # CPU generator: same on any device
         return model.to(self._dev)
 
-    def load_model(self, spec: ModelSpec, path: Path, precision: str = "fp32") -> GPT:
-        """A float or quantized checkpoint at a compute precision: fp32/fp16/bf16 (a quantized
-        file dequantized: its rounded weights exactly), or int8/int4 (CPU: prepared for torch's
-        int8 and int4 kernels, from the file's bytes). Tensor by tensor, straight into the
-        compute precision: no second copy of the weights (loading.py)."""
+    def load_model(self, model_file: ModelFile, precision: str = "fp32") -> GPT:
+        """A float or quantized model file, checked (modelfile.check), at a compute precision:
+        fp32/fp16/bf16 (a quantized file dequantized: its rounded weights exactly), or int8/int4
+        (CPU: prepared for torch's int8 and int4 kernels, from the file's bytes). Tensor by
+        tensor, straight into the compute precision: no second copy of the weights
+        (loading.py)."""
         if precision not in PRECISIONS:
             raise PolygptError(
                 f"precision {precision!r} is not supported by the torch backend "
                 f"({', '.join(PRECISIONS)})"
             )
         self._check_precision(precision)
-        path = Path(path)
-        weights.check_model_file(path, spec)
         target = DTYPES.get(precision, torch.float32)
-        model = loading.load_gpt(spec, path, target, self._dev, precision)
+        model = loading.load_gpt(model_file.spec, model_file.path, target, self._dev, precision)
         return model.eval()
 
     def prepare(self, model: GPT) -> GPT:
@@ -184,7 +184,7 @@ class Backend(SlotOps):
             return model.to(DTYPES[precision])
         self._check_precision(precision)
         if precision in ("int8", "int4"):
-            g = weights.default_group_size(model.spec)
+            g = quantized.default_group_size(model.spec)
             return prepared.quantize_model(model, precision, g).eval()
         raise PolygptError(f"precision {precision!r} is not supported by the torch backend")
 
@@ -197,12 +197,12 @@ class Backend(SlotOps):
     def save_quantized(
         self, model: GPT, path: Path, metadata: dict[str, str], bits: int, group_size: int
     ) -> None:
-        """Write a float model in polygpt's quantized format (weights.Quantization), the
+        """Write a float model in polygpt's quantized format (quantized.Quantization), the
         same bytes `mlx.nn.quantize` + `mx.save_safetensors` would write."""
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if any(not v.is_floating_point() for v in state.values()):
             raise PolygptError("save_quantized needs a float model (load it as fp32)")
-        for name in weights.quantizable(model.spec, group_size):
+        for name in quantized.quantizable(model.spec, group_size):
             packed, scales, biases = quantize.affine_quantize(state[name].cpu(), bits, group_size)
             prefix = name[: -len("weight")]
             state[name], state[prefix + "scales"], state[prefix + "biases"] = packed, scales, biases

@@ -1,7 +1,7 @@
 """Loading a checkpoint into torch without a second copy of its weights.
 
 The model is built on the meta device (its init weights are never allocated), then each tensor
-is read from the file (weights.TensorFile: plain reads, no memory map) straight into a tensor at
+is read from the file (tensorfile.TensorFile: plain reads, no memory map) straight into a tensor at
 the compute precision and assigned to its module. A tensor stored in another dtype is read a few
 MB of rows at a time and cast into place; a quantized one is dequantized the same way. At int8
 and int4 each matrix (the Linear layers and the tied token table) becomes its prepared module
@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 import polygpt.backends.torch_backend.prepared as prepared
 import polygpt.backends.torch_backend.quantize as quantize
-from polygpt import weights
+from polygpt import quantized, tensorfile
 from polygpt.backends.torch_backend.model import GPT
 from polygpt.spec import ModelSpec
 
@@ -44,9 +44,9 @@ def load_gpt(
     with torch.device("meta"), _SkipInit():
         model = GPT(spec)
     matrices = _matrices(model) if precision in ("int8", "int4") else {}
-    with weights.TensorFile(path) as f:
+    with tensorfile.TensorFile(path) as f:
         q = f.metadata.get("quantization")
-        quant = weights.Quantization.from_json(q) if q else None
+        quant = quantized.Quantization.from_json(q) if q else None
         for name, shape in spec.param_shapes().items():
             if name in matrices:
                 continue  # built below, once the Linear's bias is in place
@@ -76,7 +76,7 @@ def _matrices(model: GPT) -> dict[str, str]:
 class _Matrix:
     """One matrix of the file: float rows on demand, or its 4-bit groups as stored."""
 
-    def __init__(self, f: weights.TensorFile, name: str, shape, quant):
+    def __init__(self, f: tensorfile.TensorFile, name: str, shape, quant):
         self.f, self.name, self.shape = f, name, tuple(shape)
         self.quant = quant if quant is not None and f.entries[name].dtype == "U32" else None
         self.prefix = name[: -len("weight")]
@@ -119,7 +119,7 @@ def _int8(m: _Matrix, bias) -> nn.Module:
 
 
 def _int4(m: _Matrix, bias, spec: ModelSpec) -> nn.Module:
-    packed, scales, biases, g = m.affine4(weights.default_group_size(spec))
+    packed, scales, biases, g = m.affine4(quantized.default_group_size(spec))
     return prepared.int4_matrix(packed, scales, biases, g, bias, table=m.name == WTE)
 
 
@@ -137,11 +137,11 @@ class _SkipInit(TorchFunctionMode):
 
 
 def read_tensor(
-    f: weights.TensorFile,
+    f: tensorfile.TensorFile,
     name: str,
     shape: tuple[int, ...],
     dtype: torch.dtype,
-    quant: weights.Quantization | None = None,
+    quant: quantized.Quantization | None = None,
 ) -> torch.Tensor:
     """Tensor `name` of the file as a new CPU tensor of `shape` in `dtype`: read in place when
     the file holds that dtype, else cast (or dequantized, for a packed uint32 weight) a chunk
@@ -157,12 +157,12 @@ def read_tensor(
     if FILE_DTYPES[e.dtype] == dtype:
         f.read_rows(name, _bytes(out))
         return out
-    for a, b in weights.row_chunks(e, CHUNK_BYTES):
+    for a, b in tensorfile.row_chunks(e, CHUNK_BYTES):
         out[a:b].copy_(_read(f, name, a, b))
     return out
 
 
-def _read(f: weights.TensorFile, name: str, a: int = 0, b: int | None = None) -> torch.Tensor:
+def _read(f: tensorfile.TensorFile, name: str, a: int = 0, b: int | None = None) -> torch.Tensor:
     """Rows [a, b) of tensor `name` as stored (all of it by default)."""
     e = f.entries[name]
     b = (e.shape[0] if e.shape else 1) if b is None else b

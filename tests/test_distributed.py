@@ -448,8 +448,8 @@ def test_a_sigterm_to_each_mlx_rank_leaves_its_error_line(tmp_path, char_data):
             signal.SIGSTOP,
             # a stopped peer keeps its socket open: only the limit ends rank 0's wait, so it is
             # as short as keeps a loaded machine's evaluation and checkpoint well inside it
-            "20",
-            "timed out after 20s",
+            "10",
+            "timed out after 10s",
             marks=requires("mlx"),
         ),
     ],

@@ -217,7 +217,7 @@ class EngineClient:
             r.tag = rid = next(self._rid)
             r.t_submit = time.perf_counter()
             self.open[rid] = (r, owner, k)
-            batch.append((rid, r.prompt, {k: getattr(r, k) for k in SETTINGS}))
+            batch.append((rid, r.prompt, {name: getattr(r, name) for name in SETTINGS}))
             rids.append(rid)
         self._send(("submit", batch))
         self.sent += len(reqs)

@@ -634,7 +634,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(eng.InvalidRequest)
     async def _invalid_request(request, exc: eng.InvalidRequest):
-        body = _error_body(f"{exc.param}: {exc}", "invalid_request_error", exc.param)
+        body = _error_body(str(exc), "invalid_request_error", exc.param)  # names the field
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(eng.QueueFull)

@@ -319,7 +319,12 @@ def test_empty_and_too_long_prompts_are_user_errors(lm):
 def test_cli_prompt_errors(tiny_ckpt):
     runner = CliRunner()
     empty = runner.invoke(main, ["sample", str(tiny_ckpt), "--prompt", ""])
-    assert empty.exit_code == 1 and "empty" in empty.output
+    assert empty.exit_code == 1 and "--prompt: the prompt is empty" in empty.output
+    for args, words in [(["-t", "-1"], "--temperature: temperature must be >= 0"),
+                        (["--top-p", "0"], "--top-p: top_p must be in (0, 1]"),
+                        (["-n", "-1"], "--max-new-tokens: max_tokens must be >= 0")]:  # fmt: skip
+        bad = runner.invoke(main, ["sample", str(tiny_ckpt), *args])
+        assert bad.exit_code == 1 and words in bad.output and not bad.stdout.startswith("\n")
     long = runner.invoke(main, ["sample", str(tiny_ckpt), "--prompt", "x" * 40, "-n", "5"])
     assert long.exit_code == 0 and "longer than the context" in long.stderr  # cropped
 

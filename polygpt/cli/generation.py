@@ -13,7 +13,7 @@ import click
 
 from polygpt import config, hub, inference
 from polygpt.cli.app import BACKEND, DEVICE, main, needs_serve_extra, precision_option
-from polygpt.engine import Event, TextChunk
+from polygpt.engine import Event, InvalidRequest, TextChunk
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig, finish
 
@@ -149,7 +149,11 @@ def sample(checkpoint, backend, device, precision, opts: SampleOptions, no_strea
         )
     stream = not no_stream and sc.num_samples == 1
     t0 = time.perf_counter()
-    events = lm.stream([sc.prompt] * sc.num_samples, gcfg, stream_text=stream)  # checks first
+    try:  # the engine checks the request before the first event: nothing printed yet
+        events = lm.stream([sc.prompt] * sc.num_samples, gcfg, stream_text=stream)
+    except InvalidRequest as e:  # named as the option that set it
+        option = "--max-new-tokens" if e.param == "max_tokens" else f"--{e.param.replace('_', '-')}"
+        raise PolygptError(f"{option}: {e}") from None
     if stream:
         click.echo(sc.prompt, nl=False)
     texts = [f.text for f in finish(events, _print_text if stream else None)]

@@ -1,6 +1,6 @@
 """The generation engine: requests in, events out, one decode call per step over a slot cache.
 
-`polygpt sample` (generate.generate), `polygpt serve` and `polygpt bench` all run on this,
+`polygpt sample` (generate.stream_generate), `polygpt serve` and `polygpt bench` run on this,
 the way llama.cpp's server slots and vLLM's persistent batch work:
 
 - Rows. The engine's slot cache (backends/common.py) has `max_rows` rows; the active requests

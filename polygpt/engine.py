@@ -1,6 +1,6 @@
 """The generation engine: requests in, events out, one decode call per step over a slot cache.
 
-`polygpt sample` (generate.generate), `polygpt serve` and `polygpt bench` all run on this,
+`polygpt sample` (generate.stream_generate), `polygpt serve` and `polygpt bench` run on this,
 the way llama.cpp's server slots and vLLM's persistent batch work:
 
 - Rows. The engine's slot cache (backends/common.py) has `max_rows` rows; the active requests
@@ -15,51 +15,47 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
 - Context window. Positions are learned embeddings up to block_size, so a row whose block is
   full slides: its window restarts from its last `keep` tokens (the pending one included),
   re-prefilled in that row alone, and decoding goes on. Every token sees at least `keep`
-  tokens of context; the default keep is half the block (llama.cpp's context shift: 3/4 of
-  the block cost 3 tokens of forward pass per generated token at batch 64 on a CPU); keep =
+  tokens of context; the default keep is half the block (llama.cpp's context shift: a larger
+  keep re-prefills more often, see docs/BENCHMARKS.md, "Figures behind the code"); keep =
   block_size gives nanoGPT's full context at one re-prefill per token. The rule depends only
   on the row's own length.
-- Randomness. Row r draws from its own stream, seeded (seed, stream) (sampling.RowStreams),
+- Randomness. Row r draws from its own stream, seeded (seed, seed_stream) (sampling.RowStreams),
   one uniform per token, so a request's text does not depend on what else is in the batch,
   up to float rounding of batched matmuls.
 
-Events: `TextChunk` (text that became final, for requests that stream), `Finished(reason,
-tokens, text, usage)` with reason "stop", "length" or "cancelled", and `Failed(message)`.
-No HTTP here: in `polygpt serve` the engine runs in its own process (engine_process.py) and
-each step's events cross to the HTTP side as one message.
+Consuming it: `Engine.steps()` is the one way, an iterator of each step's typed events
+(`TextChunk` for text that became final, `PromptScored`, `Finished(reason, tokens, text,
+usage)` with reason "stop", "length" or "cancelled", `Failed(message)`); `generate` flattens
+it, and in `polygpt serve` the engine process (engine_process.py) sends each step's list to
+the HTTP side as one message. No HTTP here. A request is checked once, by `check_request`
+(sampler settings by sampling.check_settings), where it enters an engine.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from polygpt.errors import PolygptError
-from polygpt.sampling import RowStreams, check_settings, make_sampler, sample_rows
+from polygpt.sampling import BadSetting, RowStreams, check_settings, make_sampler, sample_rows
 from polygpt.textstream import TextStream, cut_at_stop
 
-
-def check_prompts(prompts: list[list[int]], block_size: int) -> None:
-    if not prompts:
-        raise PolygptError("no prompts given")
-    for p in prompts:
-        check_prompt(p, block_size)
+log = logging.getLogger("polygpt.engine")
 
 
-def check_prompt(prompt: list[int], block_size: int) -> None:
-    if len(prompt) == 0:
-        raise PolygptError("the prompt is empty: give at least one token (e.g. a newline)")
-    if len(prompt) > block_size:
-        raise PolygptError(
-            f"the prompt is {len(prompt)} tokens, longer than the model's context "
-            f"(block_size {block_size})"
-        )
+class InvalidRequest(PolygptError):
+    """A request no engine runs; `param` names the field at fault (a server's 400 names it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(eq=False)
@@ -72,15 +68,48 @@ class Request:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
-    stream: int = 0  # which random stream of `seed` this request draws from
+    seed_stream: int = 0  # which random stream of `seed` this request draws from
     stop: list[str] = field(default_factory=list)  # end before the first of these
     stream_text: bool = False  # emit TextChunk events as text becomes final
     logprobs: int | None = None  # per new token: its log-probability and the top N's
     prompt_logprobs: bool = False  # score the prompt's tokens too (echo)
-    tag: Any = None  # the caller's: an index, a job
+    tag: int = 0  # the caller's id for it: a prompt's index (generate), a request id (serve)
     cancelled: bool = False  # set by Engine.cancel (any thread); the row leaves at the next step
     t_submit: float = 0.0
     t_first: float | None = None  # when its first token was sampled
+
+
+def check_prompt(prompt: list[int], block_size: int) -> None:
+    if len(prompt) == 0:
+        raise InvalidRequest(
+            "prompt", "the prompt is empty: give at least one token (e.g. a newline)"
+        )
+    if len(prompt) > block_size:
+        raise InvalidRequest(
+            "prompt",
+            f"the prompt is {len(prompt)} tokens, longer than the model's context "
+            f"(block_size {block_size})",
+        )
+
+
+def check_prompts(prompts: list[list[int]], block_size: int) -> None:
+    if not prompts:
+        raise InvalidRequest("prompt", "no prompts given")
+    for p in prompts:
+        check_prompt(p, block_size)
+
+
+def check_request(req: Request, block_size: int) -> None:
+    """InvalidRequest for a request no engine runs: the one place a request is checked."""
+    check_prompt(req.prompt, block_size)
+    try:
+        check_settings(req.temperature, req.top_k, req.top_p)
+    except BadSetting as e:
+        raise InvalidRequest(e.name, str(e)) from None
+    if req.max_tokens < 0:
+        raise InvalidRequest("max_tokens", "max_tokens must be >= 0")
+    if req.logprobs is not None and req.logprobs < 0:
+        raise InvalidRequest("logprobs", "logprobs must be >= 0")
 
 
 # A token's log-probability under the model (raw logits, before temperature and filters) and
@@ -90,20 +119,31 @@ TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 @dataclass
 class TextChunk:
+    """Text of a streaming request that became final."""
+
     request: Request
     text: str
-    # with Request.logprobs: the new tokens this chunk completes and their log-probabilities
+    # with Request.logprobs: the new tokens whose text is now entirely out, and their
+    # log-probabilities (a token whose text is partly held back comes with the rest of it)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class PromptScored:
+    """A streaming request's prompt log-probabilities (tokens 1..), before any of its text."""
+
+    request: Request
+    logprobs: list[TokenLogprob]
 
 
 @dataclass
 class Finished:
     request: Request
     reason: str  # "stop", "length" or "cancelled"
-    tokens: list[int]  # the new tokens (before a stop string)
-    text: str | None  # their text, cut before a stop string (None without a tokenizer)
-    logprobs: list[TokenLogprob] | None = None  # one per new token (Request.logprobs)
+    tokens: list[int]  # the new tokens entirely before a stop string
+    text: str | None  # the new text, cut before a stop string (None without a tokenizer)
+    logprobs: list[TokenLogprob] | None = None  # one per token (Request.logprobs)
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (the first has none)
 
     @property
@@ -118,7 +158,7 @@ class Failed:
     message: str
 
 
-Event = TextChunk | Finished | Failed
+Event = TextChunk | PromptScored | Finished | Failed
 
 
 class QueueFull(PolygptError):
@@ -133,12 +173,13 @@ class _Row:
         self.history = list(req.prompt)  # prompt + new tokens; the last one is pending
         self.start = 0  # the window (what the next logits are conditioned on): history[start:]
         self.new = 0  # tokens generated
-        self.rng = RowStreams(req.seed, [req.stream]) if req.temperature > 0 else None
+        self.rng = RowStreams(req.seed, [req.seed_stream]) if req.temperature > 0 else None
         self.keep = keep
-        self.events: list[Event] = []
+        self.decode = decode
         self.text = None
+        self._final: list[str] = []  # text the last token made final, not yet in a chunk
         if decode is not None and (req.stop or req.stream_text):
-            emit = self._emit if req.stream_text else None
+            emit = self._final.append if req.stream_text else None
             self.text = TextStream(decode, req.stop, emit)
         self.sent = 0  # characters streamed
         self.flushed = 0  # new tokens handed out in chunks (with logprobs)
@@ -149,36 +190,45 @@ class _Row:
     def window(self) -> np.ndarray:
         return np.asarray(self.history[self.start :], dtype=np.int64)
 
-    def _emit(self, text: str, upto: int | None = None) -> None:
-        self.sent += len(text)
-        if self.logprobs is None:
-            self.events.append(TextChunk(self.req, text))
-            return
-        upto = self.new if upto is None else upto
-        start, end = len(self.req.prompt) + self.flushed, len(self.req.prompt) + upto
-        lps = self.logprobs[self.flushed : upto]
-        self.events.append(TextChunk(self.req, text, self.history[start:end], lps))
-        self.flushed = max(self.flushed, upto)
-
-    def take(self, token: int) -> None:
-        """Append a sampled token; sets `reason` when the row ends."""
+    def take(self, token: int) -> TextChunk | None:
+        """Append a sampled token; sets `reason` when the row ends. The text it made final."""
         self.history.append(token)
         self.new += 1
         if self.text is not None and self.text.push(token):
             self.reason = "stop"
-            self._trim(self.text.kept)
         elif self.new >= self.req.max_tokens:
             self.reason = "length"
+        if not self._final:
+            return None
+        return self.chunk("".join(self._final), self._covered())
 
-    def _trim(self, kept: int) -> None:
-        """A stop string ends the row: the chunk just emitted keeps no token past `kept`."""
-        over = self.flushed - kept
-        if self.logprobs is None or over <= 0 or not self.events:
-            return
-        ev = self.events[-1]
-        n = max(0, len(ev.tokens) - over)
-        self.flushed -= len(ev.tokens) - n
-        ev.tokens, ev.logprobs = ev.tokens[:n], ev.logprobs[:n]
+    def chunk(self, text: str, upto: int) -> TextChunk:
+        """A chunk of `text`, with the new tokens up to `upto` not yet handed out."""
+        self._final.clear()
+        self.sent += len(text)
+        if self.logprobs is None:
+            return TextChunk(self.req, text)
+        p = len(self.req.prompt)
+        ids = self.history[p + self.flushed : p + upto]
+        lps = self.logprobs[self.flushed : upto]
+        self.flushed = max(self.flushed, upto)
+        return TextChunk(self.req, text, ids, lps)
+
+    def _covered(self) -> int:
+        """How many new tokens have all their text out. Held-back text (a possible stop
+        string's start) belongs to the last tokens: they wait, so that a stop string found
+        inside one of them never leaves a token out that the whole completion lacks."""
+        ts = self.text
+        if self.logprobs is None or ts is None:
+            return self.new
+        if ts.kept is not None:  # a stop string: the tokens entirely before it
+            return ts.kept
+        if ts.anchor == len(ts.ids):  # nothing held back
+            return self.new
+        n = len(ts.ids) - 1  # the held text is the end of the last token's
+        while n > ts.anchor and len(self.decode(ts.ids[ts.anchor : n])) > ts.skip:
+            n -= 1
+        return n
 
     def tokens(self) -> list[int]:
         ids = self.history[len(self.req.prompt) :]
@@ -258,13 +308,7 @@ class Engine:
             self._cv.notify()
 
     def _check(self, req: Request) -> None:
-        check_prompt(req.prompt, self.block)
-        try:
-            check_settings(req.temperature, req.top_k, req.top_p)
-        except ValueError as e:
-            raise PolygptError(str(e)) from None
-        if req.max_tokens < 0:
-            raise PolygptError("max_tokens must be >= 0")
+        check_request(req, self.block)
         if (req.stop or req.stream_text) and self.decode_text is None:
             raise ValueError("stop strings and streaming need decode_text")
 
@@ -296,6 +340,24 @@ class Engine:
     def fail_all(self, message: str) -> list[Event]:
         rows, self.active = self.active, []
         return [Failed(r.req, message) for r in rows]
+
+    def steps(
+        self, feed: Callable[[], bool] | None = None, survive: bool = False
+    ) -> Iterator[list[Event]]:
+        """The one way to consume the engine: each step's events, one list per step.
+
+        `feed()` runs before every step (it may submit and cancel) and says whether to go on;
+        without it, steps run until every request has finished. `survive`: a step that raises
+        fails the running requests (Failed events) and the engine goes on, as a server must."""
+        while feed() if feed is not None else not self.idle():
+            try:
+                events = self.step()
+            except Exception:
+                if not survive:
+                    raise
+                log.exception("generation failed; failing the running requests")
+                events = self.fail_all("the model failed while generating (see the log)")
+            yield events
 
     def step(self) -> list[Event]:
         """Admit, slide, one decode call for every active row, sample. Returns the events."""
@@ -331,9 +393,9 @@ class Engine:
         for r, tok in zip(rows, nxt.tolist()):
             if r.req.t_first is None:
                 r.req.t_first = t2
-            r.take(tok)
-            events.extend(r.events)
-            r.events.clear()
+            chunk = r.take(tok)
+            if chunk is not None:
+                events.append(chunk)
             if r.reason is not None:
                 ended.append(r)
         self.seconds["sample"] += time.perf_counter() - t2
@@ -366,11 +428,15 @@ class Engine:
                     text = "" if self.decode_text is not None else None
                     lps = [] if req.logprobs is not None else None
                     scored = self._score(req) if req.prompt_logprobs and not req.cancelled else None
+                    if scored is not None and req.stream_text:
+                        events.append(PromptScored(req, scored))
                     events.append(Finished(req, reason, [], text, lps, scored))
                     continue
                 row = _Row(req, self.decode_text, self.keep)
                 if req.prompt_logprobs:
                     row.prompt_logprobs = self._score(req)
+                    if req.stream_text:
+                        events.append(PromptScored(req, row.prompt_logprobs))
                 self.active.append(row)
                 new.append(row)
         return new
@@ -436,15 +502,19 @@ class Engine:
         del self.active[keep_n:]
 
     def _finish(self, r: _Row, reason: str) -> list[Event]:
+        """The row's last chunk (what was held back) and its Finished. Its text is cut at a
+        stop string here, the one place: a token that straddles the stop string gives its text
+        before it, though the token itself is left out of `tokens`."""
         ids = r.tokens()
+        events: list[Event] = []
         text = None
         if self.decode_text is not None:
-            text = cut_at_stop(self.decode_text(ids), r.req.stop)
+            text = cut_at_stop(self.decode_text(r.history[len(r.req.prompt) :]), r.req.stop)
             rest = text[r.sent :]  # held back for a stop string that never came
             unsent = r.logprobs is not None and r.flushed < len(ids)
             if r.req.stream_text and reason != "cancelled" and (rest or unsent):
-                r._emit(rest, len(ids))
-        events, r.events = r.events, []
+                events.append(r.chunk(rest, len(ids)))
         self.counts["completion_tokens"] += len(ids)
         lps = None if r.logprobs is None else r.logprobs[: len(ids)]
-        return [*events, Finished(r.req, reason, ids, text, lps, r.prompt_logprobs)]
+        events.append(Finished(r.req, reason, ids, text, lps, r.prompt_logprobs))
+        return events

@@ -12,8 +12,9 @@ Messages are tuples of plain values (pickled by multiprocessing's Connection):
                   ("stop",)
   engine -> HTTP: ("ready", info) or ("error", message) once, after loading; then
                   ("step", events, running, waiting, seen) and ("stats", token, stats)
-An event is (rid, TEXT, text, tokens, logprobs), (rid, FINISHED, reason, tokens, text,
-logprobs, prompt_logprobs, t_first) or (rid, FAILED, message).
+An event is (rid, TEXT, text, tokens, logprobs), (rid, SCORED, prompt_logprobs), (rid,
+FINISHED, reason, tokens, text, logprobs, prompt_logprobs, t_first) or (rid, FAILED, message):
+engine.Request.tag is the rid, and the HTTP side turns them back into the engine's events.
 
 Failure: the engine process exits when its pipe closes (the server went away: no orphan); the
 HTTP side treats a closed pipe as a dead engine and fails every open request at once.
@@ -37,9 +38,9 @@ from polygpt.errors import PolygptError
 
 log = logging.getLogger("polygpt.engine")
 
-TEXT, FINISHED, FAILED = 0, 1, 2
+TEXT, FINISHED, FAILED, SCORED = 0, 1, 2, 3
 # engine.Request fields a submit carries besides the prompt
-SETTINGS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stream", "stop",
+SETTINGS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "seed_stream", "stop",
             "stream_text", "logprobs", "prompt_logprobs")  # fmt: skip
 
 
@@ -62,7 +63,7 @@ def run_engine(conn, checkpoint: str, backend, device: str, precision, max_batch
     except PolygptError as e:
         conn.send(("error", str(e)))
         return
-    info = {"backend": lm.backend.name, "device": str(lm.backend.device)}
+    info = {"backend": lm.backend.name, "device": str(lm.backend.device), "block_size": block}
     conn.send(("ready", {**info, "precision": lm.precision}))
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):
         EngineCore(engine, conn).serve()  # until stop, or the server goes away
@@ -79,8 +80,7 @@ class EngineCore:
 
     def serve(self) -> None:
         """Read, step, send: a message when the step has events or the queue changed."""
-        while self._read():
-            events = self._step()
+        for events in self.engine.steps(feed=self._read, survive=True):
             queue = self._queue()
             if events or queue != self.reported:
                 t = time.perf_counter()
@@ -123,17 +123,12 @@ class EngineCore:
             return
         self.requests.update((r.tag, r) for r in reqs)
 
-    def _step(self) -> list[eng.Event]:
-        try:
-            return self.engine.step()
-        except Exception:
-            log.exception("generation failed; failing the running requests")
-            return self.engine.fail_all("the model failed while generating (see the server log)")
-
     def _pack(self, ev: eng.Event) -> tuple:
         rid = ev.request.tag
         if isinstance(ev, eng.TextChunk):
             return (rid, TEXT, ev.text, ev.tokens, ev.logprobs)
+        if isinstance(ev, eng.PromptScored):
+            return (rid, SCORED, ev.logprobs)
         self.requests.pop(rid, None)
         if isinstance(ev, eng.Finished):
             t_first = ev.request.t_first
@@ -147,11 +142,11 @@ class EngineCore:
 
 class EngineClient:
     """The server's handle on the engine process: submit, cancel and stats from the event
-    loop; each step's events handed to their jobs through `deliver(job_events)`.
+    loop; each step's events handed to their owners through `deliver({owner: [(k, event)]})`.
 
     Requests are engine.Request objects kept here (the engine process has its own copies),
-    known to both sides by an id; their `tag` is (job, k). `max_queue` bounds the requests
-    waiting for a row (429 beyond)."""
+    known to both sides by an id, their `tag`; each has an owner (a server's job) and is its
+    k-th. `max_queue` bounds the requests waiting for a row (429 beyond)."""
 
     def __init__(
         self,
@@ -171,7 +166,7 @@ class EngineClient:
         child.close()  # the engine holds the only other end: its exit closes the pipe
         self.max_batch, self.max_queue = max_batch, max_queue
         self.info = self._ready()
-        self.open: dict[int, eng.Request] = {}  # submitted, not finished
+        self.open: dict[int, tuple[eng.Request, Any, int]] = {}  # rid: (request, owner, k)
         self._rid = itertools.count()
         self.sent = 0  # requests sent to the engine
         self.running, self.waiting, self.seen = 0, 0, 0  # as the engine last reported them
@@ -206,19 +201,23 @@ class EngineClient:
         loop.add_reader(self.conn.fileno(), self._readable)
 
     # -- requests ------------------------------------------------------------------------------
-    def submit_many(self, reqs: list[eng.Request]) -> list[int]:
-        """Send requests together: all of them, or none when the queue has no room. Their ids."""
+    def submit_many(self, reqs: list[eng.Request], owner: Any) -> list[int]:
+        """Send `owner`'s requests together: all of them, or none when one is invalid
+        (engine.InvalidRequest, checked here by the engine's rules) or the queue has no room.
+        Their ids."""
         if self.dead:
             raise EngineDead(self.dead)
+        for r in reqs:
+            eng.check_request(r, self.info["block_size"])
         waiting = self._waiting()
         if waiting + max(0, len(reqs) - self._free_rows()) > self.max_queue:
             raise eng.QueueFull(f"the queue is full ({waiting} requests waiting)")
         rids, batch = [], []
-        for r in reqs:
-            rid = next(self._rid)
+        for k, r in enumerate(reqs):
+            r.tag = rid = next(self._rid)
             r.t_submit = time.perf_counter()
-            self.open[rid] = r
-            batch.append((rid, r.prompt, {k: getattr(r, k) for k in SETTINGS}))
+            self.open[rid] = (r, owner, k)
+            batch.append((rid, r.prompt, {name: getattr(r, name) for name in SETTINGS}))
             rids.append(rid)
         self._send(("submit", batch))
         self.sent += len(reqs)
@@ -278,13 +277,15 @@ class EngineClient:
         _, events, self.running, self.waiting, self.seen = msg
         first = False  # a request's first event goes out at once (time to first token)
         for ev in events:
-            req = self.open.get(ev[0])
-            if req is None:
+            if ev[0] not in self.open:
                 continue
-            if req.t_first is None:
+            req, owner, k = self.open[ev[0]]
+            if req.t_first is None and ev[1] != SCORED:
                 req.t_first, first = time.perf_counter(), True
             if ev[1] == TEXT:
                 out = eng.TextChunk(req, ev[2], ev[3], ev[4])
+            elif ev[1] == SCORED:
+                out = eng.PromptScored(req, ev[2])
             elif ev[1] == FINISHED:
                 del self.open[ev[0]]
                 req.t_first = ev[7]
@@ -292,8 +293,7 @@ class EngineClient:
             else:
                 del self.open[ev[0]]
                 out = eng.Failed(req, ev[2])
-            job, k = req.tag
-            self._pending.setdefault(job, []).append((k, out))
+            self._pending.setdefault(owner, []).append((k, out))
         if not self._pending:
             return
         delay = self._last + self.interval - time.monotonic()
@@ -318,9 +318,8 @@ class EngineClient:
         log.error("%s: failing %d open requests", self.dead, len(self.open))
         with contextlib.suppress(RuntimeError, ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.conn.fileno())
-        for req in self.open.values():
-            job, k = req.tag
-            self._pending.setdefault(job, []).append((k, eng.Failed(req, self.dead)))
+        for req, owner, k in self.open.values():
+            self._pending.setdefault(owner, []).append((k, eng.Failed(req, self.dead)))
         self.open.clear()
         for fut in self._stats.values():
             if not fut.done():

@@ -1,9 +1,10 @@
 """`generate`: a batch of prompts to completion, on the engine (polygpt/engine.py).
 
 The engine does batching, the KV cache, sampling, stop strings, streaming and the context
-window; this module is its simplest consumer (as mlx-lm's `generate` consumes
-`stream_generate`): every prompt is a request, all run as one batch, and the new token ids come
-back per prompt.
+window; this module is its simplest consumer, as mlx-lm's `generate` consumes
+`stream_generate`: `stream_generate` submits every prompt as a request and returns the engine's
+events as one iterator, `generate` drains it into each prompt's `Finished` result (its tokens
+and its text, cut at a stop string once, by the engine).
 
 `uncached_generate` is nanoGPT's method, kept as the speed baseline: crop the sequence to the
 last block_size tokens and run a full forward pass for every new token.
@@ -11,27 +12,91 @@ last block_size tokens and run a full forward pass for every new token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from polygpt.engine import Engine, Finished, Request, TextChunk, check_prompts
+from polygpt.config import SampleConfig
+from polygpt.engine import Engine, Event, Finished, Request, check_prompts
 from polygpt.errors import PolygptError
 from polygpt.sampling import RowStreams, make_sampler
 
-__all__ = ["GenerationConfig", "check_prompts", "generate", "uncached_generate"]
+__all__ = [
+    "GenerationConfig",
+    "check_prompts",
+    "finish",
+    "generate",
+    "stream_generate",
+    "uncached_generate",
+]
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 500
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int = 1337  # row b draws from a generator seeded (seed, b)
+    # the defaults are the [sample] section's (config.SampleConfig): one place
+    max_new_tokens: int = SampleConfig.max_new_tokens
+    temperature: float = SampleConfig.temperature  # 0: greedy
+    top_k: int = SampleConfig.top_k  # 0: off
+    top_p: float = SampleConfig.top_p  # 1: off
+    seed: int = SampleConfig.seed  # prompt b draws from a generator seeded (seed, b)
     stop: list[str] = field(default_factory=list)  # end a row before the first of these
     keep: int = 0  # tokens kept when a row's window slides; 0: block_size // 2
+
+
+def stream_generate(
+    backend,
+    model,
+    block_size: int,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    decode_text: Callable[[list[int]], str] | None = None,
+    stream_text: bool = False,
+    seed_streams: list[int] | None = None,
+    observe: Callable | None = None,
+) -> Iterator[Event]:
+    """Submit every prompt (Request.tag: its index) and return the engine's events. Requests
+    are checked here, before the first event (a PolygptError names the problem).
+
+    `stream_text`: TextChunk events as each row's text becomes final; stop strings and text
+    need `decode_text` (ids -> str). `seed_streams[b]`: which random stream (seeded (cfg.seed,
+    seed_streams[b])) prompt b samples from; default 0..B-1, so generating prompt b alone with
+    seed_streams=[b] gives the batch's row b. `observe(rows, logits)`: called after every
+    decode step (Engine's `observe`)."""
+    if seed_streams is not None and len(seed_streams) != len(prompts):
+        raise ValueError("seed_streams needs one entry per prompt")
+    engine = Engine(
+        backend, model, block_size, max(1, len(prompts)), cfg.keep, decode_text, observe=observe
+    )
+    engine.submit_many(
+        [
+            Request(
+                prompt=list(p),
+                max_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                seed=cfg.seed,
+                seed_stream=b if seed_streams is None else seed_streams[b],
+                stop=list(cfg.stop),
+                stream_text=stream_text,
+                tag=b,
+            )
+            for b, p in enumerate(prompts)
+        ]
+    )
+    return (ev for events in engine.steps() for ev in events)
+
+
+def finish(events: Iterator[Event], on_event: Callable[[Event], None] | None = None):
+    """Drain `events` (each one to `on_event` first); each request's Finished, by tag."""
+    out: dict[int, Finished] = {}
+    for ev in events:
+        if on_event is not None:
+            on_event(ev)
+        if isinstance(ev, Finished):
+            out[ev.request.tag] = ev
+    return [out[b] for b in range(len(out))]
 
 
 def generate(
@@ -40,52 +105,14 @@ def generate(
     block_size: int,
     prompts: list[list[int]],
     cfg: GenerationConfig,
-    decode_text: Callable[[list[int]], str] | None = None,
-    on_text: Callable[[int, str], None] | None = None,
-    streams: list[int] | None = None,
+    seed_streams: list[int] | None = None,
     observe: Callable | None = None,
 ) -> list[list[int]]:
-    """Generate up to cfg.max_new_tokens for each prompt; returns the new token ids per row.
-
-    `on_text(row, text)` streams each row's text as it becomes final; stop strings and streaming
-    need `decode_text` (ids -> str). A row that hits a stop string ends before it.
-    `streams[b]`: which random stream (seeded (cfg.seed, streams[b])) row b samples from;
-    default 0..B-1. Generating prompt b alone with streams=[b] gives the batch's row b.
-    `observe(rows, logits)`: called after every decode step (Engine's `observe`).
-    """
-    check_prompts(prompts, block_size)
-    if (cfg.stop or on_text is not None) and decode_text is None:
-        raise ValueError("stop strings and streaming need decode_text")
-    if streams is not None and len(streams) != len(prompts):
-        raise ValueError("streams needs one entry per prompt")
-    make_sampler(cfg.temperature, cfg.top_k, cfg.top_p)  # ValueError for bad settings
-    B = len(prompts)
-    engine = Engine(backend, model, block_size, B, cfg.keep, decode_text, observe=observe)
-    if cfg.max_new_tokens <= 0:
-        return [[] for _ in range(B)]
-    for b, p in enumerate(prompts):
-        engine.submit(
-            Request(
-                prompt=list(p),
-                max_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                seed=cfg.seed,
-                stream=b if streams is None else streams[b],
-                stop=list(cfg.stop),
-                stream_text=on_text is not None,
-                tag=b,
-            )
-        )
-    out: dict[int, list[int]] = {}
-    while len(out) < B:
-        for ev in engine.step():
-            if isinstance(ev, TextChunk):
-                on_text(ev.request.tag, ev.text)
-            elif isinstance(ev, Finished):
-                out[ev.request.tag] = ev.tokens
-    return [out[b] for b in range(B)]
+    """The new token ids of each prompt (stream_generate's Finished tokens)."""
+    events = stream_generate(
+        backend, model, block_size, prompts, cfg, seed_streams=seed_streams, observe=observe
+    )
+    return [f.tokens for f in finish(events)]
 
 
 def uncached_generate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,11 +10,11 @@ from typing import Any
 from polygpt import checkpoints, config
 from polygpt import tokenizer as tok
 from polygpt.backends import Backend, available_backends, get_backend
+from polygpt.engine import Event, TextChunk
 from polygpt.errors import PolygptError
-from polygpt.generate import GenerationConfig, generate
+from polygpt.generate import GenerationConfig, finish, stream_generate
 from polygpt.modelfile import ModelFile
 from polygpt.spec import ModelSpec
-from polygpt.textstream import cut_at_stop
 
 
 @dataclass
@@ -37,27 +37,38 @@ class LanguageModel:
             "memory_bytes": self.backend.model_bytes(self.model),
         }
 
-    def generate(
-        self,
-        prompts: list[str],
-        cfg: GenerationConfig,
-        on_text: Callable[[int, str], None] | None = None,
-    ) -> list[str]:
-        """New text per prompt; `on_text(row, text)` streams it as it becomes final. A prompt
-        longer than the context is cropped to its last block_size tokens (as nanoGPT and
-        llama.cpp do)."""
+    def stream(
+        self, prompts: list[str], cfg: GenerationConfig, stream_text: bool = False
+    ) -> Iterator[Event]:
+        """The engine's events for `prompts` (Request.tag: the prompt's index), checked and
+        submitted before this returns. A prompt longer than the context is cropped to its last
+        block_size tokens (as nanoGPT and llama.cpp do)."""
         ids = [self.encode(p)[-self.spec.block_size :] for p in prompts]
-        out = generate(
+        return stream_generate(
             self.backend,
             self.model,
             self.spec.block_size,
             ids,
             cfg,
             decode_text=self.tokenizer.decode,
-            on_text=on_text,
+            stream_text=stream_text,
         )
-        # a BPE token may straddle the stop string: cut the text exactly
-        return [cut_at_stop(self.tokenizer.decode(o), cfg.stop) for o in out]
+
+    def generate(
+        self,
+        prompts: list[str],
+        cfg: GenerationConfig,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        """New text per prompt (the engine's, cut at a stop string); `on_text(row, text)`
+        streams it as it becomes final."""
+
+        def relay(ev: Event) -> None:
+            if isinstance(ev, TextChunk):
+                on_text(ev.request.tag, ev.text)
+
+        events = self.stream(prompts, cfg, stream_text=on_text is not None)
+        return [f.text for f in finish(events, relay if on_text is not None else None)]
 
 
 def sample_config(ckpt: checkpoints.Checkpoint) -> config.SampleConfig:

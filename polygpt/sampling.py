@@ -80,13 +80,7 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -
 
     temperature 0 is greedy (argmax, first index on ties) and needs no uniforms. Filters apply
     in the order temperature, top-k, top-p (as Hugging Face's), all in float64."""
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError("top_p must be in (0, 1]")
-    if top_k < 0:
-        raise ValueError("top_k must be >= 0")
-
+    check_settings(temperature, top_k, top_p)
     if temperature == 0:
         return lambda logits, u=None: np.argmax(logits, axis=-1)
 
@@ -136,9 +130,22 @@ def sample_rows(
     return out
 
 
+class BadSetting(ValueError):
+    """A sampler setting out of range; `name` says which (a server's error names it)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 def check_settings(temperature: float, top_k: int, top_p: float) -> None:
-    """ValueError for settings no sampler takes (what make_sampler checks)."""
-    make_sampler(temperature, top_k, top_p)
+    """BadSetting for settings no sampler takes: the one place they are checked."""
+    if not temperature >= 0:  # NaN too
+        raise BadSetting("temperature", "temperature must be >= 0")
+    if not 0.0 < top_p <= 1.0:
+        raise BadSetting("top_p", "top_p must be in (0, 1]")
+    if top_k < 0:
+        raise BadSetting("top_k", "top_k must be >= 0")
 
 
 class RowStreams:

@@ -69,10 +69,11 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(1.0, ge=0)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(0, ge=0)  # an extension (mlx-lm, vLLM have it too)
+    # ranges are the engine's to check (engine.check_request), once
+    max_tokens: int | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0  # an extension (mlx-lm, vLLM have it too)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(1, ge=1)
@@ -102,7 +103,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -266,8 +267,6 @@ def check_completion(req: CompletionRequest, lm, limits: Limits) -> Work:
         raise BadRequest("suffix is not supported by this server", "suffix")
     if req.best_of not in (None, 1):
         raise BadRequest("best_of is not supported by this server", "best_of")
-    if req.logprobs is not None and req.stream and req.echo:
-        raise BadRequest("echo with logprobs needs a non-streaming request", "logprobs")
     prompts, ids = prompt_ids(req.prompt, lm, limits)
     n, settings, usage = _check_common(req, ids, limits, req.max_tokens)
     return Work(
@@ -297,8 +296,8 @@ def check_chat(req: ChatRequest, lm, limits: Limits, template: ChatTemplate) -> 
 
 
 class Job:
-    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k, tag
-    (job, k)) and the queue their events arrive on: one list of (k, event) per engine step."""
+    """The engine requests of one HTTP request (choice k: prompt k // n, random stream k) and
+    the queue their events arrive on: one list of (k, event) per engine step."""
 
     def __init__(self, work: Work, prefix: str):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -310,11 +309,10 @@ class Job:
             eng.Request(
                 prompt=work.ids[k // work.n],
                 max_tokens=work.max_tokens[k // work.n],
-                stream=k,
+                seed_stream=k,
                 stream_text=work.stream,
                 logprobs=work.logprobs,
                 prompt_logprobs=work.echo and work.logprobs is not None,
-                tag=(self, k),
                 **work.settings,
             )
             for k in range(work.choices)
@@ -462,13 +460,17 @@ class _LogprobChunks:
         self.job, self.base, self.lm = job, base, lm
         self.offset: dict[int, int] = {}
 
-    def __call__(self, k: int, ev: eng.TextChunk) -> str:
-        c = _chunk(self.job, self.base, k, ev.text, None)
-        lm = self.lm
-        if self.job.work.kind == "chat.completion":
-            c["choices"][0]["logprobs"] = _chat_logprobs(lm, ev.tokens, ev.logprobs)
+    def __call__(self, k: int, ev: eng.TextChunk | eng.PromptScored) -> str:
+        work, lm = self.job.work, self.lm
+        if isinstance(ev, eng.PromptScored):  # echo: the prompt first, its first token unscored
+            text, ids, lps = work.prompts[k // work.n], work.ids[k // work.n], [None, *ev.logprobs]
         else:
-            lp = _logprobs_object(lm, ev.tokens, ev.logprobs or [], self.offset.get(k, 0))
+            text, ids, lps = ev.text, ev.tokens, ev.logprobs or []
+        c = _chunk(self.job, self.base, k, text, None)
+        if work.kind == "chat.completion":
+            c["choices"][0]["logprobs"] = _chat_logprobs(lm, ids, lps)
+        else:
+            lp = _logprobs_object(lm, ids, lps, self.offset.get(k, 0))
             self.offset[k] = self.offset.get(k, 0) + sum(map(len, lp["tokens"]))
             c["choices"][0]["logprobs"] = lp
         return _sse(c)
@@ -500,7 +502,7 @@ async def stream_events(job: Job, base: dict, engine, timer, timeout, lm):
                 first = _chunk(job, base, k, "", None)
                 first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 yield _sse(first)
-        elif work.echo:
+        elif work.echo and work.logprobs is None:  # with logprobs: on PromptScored
             for k in range(work.choices):
                 yield _sse(_chunk(job, base, k, work.prompts[k // work.n], None))
         while left:
@@ -512,7 +514,7 @@ async def stream_events(job: Job, base: dict, engine, timer, timeout, lm):
             with timer.timed():
                 out = []
                 for k, ev in events:
-                    if isinstance(ev, eng.TextChunk):
+                    if isinstance(ev, (eng.TextChunk, eng.PromptScored)):
                         out.append(text_chunk(k, ev))
                     elif isinstance(ev, eng.Finished):
                         left -= 1
@@ -630,6 +632,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = _error_body(exc.message, "invalid_request_error", exc.param)
         return JSONResponse(body, status_code=exc.status)
 
+    @app.exception_handler(eng.InvalidRequest)
+    async def _invalid_request(request, exc: eng.InvalidRequest):
+        body = _error_body(str(exc), "invalid_request_error", exc.param)  # names the field
+        return JSONResponse(body, status_code=400)
+
     @app.exception_handler(eng.QueueFull)
     async def _busy(request, exc: eng.QueueFull):
         body = _error_body(f"{exc}: retry later", "rate_limit_error", code="queue_full")
@@ -656,7 +663,8 @@ async def _respond(state: ServerState, work: Work, request: Request):
     job = Job(work, prefix)
     base = {"id": job.id, "object": work.kind, "created": int(time.time())}
     base["model"] = state.model_name
-    job.rids = state.engine.submit_many(job.requests)  # QueueFull: 429, EngineDead: 503
+    # InvalidRequest: 400, QueueFull: 429, EngineDead: 503
+    job.rids = state.engine.submit_many(job.requests, job)
     timeout = state.request_timeout
     if work.stream:
         chunk_base = {**base, "object": f"{work.kind}.chunk"} if work.kind != "text_completion" \

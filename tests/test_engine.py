@@ -4,6 +4,7 @@ move, changes the text), and on the tiny checkpoint in each backend."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from polygpt import inference
 from polygpt.backends.common import SlotCache, SlotOps
-from polygpt.engine import Engine, Finished, Request, TextChunk
+from polygpt.engine import Engine, Finished, InvalidRequest, Request, TextChunk
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig
 from polygpt.spec import ModelSpec
@@ -68,7 +69,7 @@ class Hashing(SlotOps):
 def _alone(prompt, stream, block=64, **kw):
     be = Hashing(block)
     e = Engine(be, None, block, 1)
-    e.submit(Request(prompt=prompt, stream=stream, **kw))
+    e.submit(Request(prompt=prompt, seed_stream=stream, **kw))
     out = []
     while not out:
         out = [ev for ev in e.step() if isinstance(ev, Finished)]
@@ -88,7 +89,7 @@ def test_one_decode_call_per_step_no_re_prefill_and_one_by_one_texts():
             max_tokens=5 + 3 * i,
             temperature=0.0 if i % 3 == 0 else 1.0,
             seed=i,
-            stream=i,
+            seed_stream=i,
         )
         for i in range(10)
     ]
@@ -116,11 +117,13 @@ def test_choices_of_one_prompt_share_one_prefill():
     be = Hashing()
     e = Engine(be, None, 64, max_rows=8)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    reqs = [Request(prompt=prompt, max_tokens=6, seed=1, stream=k) for k in range(4)]
+    reqs = [Request(prompt=prompt, max_tokens=6, seed=1, seed_stream=k) for k in range(4)]
     e.submit_many(reqs)
     out = {}
     while len(out) < 4:
-        out.update({ev.request.stream: ev.tokens for ev in e.step() if isinstance(ev, Finished)})
+        out.update(
+            {ev.request.seed_stream: ev.tokens for ev in e.step() if isinstance(ev, Finished)}
+        )
     assert be.prefill_tokens == len(prompt) - 1 and be.calls["prefill"] == 1
     assert [out[k] for k in range(4)] == [_alone(prompt, k, max_tokens=6, seed=1) for k in range(4)]
     assert len({tuple(v) for v in out.values()}) > 1  # four streams, different samples
@@ -131,17 +134,19 @@ def test_a_slide_re_prefills_that_row_alone():
     the short one does not, and both texts equal their one-by-one runs."""
     be = Hashing(16)
     e = Engine(be, None, 16, max_rows=2, keep=8)
-    a = Request(prompt=[1] * 14, max_tokens=10, seed=3, stream=0)
-    b = Request(prompt=[2], max_tokens=10, seed=3, stream=1)
+    a = Request(prompt=[1] * 14, max_tokens=10, seed=3, seed_stream=0)
+    b = Request(prompt=[2], max_tokens=10, seed=3, seed_stream=1)
     e.submit_many([a, b])
     out = {}
     while len(out) < 2:
-        out.update({ev.request.stream: ev.tokens for ev in e.step() if isinstance(ev, Finished)})
+        out.update(
+            {ev.request.seed_stream: ev.tokens for ev in e.step() if isinstance(ev, Finished)}
+        )
     assert e.counts["slides"] == 1 and be.prefill_tokens == 13 + 7
     for k, req in enumerate((a, b)):
         be1 = Hashing(16)
         e1 = Engine(be1, None, 16, max_rows=1, keep=8)
-        e1.submit(Request(prompt=req.prompt, max_tokens=10, seed=3, stream=k))
+        e1.submit(Request(prompt=req.prompt, max_tokens=10, seed=3, seed_stream=k))
         got = []
         while not got:
             got = [ev.tokens for ev in e1.step() if isinstance(ev, Finished)]
@@ -168,8 +173,12 @@ def test_cancel_queue_bound_and_errors():
         e.submit(Request(prompt=[]))
     with pytest.raises(PolygptError, match="longer than the model's context"):
         e.submit(Request(prompt=[1] * 65))
-    with pytest.raises(PolygptError, match="top_p"):
-        e.submit(Request(prompt=[1], top_p=0.0))
+    for bad, param in [({"top_p": 0.0}, "top_p"), ({"temperature": -1}, "temperature"),
+                       ({"top_k": -2}, "top_k"), ({"max_tokens": -1}, "max_tokens")]:  # fmt: skip
+        with pytest.raises(InvalidRequest, match=param) as err:
+            e.submit(Request(prompt=[1], **bad))
+        assert err.value.param == param
+    assert e.waiting == 0 and e.idle()  # nothing bad was queued
 
 
 @pytest.fixture(scope="module", params=backends_under_test())
@@ -194,12 +203,14 @@ def test_continuous_batching_on_a_real_model_equals_one_by_one(lm):
     ]
     out: dict[int, str] = {}
     arrivals = {0: reqs[:3], 5: reqs[3:5], 6: reqs[5:6], 12: reqs[6:]}
-    step = 0
-    while len(out) < 8:
-        for r in arrivals.get(step, []):
-            e.submit(r)
-        out.update({reqs.index(ev.request): ev.text for ev in e.step() if isinstance(ev, Finished)})
-        step += 1
+    step = itertools.count()
+
+    def feed():  # before each step: the requests arriving now
+        e.submit_many(arrivals.get(next(step), []))
+        return len(out) < 8
+
+    for events in e.steps(feed):
+        out.update({reqs.index(ev.request): ev.text for ev in events if isinstance(ev, Finished)})
     assert max(int(k) for k in e.stats()["batch_sizes"]) == 4
     for i in range(8):
         want = lm.generate([prompts[i % 6]], GenerationConfig(40 + 10 * i, 0.8, seed=i))[0]

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from polygpt import inference, modelfile
 from polygpt.backends.common import SlotCache, SlotOps
 from polygpt.cli import main
+from polygpt.engine import Engine, Finished, Request, TextChunk
 from polygpt.errors import PolygptError
-from polygpt.generate import GenerationConfig, generate, uncached_generate
+from polygpt.generate import GenerationConfig, finish, generate, stream_generate, uncached_generate
 from polygpt.spec import ModelSpec
 
 from .conftest import backends_under_test
@@ -104,7 +105,7 @@ def test_batched_equals_one_by_one(lm, cfg):
     block = lm.spec.block_size
     batched = generate(lm.backend, lm.model, block, prompts, cfg)
     for b, p in enumerate(prompts):
-        alone = generate(lm.backend, lm.model, block, [p], cfg, streams=[b])[0]
+        alone = generate(lm.backend, lm.model, block, [p], cfg, seed_streams=[b])[0]
         first = next((i for i, (u, v) in enumerate(zip(batched[b], alone)) if u != v), None)
         assert first is None and len(alone) == 80, f"row {b} differs from token {first}"
     if cfg.temperature > 0:  # (greedy on the 60-step model repeats spaces from any prompt)
@@ -189,20 +190,23 @@ class Counting(SlotOps):
 DIGITS = lambda ids: "".join(str(i) for i in ids)  # noqa: E731
 
 
+def _streamed(be, block, prompts, cfg):
+    """Each prompt's new tokens, and the (row, text) chunks streamed on the way."""
+    chunks = []
+
+    def keep(ev):
+        if isinstance(ev, TextChunk):
+            chunks.append((ev.request.tag, ev.text))
+
+    events = stream_generate(be, None, block, prompts, cfg, decode_text=DIGITS, stream_text=True)
+    return [f.tokens for f in finish(events, keep)], chunks
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_stop_strings_and_streaming_on_a_mock(temperature):
     be = Counting()
-    chunks = []
     cfg = GenerationConfig(max_new_tokens=30, temperature=temperature, stop=["567", "99"])
-    out = generate(
-        be,
-        None,
-        8,
-        [[1], [8]],
-        cfg,
-        decode_text=DIGITS,
-        on_text=lambda row, s: chunks.append((row, s)),
-    )
+    out, chunks = _streamed(be, 8, [[1], [8]], cfg)
     # row 0 counts 2 3 4 then stops before 5 6 7; row 1 counts 9 0 1 ... and stops at 567 too
     assert out == [[2, 3, 4], [9, 0, 1, 2, 3, 4]]
     assert "".join(s for r, s in chunks if r == 0) == "234"
@@ -212,14 +216,31 @@ def test_stop_strings_and_streaming_on_a_mock(temperature):
 
 def test_streaming_holds_back_only_possible_stop_prefixes():
     be = Counting()
-    chunks = []
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.0, stop=["45x"])
-    out = generate(
-        be, None, 8, [[0]], cfg, decode_text=DIGITS, on_text=lambda row, s: chunks.append(s)
-    )
+    out, chunks = _streamed(be, 8, [[0]], cfg)
+    chunks = [s for _, s in chunks]
     assert out == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2]]  # "45x" never appears
     assert "".join(chunks) == "123456789012"  # everything streamed, in order
     assert "4" not in chunks  # "4" waited for the next token ("45" too), then went out
+
+
+def test_a_stop_string_inside_a_token_streams_what_the_whole_completion_has():
+    """BPE tokens may hold text on both sides of a stop string: "b\n" then "\nc" for the stop
+    "\n\n". Streamed chunks carry the tokens whose text is entirely out, so streamed
+    log-probabilities equal the whole completion's entry for entry, and the text before the
+    stop string ("ab") is the same either way."""
+    pieces = {1: "a", 2: "b\n", 3: "\nc", 4: "d"}
+    decode = lambda ids: "".join(pieces.get(i, "?") for i in ids)  # noqa: E731
+    e = Engine(Counting(), None, 8, 1, decode_text=decode)
+    req = Request([0], max_tokens=6, temperature=0.0, stop=["\n\n"], stream_text=True, logprobs=1)
+    e.submit(req)
+    events = [ev for step in e.steps() for ev in step]
+    chunks, (done,) = events[:-1], events[-1:]
+    assert all(isinstance(c, TextChunk) for c in chunks) and isinstance(done, Finished)
+    assert done.reason == "stop" and done.text == "".join(c.text for c in chunks) == "ab"
+    assert done.tokens == [1] == [t for c in chunks for t in c.tokens]
+    assert done.logprobs == [lp for c in chunks for lp in c.logprobs]
+    assert done.usage == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
 
 
 def test_max_new_tokens_zero_and_windows_on_a_mock():
@@ -298,7 +319,12 @@ def test_empty_and_too_long_prompts_are_user_errors(lm):
 def test_cli_prompt_errors(tiny_ckpt):
     runner = CliRunner()
     empty = runner.invoke(main, ["sample", str(tiny_ckpt), "--prompt", ""])
-    assert empty.exit_code == 1 and "empty" in empty.output
+    assert empty.exit_code == 1 and "--prompt: the prompt is empty" in empty.output
+    for args, words in [(["-t", "-1"], "--temperature: temperature must be >= 0"),
+                        (["--top-p", "0"], "--top-p: top_p must be in (0, 1]"),
+                        (["-n", "-1"], "--max-new-tokens: max_tokens must be >= 0")]:  # fmt: skip
+        bad = runner.invoke(main, ["sample", str(tiny_ckpt), *args])
+        assert bad.exit_code == 1 and words in bad.output and not bad.stdout.startswith("\n")
     long = runner.invoke(main, ["sample", str(tiny_ckpt), "--prompt", "x" * 40, "-n", "5"])
     assert long.exit_code == 0 and "longer than the context" in long.stderr  # cropped
 

@@ -170,12 +170,9 @@ BAD = [
     ('{"model": "x", "prompt": "' + "a" * 33 + '"}', "longer than the model's context", "prompt"),
     ('{"model": "x", "prompt": ""}', "empty", "prompt"),
     ('{"model": "x", "prompt": "hi", "n": 17}', "at most 16", "n"),
-    ('{"model": "x", "prompt": "hi", "top_p": 0}', "greater than 0", "top_p"),
-    (
-        '{"model": "x", "prompt": "hi", "logprobs": 2, "echo": true, "stream": true}',
-        "non-streaming",
-        "logprobs",
-    ),  # fmt: skip
+    ('{"model": "x", "prompt": "hi", "top_p": 0}', "top_p must be in (0, 1]", "top_p"),
+    ('{"model": "x", "prompt": "hi", "temperature": -1}', "must be >= 0", "temperature"),
+    ('{"model": "x", "prompt": "hi", "max_tokens": -1}', "max_tokens must be >= 0", "max_tokens"),
     ('{"model": "x", "prompt": [65]}', "token id 65 is outside the vocabulary (0..64)", "prompt"),
     ('{"model": "x", "prompt": [[3], [-1]]}', "token id -1 is outside", "prompt"),
     ('{"model": "x", "prompt": [3, 1.5]}', "token ids must be integers, got 1.5", "prompt"),
@@ -251,9 +248,11 @@ def test_token_id_prompts_answer_as_the_same_text(server, lm):
     assert one.choices[0].text == want[0] and one.usage.prompt_tokens == 6
 
 
-def test_streamed_logprobs_equal_the_whole_completions(server, lm):
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_whole_completions(server, lm, echo):
+    """Entry for entry; with echo, the prompt's come first (its first token unscored)."""
     kw = dict(model="tiny", prompt="JULIET:", max_tokens=40, temperature=0.9, seed=11, n=2)
-    kw.update(logprobs=2, stop=["\n\n", "the"])
+    kw.update(logprobs=2, stop=["\n\n", "the"], echo=echo)
     whole = server.client.completions.create(**kw)
     got = {k: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
            for k in range(2)}  # fmt: skip
@@ -264,9 +263,12 @@ def test_streamed_logprobs_equal_the_whole_completions(server, lm):
             for key, v in (c.logprobs.model_dump() if c.logprobs else {}).items():
                 got[c.index][key] += v
     for c in whole.choices:
-        assert text[c.index] == c.text
+        assert text[c.index] == c.text and c.text.startswith("JULIET:") == echo
         assert got[c.index] == c.logprobs.model_dump()
         assert "".join(got[c.index]["tokens"]) == c.text
+        assert (got[c.index]["token_logprobs"][0] is None) == echo
+    if echo:
+        return
     chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=12)
     chat.update(temperature=0.5, seed=3, logprobs=True, top_logprobs=2)
     whole = server.client.chat.completions.create(**chat).choices[0].logprobs.content

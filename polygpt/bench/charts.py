@@ -20,8 +20,17 @@ def bench_charts(result: BenchResult, out: Path) -> list[Path]:
     ppl_vs_size.png (perplexity against saved size)."""
     plt = pyplot()
     ok = [r for r in result.results if r.status == "ok"]
+    paths = [out / "tokens_per_s.png", out / "ppl_vs_size.png"]
+    for draw, path in zip((_rates, _ppl_vs_size), paths):
+        fig = draw(plt, ok, result)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _rates(plt, ok: list, result: BenchResult):
     big = max(result.settings.batch_sizes)
-    labels = [r.name for r in ok]
     series = [
         ("KV decode b1", "decode_kv", "b1"),
         ("no-cache b1", "decode_nocache", "b1"),
@@ -29,7 +38,6 @@ def bench_charts(result: BenchResult, out: Path) -> list[Path]:
         (f"no-cache b{big}", "decode_nocache", f"b{big}"),
         (f"prefill b{big}", "prefill", f"b{big}"),
     ]
-    paths = []
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok) + 2), 4.5))
     width = 0.8 / len(series)
     x = np.arange(len(ok))
@@ -39,45 +47,31 @@ def bench_charts(result: BenchResult, out: Path) -> list[Path]:
     tr = [r.train.median if r.train else 0 for r in ok]
     if any(tr):
         ax.scatter(x, tr, marker="D", color="black", zorder=3, label="training")
-    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_xticks(x, [r.name for r in ok], rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (log)")
     ax.set_title("polygpt bench: tokens/s by configuration")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "tokens_per_s.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    return fig
 
+
+def _ppl_vs_size(plt, ok: list, result: BenchResult):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = dict(zip(known_backends(), "os^D"))
     colors = dict(zip(PRECISIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     stacked: dict[tuple, int] = {}  # labels at the same spot go one above the other
-    for r, label in zip(ok, labels):
+    for r in ok:
         if r.ppl is None or not r.size_mb:
             continue
         ppl = r.ppl.perplexity
-        ax.scatter(
-            r.size_mb,
-            ppl,
-            marker=markers.get(r.backend, "^"),
-            color=colors.get(r.precision),
-            zorder=3,
-        )
+        marker, color = markers.get(r.backend, "^"), colors.get(r.precision)
+        ax.scatter(r.size_mb, ppl, marker=marker, color=color, zorder=3)
         spot = (round(r.size_mb, 1), round(ppl, 2))
         k = stacked[spot] = stacked.get(spot, -1) + 1
         ax.annotate(
-            label,
-            (r.size_mb, ppl),
-            fontsize=7,
-            xytext=(4, 3 + 9 * k),
-            textcoords="offset points",
+            r.name, (r.size_mb, ppl), fontsize=7, xytext=(4, 3 + 9 * k), textcoords="offset points"
         )
     ax.set_xlabel("saved model size (MB)")
     ax.set_ylabel(f"perplexity ({result.settings.ppl_tokens:,} val tokens)")
     ax.set_title("perplexity vs size")
-    fig.tight_layout()
-    paths.append(out / "ppl_vs_size.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return fig

@@ -62,8 +62,8 @@ class BenchConfig:
     new_tokens: int = 128  # tokens generated per decode run
     repeats: int = 3  # timed runs per measurement (fewer when a run exceeds the budget)
     warmup: int = 1
-    # time budgets for a model of up to BUDGET_BYTES of weights, scaled up with the weights
-    # (a 124M fp32 model gets 5x), so a large model's rates rest on as many tokens
+    # time budgets for a model of up to BUDGET_BYTES of weights, scaled up with the weights'
+    # bytes, so a large model's rates rest on as many tokens
     budget_s: float = 5.0  # per measurement: stop repeating once this much time is spent
     config_budget_s: float = 45.0  # per configuration's speed part: measurements shrink to fit
     train_steps: int = 10  # timed training steps per repeat (0: no training rate)
@@ -332,42 +332,69 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
         lm = inference.load(cfg.checkpoint, backend=backend, device=device, precision=precision)
     except PolygptError as e:
         return replace(row, status="skipped", reason=str(e), scope="precision")
-    be, model, spec, ckpt = lm.backend, lm.model, lm.spec, lm.checkpoint
+    be, spec, ckpt = lm.backend, lm.spec, lm.checkpoint
     row.load_s = time.perf_counter() - t_start
     row.describe = be.describe()
     row.kernel = be.kernel(lm.precision)
-    weights_mb = None
-    if hasattr(be, "model_bytes"):
-        weights_mb = be.model_bytes(model) / 1e6
+    weights_mb = be.model_bytes(lm.model) / 1e6 if hasattr(be, "model_bytes") else None
+    if weights_mb is not None:
         scale = max(1.0, weights_mb * 1e6 / BUDGET_BYTES)
         cfg = replace(
             cfg, budget_s=cfg.budget_s * scale, config_budget_s=cfg.config_budget_s * scale
         )
-
     data_dir = cfg.data_dir or ckpt.config.get("run", {}).get("data", {}).get("dir")
     if not data_dir:
         raise PolygptError(f"{cfg.checkpoint} does not record its data directory: pass --data")
     val = data.load_split(data_dir, "val")
-    T = spec.block_size
-    if len(val) < T * max(cfg.batch_sizes) + 1:
+    if len(val) < spec.block_size * max(cfg.batch_sizes) + 1:
         raise PolygptError(f"the validation split is too short for batch {max(cfg.batch_sizes)}")
-    prompt = [int(t) for t in val[: min(cfg.prompt_tokens, T)]]
-    sc = config.SampleConfig()  # the sampler `polygpt sample` uses by default
-    gen = GenerationConfig(max_new_tokens=cfg.new_tokens, temperature=sc.temperature, seed=sc.seed)
-    rate = dict(repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s)
+    _perplexities(row, lm, val, cfg)
+    deadline = time.perf_counter() + cfg.config_budget_s
+    _speeds(row, lm, val, cfg, deadline)
 
-    # perplexity first and always on the whole fixed subset: every configuration is scored
-    # on the same tokens (stride = block_size, the non-overlapping pass), whatever it costs;
-    # the speed measurements after it share what is left of the configuration's time budget
-    char = ckpt.tokenizer.get("type") == "char"
+    # the peak of inference alone: the training rate and the saved size (quantize_checkpoint)
+    # below load another fp32 copy of the weights
+    inference_peak_mb = _peak_rss_mb()
+    row.size_mb, row.size_note = _saved_size(be, lm.model, ckpt, precision)
+    if precision in be.train_dtypes and cfg.train_steps > 0:  # a training step measured too
+        del lm  # training loads its own fp32 copy
+        try:
+            row.train = _train_rate(be, ckpt, spec, precision, cfg, data_dir, deadline)
+        except PolygptError as e:
+            row.train_skipped = str(e)
+    after = be.describe()  # accelerator allocator stats, when a backend reports them
+    row.memory = {
+        "peak_rss_mb": inference_peak_mb,
+        "peak_rss_mb_all": _peak_rss_mb(),
+        "weights_mb": weights_mb,
+        **{k: v for k, v in after.items() if "memory" in k},
+    }
+    row.wall_s = time.perf_counter() - t_start
+    return row
+
+
+def _perplexities(row: Row, lm, val, cfg: BenchConfig) -> None:
+    """Perplexity first and always on the whole fixed subset: every configuration is scored
+    on the same tokens (stride = block_size, the non-overlapping pass), whatever it costs;
+    the speed measurements after it share what is left of the configuration's time budget."""
+    T = lm.spec.block_size
+    char = lm.checkpoint.tokenizer.get("type") == "char"
     for key, n in (("ppl", cfg.ppl_tokens), ("ppl_full", len(val) if cfg.full_ppl else 0)):
         if n:
             res = evaluate.perplexity(
-                be, model, val[:n], T, stride=T, vocab_size=spec.vocab_size, char_level=char
-            )
+                lm.backend, lm.model, val[:n], T, stride=T, vocab_size=lm.spec.vocab_size,
+                char_level=char,
+            )  # fmt: skip
             setattr(row, key, _ppl(res))
 
-    deadline = time.perf_counter() + cfg.config_budget_s
+
+def _speeds(row: Row, lm, val, cfg: BenchConfig, deadline: float) -> None:
+    """Prefill and decode rates per batch size: decode with `polygpt sample`'s default
+    sampler (GenerationConfig's defaults), on the first tokens of the validation split."""
+    be, model, T = lm.backend, lm.model, lm.spec.block_size
+    prompt = [int(t) for t in val[: min(cfg.prompt_tokens, T)]]
+    gen = GenerationConfig(max_new_tokens=cfg.new_tokens)
+    rate = dict(repeats=cfg.repeats, warmup=cfg.warmup, budget_s=cfg.budget_s)
     for B in cfg.batch_sizes:
         tokens = np.asarray(val[: B * T], dtype=np.int64).reshape(B, T)
         cache = be.slot_cache(model, B)
@@ -383,26 +410,6 @@ def measure(cfg: BenchConfig, backend: str, device: str, precision: str) -> Row:
             row.decode_nocache[f"b{B}"] = _decode_rate(
                 uncached_generate, be, model, T, prompts, gen, cfg, deadline
             )
-
-    # the peak of inference alone: the training rate and the saved size (quantize_checkpoint)
-    # below load another fp32 copy of the weights
-    inference_peak_mb = _peak_rss_mb()
-    row.size_mb, row.size_note = _saved_size(be, model, ckpt, precision)
-    if precision in be.train_dtypes and cfg.train_steps > 0:  # a training step measured too
-        del model, lm  # training loads its own fp32 copy
-        try:
-            row.train = _train_rate(be, ckpt, spec, precision, cfg, data_dir, deadline)
-        except PolygptError as e:
-            row.train_skipped = str(e)
-    after = be.describe()  # accelerator allocator stats, when a backend reports them
-    row.memory = {
-        "peak_rss_mb": inference_peak_mb,
-        "peak_rss_mb_all": _peak_rss_mb(),
-        "weights_mb": weights_mb,
-        **{k: v for k, v in after.items() if "memory" in k},
-    }
-    row.wall_s = time.perf_counter() - t_start
-    return row
 
 
 def _ppl(res: evaluate.EvalResult) -> Perplexity:

@@ -67,8 +67,6 @@ def _rate_cell(v: Rate | None) -> str:
 def markdown(result: BenchResult) -> str:
     """The results table (tokens/s medians, ± the spread of the repeats) plus skipped rows."""
     st = result.settings
-    bs = st.batch_sizes
-    big = max(bs)
     env = result.environment
     ck = result.checkpoint
     lines = [
@@ -76,17 +74,38 @@ def markdown(result: BenchResult) -> str:
         f"{ck['step']}) on {env['cpu']}, {env['logical_cpus']} logical CPUs, {env['os']}, "
         f"Python {env['python']}; threads: {env.get('threads', '?')}",
         "",
+        *_table(result),
+        "",
+        "Rates are tokens/s (median of repeats, ± (max - min) / median). Decode: "
+        f"{st.new_tokens} new tokens per stream, sampling and window "
+        "slides included; bN = N streams as one batch (aggregate). ppl: first "
+        f"{st.ppl_tokens:,} validation tokens, non-overlapping windows. "
+        f"* = the rate of a {PROBE_TOKENS}-token probe: a full run would not fit the time budget.",
     ]
+    notes = [r for r in result.results if r.status != "ok" or r.size_note]
+    if notes:
+        lines.append("")
+        for r in notes:
+            what = r.status if r.status != "ok" else "note"
+            lines.append(f"- {r.name}: {what}: {r.reason or r.size_note}")
+    lines += limit_lines(result)
+    return "\n".join(lines + _machine_lines(result)) + "\n"
+
+
+def _table(result: BenchResult) -> list[str]:
+    """The results table's lines: one row per configuration that ran."""
+    bs = result.settings.batch_sizes
+    big = max(bs)
     head = ["backend", "device", "precision", "size MB", "peak RSS MB", "prefill b1"]
     if big != 1:  # --quick measures batch 1 only: no second prefill column
         head.append(f"prefill b{big}")
     head += [f"KV decode b{B}" for B in bs]
     head += [f"no-cache b{B}" for B in bs]
     head += ["KV speed-up b1", "train tok/s", "ppl"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join("---" for _ in head) + "|")
-    ok = [r for r in result.results if r.status == "ok"]
-    for r in ok:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in result.results:
+        if r.status != "ok":
+            continue
         kv1, nc1 = median(r, "decode_kv", "b1"), median(r, "decode_nocache", "b1")
         cells = [
             r.backend,
@@ -101,29 +120,25 @@ def markdown(result: BenchResult) -> str:
         cells += [_rate_cell(r.decode_nocache.get(f"b{B}")) for B in bs]
         cells.append(f"{kv1 / nc1:.1f}x" if kv1 and nc1 else "-")
         cells.append(_rate_cell(r.train))
-        n = r.ppl.tokens if r.ppl else None
-        short = n is not None and n + 1 < st.ppl_tokens
-        cells.append(
-            _fmt(r.ppl.perplexity if r.ppl else None, 4)
-            + (f" ({n + 1:,} tok)" if short else "")
-            + (f" (full {r.ppl_full.perplexity:.4f})" if r.ppl_full else "")
-        )
+        cells.append(_ppl_cell(r, result.settings.ppl_tokens))
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        "Rates are tokens/s (median of repeats, ± (max - min) / median). Decode: "
-        f"{st.new_tokens} new tokens per stream, sampling and window "
-        "slides included; bN = N streams as one batch (aggregate). ppl: first "
-        f"{st.ppl_tokens:,} validation tokens, non-overlapping windows. "
-        f"* = the rate of a {PROBE_TOKENS}-token probe: a full run would not fit the time budget."
+    return lines
+
+
+def _ppl_cell(r, ppl_tokens: int) -> str:
+    n = r.ppl.tokens if r.ppl else None
+    short = n is not None and n + 1 < ppl_tokens
+    return (
+        _fmt(r.ppl.perplexity if r.ppl else None, 4)
+        + (f" ({n + 1:,} tok)" if short else "")
+        + (f" (full {r.ppl_full.perplexity:.4f})" if r.ppl_full else "")
     )
-    notes = [r for r in result.results if r.status != "ok" or r.size_note]
-    if notes:
-        lines.append("")
-        for r in notes:
-            what = r.status if r.status != "ok" else "note"
-            lines.append(f"- {r.name}: {what}: {r.reason or r.size_note}")
-    lines += limit_lines(result)
+
+
+def _machine_lines(result: BenchResult) -> list[str]:
+    """The matmul kernels and, per backend and device, framework, device, BLAS and threads."""
+    ok = [r for r in result.results if r.status == "ok"]
+    lines = []
     kernels = [f"{r.name}: {r.kernel}" for r in ok if r.kernel]
     if kernels:
         lines += ["", "- matmul kernels: " + "; ".join(kernels)]
@@ -137,7 +152,7 @@ def markdown(result: BenchResult) -> str:
                 f"- {b}/{dev}: {d.get('framework', '?')}, {d.get('device_name', '?')}, "
                 f"BLAS {d.get('blas', '?')}, threads {d.get('threads', '?')}"
             )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def limit_lines(result: BenchResult) -> list[str]:

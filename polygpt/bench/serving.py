@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from polygpt import checkpoints
+from polygpt.config import SampleConfig
 from polygpt.errors import PolygptError
 
 
@@ -282,7 +283,7 @@ def bench_serve(
     duration: float = 20.0,
     max_tokens: int = 64,
     prompt: str = "\n",
-    temperature: float = 0.8,
+    temperature: float = SampleConfig.temperature,  # `polygpt sample`'s
     device: str = "cpu",
     rounds: int = 4,
     n: int = 1,

@@ -13,8 +13,9 @@ import click
 
 from polygpt import config, hub, inference
 from polygpt.cli.app import BACKEND, DEVICE, main, needs_serve_extra, precision_option
+from polygpt.engine import Event, InvalidRequest, TextChunk
 from polygpt.errors import PolygptError
-from polygpt.generate import GenerationConfig
+from polygpt.generate import GenerationConfig, finish
 
 
 def _unescape(s: str) -> str:
@@ -58,10 +59,8 @@ class SampleOptions:
         ):
             if getattr(self, key) is not None:
                 setattr(sc, key, getattr(self, key))
-        if sc.num_samples < 1 or sc.max_new_tokens < 0:
-            raise PolygptError("--num-samples must be >= 1 and --max-new-tokens >= 0")
-        if sc.temperature < 0 or not 0 < sc.top_p <= 1:
-            raise PolygptError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if sc.num_samples < 1:  # the rest is checked by the engine, once
+            raise PolygptError("--num-samples must be >= 1")
         gcfg = GenerationConfig(
             max_new_tokens=sc.max_new_tokens,
             temperature=sc.temperature,
@@ -111,6 +110,12 @@ def sample_options(command):
 
 
 # ---------------------------------------------------------------------------------------------
+def _print_text(ev: Event) -> None:
+    if isinstance(ev, TextChunk):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @BACKEND
@@ -128,16 +133,14 @@ def sample(checkpoint, backend, device, precision, opts: SampleOptions, no_strea
     fetched and converted once into polygpt's cache (see `polygpt info`).
 
     Options not given come from the [sample] section of the run's config (stored in the
-    checkpoint), then from config.SampleConfig's defaults (500 tokens, temperature 0.8, seed
-    1337). A prompt longer than the context keeps its last block_size tokens (with a note)."""
+    checkpoint), then from config.SampleConfig's defaults. A prompt longer than the context
+    keeps its last block_size tokens (with a note)."""
     if opts.prompt is not None and opts.prompt_file is not None:  # before loading the model
         raise PolygptError("give --prompt or --prompt-file, not both")
     ckpt = hub.checkpoint(checkpoint)  # a directory, or a model id fetched and converted once
     lm = inference.load(ckpt, backend=backend, device=device or "auto", precision=precision)
     sc, gcfg = opts.resolve(inference.sample_config(lm.checkpoint))
     n_prompt = len(lm.encode(sc.prompt))  # fails (unknown character) before printing anything
-    if n_prompt == 0:
-        raise PolygptError("the prompt is empty: give at least one token (e.g. a newline)")
     if n_prompt > lm.spec.block_size:
         click.echo(
             f"note: the prompt is {n_prompt} tokens, longer than the context: generating from "
@@ -145,16 +148,15 @@ def sample(checkpoint, backend, device, precision, opts: SampleOptions, no_strea
             err=True,
         )
     stream = not no_stream and sc.num_samples == 1
-    on_text = None
+    t0 = time.perf_counter()
+    try:  # the engine checks the request before the first event: nothing printed yet
+        events = lm.stream([sc.prompt] * sc.num_samples, gcfg, stream_text=stream)
+    except InvalidRequest as e:  # named as the option that set it
+        option = "--max-new-tokens" if e.param == "max_tokens" else f"--{e.param.replace('_', '-')}"
+        raise PolygptError(f"{option}: {e}") from None
     if stream:
         click.echo(sc.prompt, nl=False)
-
-        def on_text(row: int, text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-    t0 = time.perf_counter()
-    texts = lm.generate([sc.prompt] * sc.num_samples, gcfg, on_text=on_text)
+    texts = [f.text for f in finish(events, _print_text if stream else None)]
     seconds = time.perf_counter() - t0
     if stream:
         click.echo()

@@ -2,8 +2,8 @@
 
 One quantized format for both frameworks (quantized.Quantization): MLX's affine group
 quantization, stored as plain safetensors. MLX reads it natively (nn.quantize + load_weights)
-and computes in 8 or 4 bits; torch reads the same bytes and dequantizes them (torch has no
-4-bit kernels; its int8 is dynamic quantization of fp32 Linear layers). Both backends also
+and computes in 8 or 4 bits; torch builds its int8/int4 kernels' weights from the same bytes
+(backends/torch_backend/prepared.py), with no float copy. Both backends also
 write it, byte for byte the same tensors (the torch quantizer reproduces mx.quantize), so the
 `--backend` of this command only says which framework does the arithmetic. Why this format and
 not, say, torch's per-tensor int8: it is the one an MLX user already has (mlx-lm's checkpoints),

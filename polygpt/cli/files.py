@@ -73,11 +73,11 @@ def prepare(dataset, files, input_path, out, tokenizer, val_fraction) -> None:
 def quantize_(checkpoint, out, precision, group_size, backend, overwrite) -> None:
     """Write CHECKPOINT at a lower precision, as safetensors every backend loads.
 
-    int8/int4 use one format for both frameworks (MLX's affine group quantization): MLX
-    computes in 8/4 bits, torch dequantizes on load. fp16/bf16 are plain float files.
+    int8/int4 use one format for both frameworks (MLX's affine group quantization), which
+    both compute with in 8/4 bits. fp16/bf16 are plain float files.
 
     \b
-    polygpt quantize weights/shakespeare_char --out weights/shakespeare_char_int4 -p int4
+    polygpt quantize weights/demo --out weights/demo_int4 -p int4
     polygpt sample weights/shakespeare_char_int4 --backend mlx
     """
     res = quantize.quantize_checkpoint(

@@ -78,7 +78,7 @@ def quantize_(checkpoint, out, precision, group_size, backend, overwrite) -> Non
 
     \b
     polygpt quantize weights/demo --out weights/demo_int4 -p int4
-    polygpt sample weights/shakespeare_char_int4 --backend mlx
+    polygpt sample weights/demo_int4 --backend mlx
     """
     res = quantize.quantize_checkpoint(
         checkpoint,

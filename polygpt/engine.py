@@ -17,8 +17,8 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
   re-prefilled in that row alone, and decoding goes on. Every token sees at least `keep`
   tokens of context; the default keep is half the block (llama.cpp's context shift: a keep of
   k re-prefills k tokens every block - k generated ones, so a larger keep costs more forward
-  passes per token); keep = block_size gives nanoGPT's full context at one re-prefill per token. The rule depends only
-  on the row's own length.
+  passes per token); keep = block_size gives nanoGPT's full context at one re-prefill per
+  token. The rule depends only on the row's own length.
 - Randomness. Row r draws from its own stream, seeded (seed, seed_stream) (sampling.RowStreams),
   one uniform per token, so a request's text does not depend on what else is in the batch,
   up to float rounding of batched matmuls.

@@ -747,10 +747,13 @@ def cmd_choices(a, command: str) -> dict:
     for n in names:
         if n not in MEASUREMENTS:
             sys.exit(f"unknown measurement {n!r}; --list names them")
-    doc = header(command)
+    run = header(command)
+    doc = {"cpu": run.pop("cpu"), "versions": run.pop("versions"), "runs": [run]}
     prev = {}
     if a.out and a.out.exists() and a.only:  # --only updates those rows of an existing file
-        prev = {r["name"]: r for r in json.loads(a.out.read_text()).get("measurements", [])}
+        old = json.loads(a.out.read_text())
+        prev = {r["name"]: r for r in old.get("measurements", [])}
+        doc["runs"] = old.get("runs", []) + [run]
     rows = []
     for n in names:
         script = str(Path(__file__).resolve())
@@ -769,7 +772,7 @@ def cmd_choices(a, command: str) -> dict:
         print(f"{n:<20} {row.get('summary') or row.get('skipped') or row.get('error')}", flush=True)
     merged = {**prev, **{r["name"]: r for r in rows}}
     doc["measurements"] = [merged[n] for n in MEASUREMENTS if n in merged]
-    doc["load_after"] = load1()
+    run["load_after"] = load1()
     return doc
 
 

@@ -117,8 +117,8 @@ def auto_threads() -> tuple[int, str]:
 
     OpenMP runtimes (torch's) make every thread meet at a barrier after each op; on a machine
     whose cores are partly taken, that wait is a scheduler slice per op, and a 2-thread
-    forward on a busy machine runs many times slower than a 1-thread one (docs/BENCHMARKS.md,
-    "Figures behind the code"). So when the 1-minute
+    forward on a busy machine runs slower than a 1-thread one (docs/BENCHMARKS.md, "Figures
+    behind the code"). So when the 1-minute
     load average says k cores are busy, each framework gets cpu_count - k threads (at least
     1); on an idle machine (k = 0) the frameworks keep their own defaults."""
     n = os.cpu_count() or 1

@@ -1,6 +1,6 @@
 """Generation on the slot cache in MLX: the row operations, and the decode step compiled.
 
-`prefill_rows`, `decode_rows` and `copy_rows` (backends/common.py has the bookkeeping) run
+`prefill_rows`, `decode_rows` and `copy_rows` (backends/slots.py has the bookkeeping) run
 `GPT.__call__` with one `_Layer` per layer. The decode step over rows 0..n-1 (the engine keeps
 its active rows there) is `GPT.__call__` itself under `mx.compile`: the new key and value are
 scattered into the whole storage at (row, length) and attention runs over the first `width`
@@ -23,7 +23,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
-from polygpt.backends import common
+from polygpt.backends import slots
 from polygpt.backends.mlx_backend.model import GPT
 
 
@@ -39,14 +39,14 @@ class _Layer:
         return kr, vr
 
 
-def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
+def slot_cache(model: GPT, max_rows: int) -> slots.SlotCache:
     dtype = model.transformer.ln_f.weight.dtype  # LayerNorms are never quantized
-    cache = common.allocate_slot_cache(model, max_rows, lambda s: mx.zeros(s, dtype=dtype))
+    cache = slots.allocate_slot_cache(model, max_rows, lambda s: mx.zeros(s, dtype=dtype))
     mx.eval(cache.keys, cache.values)
     return cache
 
 
-def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:
+def _run(cache: slots.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:
     layers = [_Layer(fetch, k, v) for k, v in zip(cache.keys, cache.values)]
     logits = cache.model(tokens, layers, pos=pos, mask=mask, last=last)
     cache.keys = [c.keys for c in layers]
@@ -54,7 +54,7 @@ def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.arr
     return logits
 
 
-def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> mx.array:
+def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
     rows = mx.array(plan.rows.astype(np.int32))
     tokens = mx.array(plan.tokens.astype(np.int32))
     last = mx.array(plan.last.astype(np.int32))
@@ -89,7 +89,7 @@ def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> mx.array:
     return _run(cache, fetch, tokens, pos, mask, last)[:, 0]
 
 
-def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
+def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
     tokens = mx.array(plan.tokens.astype(np.int32))
     pos = mx.array(plan.positions.astype(np.int32))
     if plan.n:  # rows 0..n-1: the compiled step over the columns the longest row needs
@@ -173,7 +173,7 @@ class _StepGraph:
         return logits, [c.keys for c in layers], [c.values for c in layers]
 
 
-def copy_rows(cache: common.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
+def copy_rows(cache: slots.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
     s, d = mx.array(src.astype(np.int32)), mx.array(dst.astype(np.int32))
     for arrays in (cache.keys, cache.values):
         for i, a in enumerate(arrays):

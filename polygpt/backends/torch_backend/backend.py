@@ -39,9 +39,9 @@ import polygpt.backends.torch_backend.loading as loading
 import polygpt.backends.torch_backend.prepared as prepared
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import weights
-from polygpt.backends import common
+from polygpt.backends import training_rules
 from polygpt.backends.base import PRECISIONS
-from polygpt.backends.common import SlotCache, SlotOps
+from polygpt.backends.slots import SlotCache, SlotOps
 from polygpt.backends.torch_backend.model import GPT
 from polygpt.backends.torch_backend.threads import (
     DEFAULT_THREADS,
@@ -109,7 +109,6 @@ class Backend(SlotOps):
     devices = ("cpu", "cuda", "mps")
     precisions = ("fp32", "fp16", "bf16", "int8", "int4")  # int8/int4: CPU (prepared.py)
     train_dtypes = ("fp32", "bf16")  # bf16: autocast
-    native_quantized = True
     # CPU threads of prefill/decode for small models: see threads.cpu_threads
     decode_threads = 1
 
@@ -329,11 +328,11 @@ class Backend(SlotOps):
         save_file(tensors, str(path), metadata={**metadata, "step": str(step)})
 
     def load_optimizer(self, opt, path: Path) -> int:
-        step = common.optimizer_step(path)
+        step = training_rules.optimizer_step(path)
         state = load_file(str(path), device="cpu")
         params = {name: p for p, name in opt.names.items()}
         shapes = {name: p.shape for name, p in params.items()}
-        for name, m, v in common.checked_moments(state, path, shapes):
+        for name, m, v in training_rules.checked_moments(state, path, shapes):
             p = params[name]
             opt.opt.state[p] = {
                 "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),

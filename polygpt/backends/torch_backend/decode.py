@@ -1,6 +1,6 @@
 """Generation on the slot cache in torch: the row operations and the lean one-token step.
 
-`SlotOps` implements `prefill_rows`, `decode_rows` and `copy_rows` (backends/common.py has the
+`SlotOps` implements `prefill_rows`, `decode_rows` and `copy_rows` (backends/slots.py has the
 bookkeeping); both run `GPT.forward` with one `_Layer` writer per layer, except a float model's
 decode step, which runs `LeanStep`.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polygpt.backends import common
+from polygpt.backends import slots
 from polygpt.backends.torch_backend.model import GPT
 from polygpt.spec import LAYER_NORM_EPS
 
@@ -48,17 +48,17 @@ class _Layer:
         return self.fetch(self.keys, self.values, k, v)
 
 
-def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
+def slot_cache(model: GPT, max_rows: int) -> slots.SlotCache:
     w = model.transformer.ln_f.weight  # LayerNorms carry the compute dtype
     zeros = lambda shape: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
-    return common.allocate_slot_cache(model, max_rows, zeros)
+    return slots.allocate_slot_cache(model, max_rows, zeros)
 
 
-def _layers(cache: common.SlotCache, fetch) -> list[_Layer]:
+def _layers(cache: slots.SlotCache, fetch) -> list[_Layer]:
     return [_Layer(fetch, k, v) for k, v in zip(cache.keys, cache.values)]
 
 
-def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> torch.Tensor:
+def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> torch.Tensor:
     """Run a prefill plan; returns the logits after each row's last token (n, V)."""
     model, dev = cache.model, cache.keys[0].device
     rows = torch.from_numpy(plan.rows).to(dev)
@@ -94,7 +94,7 @@ def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> torch.Ten
     return logits[:, 0]
 
 
-def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> torch.Tensor:
+def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> torch.Tensor:
     """One token per row appended at its length; returns next-token logits (n, V)."""
     model, dev = cache.model, cache.keys[0].device
     tokens = torch.from_numpy(plan.tokens).to(dev)
@@ -146,7 +146,7 @@ class _Views:
         return self.kr, self.vr
 
 
-def _cached(cache: common.SlotCache, key, make):
+def _cached(cache: slots.SlotCache, key, make):
     views = cache.views
     got = views.get(key)
     if got is None:
@@ -159,7 +159,7 @@ def _cached(cache: common.SlotCache, key, make):
     return got
 
 
-def _uniform_views(cache: common.SlotCache, n: int, col: int) -> list[_Views]:
+def _uniform_views(cache: slots.SlotCache, n: int, col: int) -> list[_Views]:
     def make():
         return [
             _Views(
@@ -200,7 +200,7 @@ def _ragged_views(cache, n: int, W: int, ar, pos_t) -> list[_RaggedViews]:
     ]
 
 
-def copy_rows(cache: common.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
+def copy_rows(cache: slots.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
     dev = cache.keys[0].device
     s, d = torch.from_numpy(src).to(dev), torch.from_numpy(dst).to(dev)
     for K, V in zip(cache.keys, cache.values):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polygpt.backends import common
+from polygpt.backends import training_rules
 from polygpt.spec import LAYER_NORM_EPS, ModelSpec
 
 
@@ -170,8 +170,8 @@ class GPT(nn.Module):
         )
 
     def init_weights(self, generator: torch.Generator) -> None:
-        """The shared init rule (common.init_rule), normals drawn from `generator`."""
-        rules = common.init_rule(self.spec)
+        """The shared init rule (training_rules.init_rule), normals drawn from `generator`."""
+        rules = training_rules.init_rule(self.spec)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 kind, value = rules[name]

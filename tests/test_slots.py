@@ -109,3 +109,43 @@ def test_row_ops_reject_what_does_not_fit(backend, weights_file):
     with pytest.raises(ValueError, match="past a row's length"):
         be.prefill_rows(cache, [0], [[1]], starts=[3])
     assert cache.lengths.tolist() == [0, 16]  # a refused op changes nothing
+
+
+def _bare_cache(max_rows: int, lengths):
+    from polygpt.backends import slots
+
+    cache = slots.SlotCache(None, SPEC, max_rows, [], [])
+    cache.lengths[:] = lengths
+    return cache
+
+
+def test_decode_plan_mask_is_each_rows_columns():
+    """The plan's mask (computed once, in NumPy, for both backends): row i attends to columns
+    0..length[i] (its new token's included); equally long rows need none."""
+    from polygpt.backends import slots
+
+    plan = slots.plan_decode(_bare_cache(3, [4, 1, 2]), range(3), [7, 8, 9])
+    assert not plan.uniform and plan.width == 5 and plan.mask.shape == (3, 1, 1, 5)
+    want = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], bool)
+    np.testing.assert_array_equal(plan.mask[:, 0, 0], want)
+    np.testing.assert_array_equal(plan.batch, [0, 1, 2])
+    assert slots.plan_decode(_bare_cache(2, [3, 3]), range(2), [1, 2]).mask is None
+
+
+def test_continuing_prefill_plan_scatters_real_tokens_only():
+    """A prefill that continues rows: its mask lets token j of row i see columns up to
+    start_i + j, and its scatter writes each real token (never padding) at its column."""
+    from polygpt.backends import slots
+
+    cache = _bare_cache(4, [0, 2, 0, 1])
+    plan = slots.plan_prefill(cache, [3, 1], [[5, 6], [7]], starts=[1, 2])
+    assert not plan.fresh and plan.keys == 3 and plan.mask.shape == (2, 1, 2, 3)
+    np.testing.assert_array_equal(plan.mask[0, 0], [[1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(plan.mask[1, 0, 0], [1, 1, 1])
+    sc = plan.scatter
+    np.testing.assert_array_equal(sc.batch, [0, 0, 1])  # row 1's padding is not written
+    np.testing.assert_array_equal(sc.token, [0, 1, 0])
+    np.testing.assert_array_equal(sc.rows, [3, 3, 1])
+    np.testing.assert_array_equal(sc.cols, [1, 2, 2])
+    fresh = slots.plan_prefill(cache, [0], [[1, 2]])
+    assert fresh.fresh and fresh.mask is None and fresh.scatter is None

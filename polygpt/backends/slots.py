@@ -18,6 +18,7 @@ Three row operations, the same in torch and MLX:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,13 +70,27 @@ def prefix_length(rows: np.ndarray) -> int:
 
 
 @dataclass
+class Scatter:
+    """Where a continuing prefill's real tokens go: token (batch[m], token[m]) of the forward
+    is written at column cols[m] of cache row rows[m] (and of the gathered rows' copy, at
+    batch[m]). Padding is never written."""
+
+    batch: np.ndarray
+    token: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+@dataclass
 class PrefillPlan:
     """Right-padded tokens of a prefill and where they go.
 
     tokens (n, T): row i's tokens then zeros; positions (n, T): start + j, clipped into the
     block for padding; last (n,): index of each row's last token; fresh: every start is 0
     (attention needs only the new keys, with a causal mask: right padding comes after every
-    real query); valid (n, T): which entries are real tokens."""
+    real query); valid (n, T): which entries are real tokens. A continuing (not fresh) prefill
+    also attends to its rows' cached columns: `mask` (n, 1, T, keys) bool, True = attend (column
+    c <= the query's position), and `scatter` says where its keys go."""
 
     rows: np.ndarray
     tokens: np.ndarray
@@ -85,10 +100,17 @@ class PrefillPlan:
     last: np.ndarray
     valid: np.ndarray
     fresh: bool
+    mask: np.ndarray | None = None
+    scatter: Scatter | None = None
 
     @property
     def width(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def keys(self) -> int:
+        """Columns the longest row holds after this prefill (what a continuing one reads)."""
+        return int(self.ends().max())
 
     def ends(self) -> np.ndarray:
         """Columns 0..end-1 of row i hold keys after this prefill."""
@@ -122,7 +144,18 @@ def plan_prefill(
     for i, q in enumerate(seqs):
         out[i, : len(q)] = q
     positions = np.minimum(s[:, None] + j[None, :], cache.block - 1)
-    return PrefillPlan(r, out, s, lengths, positions, lengths - 1, valid, not s.any())
+    plan = PrefillPlan(r, out, s, lengths, positions, lengths - 1, valid, not s.any())
+    if not plan.fresh:
+        plan.mask = attention_mask(positions, plan.keys)[:, None]  # (n, 1, T, keys)
+        bi, tj = np.nonzero(valid)
+        plan.scatter = Scatter(bi, tj, r[bi], s[bi] + tj)
+    return plan
+
+
+def attention_mask(positions: np.ndarray, width: int) -> np.ndarray:
+    """positions (...) -> bool (..., width): column c is attended from position p when c <= p
+    (a row's own keys up to its query; columns past a row's length are never read)."""
+    return np.arange(width) <= positions[..., None]
 
 
 def commit_prefill(cache: SlotCache, plan: PrefillPlan) -> None:
@@ -141,10 +174,23 @@ class DecodePlan:
     n: int
     uniform: bool
 
+    @functools.cached_property
+    def mask(self) -> np.ndarray | None:
+        """(n, 1, 1, width) bool, True = attend; None for uniform rows (they attend to every
+        column of `width`). Made when first read: MLX's compiled step masks inside its graph."""
+        if self.uniform:
+            return None
+        return attention_mask(self.positions, self.width)[:, None, None]
+
     @property
     def width(self) -> int:
         """Columns any row attends to: max position + 1."""
         return int(self.positions.max()) + 1
+
+    @property
+    def batch(self) -> np.ndarray:
+        """0..len(rows)-1: each row's index in the step's batch."""
+        return np.arange(len(self.rows))
 
 
 def plan_decode(cache: SlotCache, rows, tokens) -> DecodePlan:

@@ -12,8 +12,8 @@ and the mask fuse (the gain over the eager call: docs/BENCHMARKS.md, "Figures be
 code"). Quantized models (nn.quantize) run the same step through their QuantizedLinear
 layers. The step's outputs replace the storage arrays before anything is evaluated, so MLX
 updates the storage in place (the inputs' last references are gone) rather than copying it.
-The torch twin is backends/torch_backend/decode.py (there a lean eager step: torch.compile
-takes too long to start for sampling).
+The torch twin is backends/torch_backend/decode.py (there the eager forward on prepared
+weights: torch.compile takes too long to start for sampling).
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ def _run(cache: slots.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.arra
     return logits
 
 
+def _ints(a: np.ndarray) -> mx.array:
+    return mx.array(a.astype(np.int32))
+
+
 def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
-    rows = mx.array(plan.rows.astype(np.int32))
-    tokens = mx.array(plan.tokens.astype(np.int32))
-    last = mx.array(plan.last.astype(np.int32))
+    rows, tokens, last = _ints(plan.rows), _ints(plan.tokens), _ints(plan.last)
     T = plan.width
     if plan.fresh:  # new keys only, plain causal: right padding follows every real query
 
@@ -68,38 +70,30 @@ def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
 
         pos, mask = mx.arange(T), None
     else:  # continuing rows: attend to their cached columns too
-        W = int(plan.ends().max())
-        ri, j = np.nonzero(plan.valid)
-        ri_a, j_a = mx.array(ri.astype(np.int32)), mx.array(j.astype(np.int32))
-        cols = mx.array((plan.starts[ri] + j).astype(np.int32))
-        dst = mx.array(plan.rows[ri].astype(np.int32))
+        W, sc = plan.keys, plan.scatter
+        bi, tj, dst, cols = (_ints(a) for a in (sc.batch, sc.token, sc.rows, sc.cols))
 
         def fetch(K, V, k, v):
-            kn, vn = k[ri_a, :, j_a], v[ri_a, :, j_a]  # the real tokens' keys (m, nh, hs)
+            kn, vn = k[bi, :, tj], v[bi, :, tj]  # the real tokens' keys (m, nh, hs)
             Kr, Vr = K[rows], V[rows]
-            Kr[ri_a, :, cols] = kn
-            Vr[ri_a, :, cols] = vn
+            Kr[bi, :, cols] = kn
+            Vr[bi, :, cols] = vn
             K[dst, :, cols] = kn
             V[dst, :, cols] = vn
             return K, V, Kr[:, :, :W], Vr[:, :, :W]
 
-        pos = mx.array(plan.positions.astype(np.int32))
-        keys = mx.arange(W)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, W)
+        pos, mask = _ints(plan.positions), mx.array(plan.mask)
     return _run(cache, fetch, tokens, pos, mask, last)[:, 0]
 
 
 def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
-    tokens = mx.array(plan.tokens.astype(np.int32))
-    pos = mx.array(plan.positions.astype(np.int32))
+    tokens, pos = _ints(plan.tokens), _ints(plan.positions)
     if plan.n:  # rows 0..n-1: the compiled step over the columns the longest row needs
         width = cache.block if plan.n == 1 else attention_width(plan.width, cache.block)
         step = compiled_step(cache.model, width, plan.uniform)
         logits, cache.keys, cache.values = step(tokens, pos, cache.keys, cache.values)
         return logits
-    rows = mx.array(plan.rows.astype(np.int32))
-    W = plan.width
-    ar = mx.arange(len(plan.rows))
+    rows, ar, W = _ints(plan.rows), _ints(plan.batch), plan.width
 
     def fetch(K, V, k, v):  # rows anywhere: gather them, write the new column into both
         Kr, Vr = K[rows][:, :, :W], V[rows][:, :, :W]
@@ -109,7 +103,7 @@ def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
         V[rows, :, pos] = v[:, :, 0]
         return K, V, Kr, Vr
 
-    mask = (mx.arange(W)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, W)
+    mask = None if plan.mask is None else mx.array(plan.mask)
     return _run(cache, fetch, tokens[:, None], pos[:, None], mask)[:, -1]
 
 
@@ -144,8 +138,8 @@ def attention_width(width: int, block: int) -> int:
 class _StepGraph:
     """The function mx.compile traces: one token for rows 0..n-1, written into the whole
     storage, attending to the first `width` columns. `uniform`: every row is at the same
-    column, written with one slice update (a scatter per row costs more: at batch 1 the
-    scatters were a fifth of the step)."""
+    column, written with one slice update (a scatter per row costs more: docs/BENCHMARKS.md,
+    "Figures behind the code")."""
 
     def __init__(self, model: GPT, width: int, uniform: bool):
         # the model's weights are constants of the compiled graph (see compiled_step)
@@ -168,6 +162,8 @@ class _StepGraph:
             return K, V, K[:n, :, :w], V[:n, :, :w]
 
         layers = [_Layer(fetch, k, v) for k, v in zip(keys, values)]
+        # the mask is made in the graph from `pos`, not taken from the plan: it spans the
+        # padded `width` (one trace per width), and made here it fuses into the step
         mask = (mx.arange(w)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, width)
         logits = self.model(tokens[:, None], layers, pos=pos[:, None], mask=mask)[:, -1]
         return logits, [c.keys for c in layers], [c.values for c in layers]

@@ -4,7 +4,7 @@ The training step is fast on the machine it runs on (measured with scripts/bench
 scripts/bench_train.py; docs/BENCHMARKS.md, "Training speed against nanoGPT"):
 
 - precision (`train.dtype = auto`, `auto_dtype`): bf16 autocast (fp32 master weights, AdamW
-  and loss) on a CPU with bf16 dot products, where matmuls run at twice fp32's rate; fp32
+  and loss) on a CPU with bf16 dot products, where matmuls outrun fp32's; fp32
   elsewhere, and fp32 whenever a run asks for it (then the numbers move by float rounding only).
 - fused AdamW (one kernel for every tensor on CPU and CUDA) and foreach gradient clipping; the
   step returns the loss as a tensor, so nothing waits for the device until the loop logs.
@@ -292,8 +292,8 @@ class Backend(SlotOps):
         return loss
 
     def auto_dtype(self) -> str:
-        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 at about twice
-        # fp32's rate (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is
+        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 faster than fp32
+        # (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is
         # emulated. GPUs keep fp32: not measured on this project's machines.
         native = self.device == "cpu" and (
             torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

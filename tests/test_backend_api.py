@@ -56,7 +56,7 @@ def test_backend_implements_the_protocol(name):
 
 def test_backends_supply_the_framework_calls_of_the_shared_row_operations():
     ops = _classes(PKG / "slots.py")["SlotOps"]
-    needed = {"_new_slot_cache", "_prefill", "_decode", "_copy"}
+    needed = {"_new_slot_cache", "_prefill", "_decode", "_copy", "_grow"}
     assert needed <= {n.id for n in ast.walk(ops) if isinstance(n, ast.Name)} | {
         n.attr for n in ast.walk(ops) if isinstance(n, ast.Attribute)
     }

@@ -149,3 +149,28 @@ def test_continuing_prefill_plan_scatters_real_tokens_only():
     np.testing.assert_array_equal(sc.cols, [1, 2, 2])
     fresh = slots.plan_prefill(cache, [0], [[1, 2]])
     assert fresh.fresh and fresh.mask is None and fresh.scatter is None
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_storage_grows_with_the_rows(backend, weights_file, monkeypatch):
+    """The K/V arrays start GROW_COLUMNS wide and grow by as many as the longest row needs,
+    up to the block; every op across the growth keeps the full forward's logits."""
+    from polygpt.backends import slots
+
+    monkeypatch.setattr(slots, "GROW_COLUMNS", 4)
+    be = get_backend(backend, "cpu")
+    model = be.load_model(SPEC, weights_file)
+    worst, _ = _script(be, model)  # ragged rows, copies, a continued prefill, across growths
+    assert worst <= 1e-5, f"slot cache vs full forward: max |diff| {worst:.3g}"
+    cache = be.slot_cache(model, 2)
+    assert cache.capacity == 4
+    seq = np.random.default_rng(3).integers(0, SPEC.vocab_size, SPEC.block_size)
+    be.prefill_rows(cache, [0], [seq[:3]])
+    capacities = []
+    for n in range(3, SPEC.block_size):  # one row: the compiled / view path at each capacity
+        got = be.decode_rows(cache, [0], [seq[n]])[0]
+        full = be.logits(model, seq[None, : n + 1])[0, -1]
+        np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)
+        capacities.append(cache.capacity)
+    assert capacities[0] == 4 and capacities[-1] == SPEC.block_size
+    assert sorted(set(capacities)) == [4, 8, 12, 16]

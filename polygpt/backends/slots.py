@@ -27,22 +27,38 @@ import numpy as np
 
 from polygpt.spec import ModelSpec
 
+GROW_COLUMNS = 256  # storage columns allocated at a time (see SlotCache)
+
 
 class SlotCache:
     """K/V arrays of every layer for `max_rows` rows (framework arrays, owned by the backend)
-    and each row's length: how many columns of the row hold keys and values."""
+    and each row's length: how many columns of the row hold keys and values.
+
+    The arrays hold `capacity` columns, grown GROW_COLUMNS at a time as the longest row needs
+    them (`columns_for`), up to the block: a short generation with a long block does not
+    hold a whole block of keys per row."""
 
     def __init__(self, model: Any, spec: ModelSpec, max_rows: int, keys: list, values: list):
         if max_rows < 1:
             raise ValueError("a slot cache needs at least one row")
         self.model, self.spec, self.max_rows = model, spec, max_rows
-        self.keys, self.values = keys, values  # per layer (max_rows, n_head, block, head_dim)
+        self.keys, self.values = keys, values  # per layer (max_rows, n_head, capacity, head_dim)
         self.lengths = np.zeros(max_rows, dtype=np.int64)
         self.views: dict = {}  # backend-private: views/compiled steps keyed by shape
 
     @property
     def block(self) -> int:
         return self.spec.block_size
+
+    @property
+    def capacity(self) -> int:
+        """Columns the arrays hold now (<= block; a cache without arrays, a test's mock: the
+        block)."""
+        return int(self.keys[0].shape[2]) if self.keys else self.block
+
+    def columns_for(self, needed: int) -> int:
+        """The capacity that holds `needed` columns: whole GROW_COLUMNS, at most the block."""
+        return min(self.block, -(-needed // GROW_COLUMNS) * GROW_COLUMNS)
 
     def reset(self, rows) -> None:
         """Empty rows (their columns are overwritten by whatever comes next)."""
@@ -182,7 +198,7 @@ class DecodePlan:
             return None
         return attention_mask(self.positions, self.width)[:, None, None]
 
-    @property
+    @functools.cached_property
     def width(self) -> int:
         """Columns any row attends to: max position + 1."""
         return int(self.positions.max()) + 1
@@ -242,8 +258,8 @@ def commit_copy(cache: SlotCache, src: np.ndarray, dst: np.ndarray) -> None:
 class SlotOps:
     """The row operations of the Backend protocol, written once: plan, run, then commit the
     new lengths (a failed forward leaves the lengths as they were). A backend supplies
-    `_new_slot_cache`, `_prefill` and `_decode` (a plan in, logits (n, V) float32 NumPy out)
-    and `_copy`."""
+    `_new_slot_cache`, `_prefill` and `_decode` (a plan in, logits (n, V) float32 NumPy out),
+    `_copy`, and `_grow` (the arrays re-made with more columns, the old ones copied in)."""
 
     def slot_cache(self, model: Any, max_rows: int) -> SlotCache:
         """An empty slot cache for `model` with `max_rows` rows (allocated once)."""
@@ -253,6 +269,7 @@ class SlotOps:
         """Write each row's tokens at columns start.. (default 0: a fresh window); returns
         the logits after each row's last token (n, V) float32."""
         plan = plan_prefill(cache, rows, tokens, starts)
+        self._fit(cache, plan.keys)
         logits = self._prefill(cache, plan)
         commit_prefill(cache, plan)
         return logits
@@ -260,9 +277,14 @@ class SlotOps:
     def decode_rows(self, cache: SlotCache, rows, tokens) -> np.ndarray:
         """Append one token per row at its length; returns next-token logits (n, V)."""
         plan = plan_decode(cache, rows, tokens)
+        self._fit(cache, plan.width)
         logits = self._decode(cache, plan)
         commit_decode(cache, plan)
         return logits
+
+    def _fit(self, cache: SlotCache, columns: int) -> None:
+        if columns > cache.capacity:
+            self._grow(cache, cache.columns_for(columns))
 
     def copy_rows(self, cache: SlotCache, src, dst) -> None:
         """Row dst[i] becomes a copy of row src[i] (keys, values, length)."""
@@ -273,10 +295,16 @@ class SlotOps:
 
 
 def allocate_slot_cache(model: Any, max_rows: int, zeros: Callable[[tuple], Any]) -> SlotCache:
-    """A slot cache of zeroed K/V arrays from the framework's `zeros(shape)`: zeros, not
-    garbage, since a step may attend over masked columns and NaN * 0 is NaN."""
+    """A slot cache of zeroed K/V arrays from the framework's `zeros(shape)` (zeros, not
+    garbage, since a step may attend over masked columns and NaN * 0 is NaN), GROW_COLUMNS
+    wide or the whole block if that is less."""
     spec = model.spec
-    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
+    shape = growth_shape(spec, max_rows, min(spec.block_size, GROW_COLUMNS))
     keys = [zeros(shape) for _ in range(spec.n_layer)]
     values = [zeros(shape) for _ in range(spec.n_layer)]
     return SlotCache(model, spec, max_rows, keys, values)
+
+
+def growth_shape(spec: ModelSpec, max_rows: int, columns: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's K (or V) array at `columns` columns."""
+    return (max_rows, spec.n_head, columns, spec.head_dim)

@@ -404,5 +404,8 @@ class Backend(SlotOps):
     def _copy(self, cache: SlotCache, src, dst, width: int) -> None:
         decode.copy_rows(cache, src, dst, width)
 
+    def _grow(self, cache: SlotCache, columns: int) -> None:
+        decode.grow(cache, columns)
+
     def synchronize(self) -> None:
         mx.synchronize()

@@ -6,7 +6,7 @@ its active rows there) is `GPT.__call__` itself under `mx.compile`: the new key 
 scattered into the whole storage at (row, length) and attention runs over the first `width`
 columns (a power of two covering the longest row) with the columns past each row's length
 masked out (exactly zero weight), so the shapes depend on the lengths only through `width`,
-the step is traced once per (n, width) for a model (one row: the whole block, one trace), and
+the step is traced once per (n, width) for a model (one row: every allocated column), and
 no Python runs per op. LayerNorms, GELU, residual adds
 and the mask fuse (the gain over the eager call: docs/BENCHMARKS.md, "Figures behind the
 code"). Quantized models (nn.quantize) run the same step through their QuantizedLinear
@@ -89,7 +89,8 @@ def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
 def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
     tokens, pos = _ints(plan.tokens), _ints(plan.positions)
     if plan.n:  # rows 0..n-1: the compiled step over the columns the longest row needs
-        width = cache.block if plan.n == 1 else attention_width(plan.width, cache.block)
+        cols = cache.capacity  # (the one-row step attends to every allocated column)
+        width = cols if plan.n == 1 else attention_width(plan.width, cols)
         step = compiled_step(cache.model, width, plan.uniform)
         logits, cache.keys, cache.values = step(tokens, pos, cache.keys, cache.values)
         return logits
@@ -167,6 +168,15 @@ class _StepGraph:
         mask = (mx.arange(w)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, width)
         logits = self.model(tokens[:, None], layers, pos=pos[:, None], mask=mask)[:, -1]
         return logits, [c.keys for c in layers], [c.values for c in layers]
+
+
+def grow(cache: slots.SlotCache, columns: int) -> None:
+    """The storage re-made `columns` wide, the old columns copied in."""
+    for arrays in (cache.keys, cache.values):
+        for i, a in enumerate(arrays):
+            pad = slots.growth_shape(cache.spec, cache.max_rows, columns - a.shape[2])
+            arrays[i] = mx.concatenate([a, mx.zeros(pad, dtype=a.dtype)], axis=2)
+            mx.eval(arrays[i])  # one layer at a time: the old array is freed as we go
 
 
 def copy_rows(cache: slots.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:

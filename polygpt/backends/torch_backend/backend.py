@@ -386,6 +386,10 @@ class Backend(SlotOps):
     def _copy(self, cache: SlotCache, src, dst, width: int) -> None:
         decode.copy_rows(cache, src, dst, width)
 
+    @torch.inference_mode()
+    def _grow(self, cache: SlotCache, columns: int) -> None:
+        decode.grow(cache, columns)
+
     @staticmethod
     def _logits_numpy(logits: torch.Tensor) -> np.ndarray:
         if logits.dtype != torch.float32:

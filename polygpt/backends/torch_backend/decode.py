@@ -179,6 +179,17 @@ def _gathered(cache, rows, W: int, batch, pos) -> list[_Layer]:
     return _layers(cache, fetch)
 
 
+def grow(cache: slots.SlotCache, columns: int) -> None:
+    """The storage re-made `columns` wide, the old columns copied in (the views are of the old
+    storage: dropped)."""
+    for arrays in (cache.keys, cache.values):
+        for i, a in enumerate(arrays):
+            new = a.new_zeros(slots.growth_shape(cache.spec, cache.max_rows, columns))
+            new[:, :, : a.shape[2]] = a
+            arrays[i] = new
+    cache.views.clear()
+
+
 def copy_rows(cache: slots.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
     dev = cache.keys[0].device
     s, d = _tensor(src, dev), _tensor(dst, dev)

@@ -11,13 +11,14 @@ keys and values and returns those to attend to: the slot cache's row operations 
 the caller passes each token's position ids and the attention mask, which the slot cache's
 plans (backends/slots.py) compute once per forward.
 
-The blocks are written functionally on their own tensors (`linear`, `add_linear`,
-`layer_norm`): a decoded token of a small model costs Python calls more than arithmetic, so
-the forward calls no nn.Module per sublayer, and a prepared model (prepared.py: packed,
-transposed or quantized matrices) runs this same code through its modules' `forward` and
-`add_to`. Every op is out of place where training's autograd needs it. The hot path reads
-sublayers and weights from the modules' dicts (`_modules`, `_parameters`): nn.Module's
-`__getattr__` is a Python call per lookup, as dear as a small op at the reference size.
+The blocks are written functionally on their own tensors (`add_linear`, `layer_norm`, each
+projection's `forward`): a decoded token of a small model costs Python calls more than
+arithmetic (docs/BENCHMARKS.md, "Figures behind the code"), so the forward makes no
+nn.Module call per sublayer, and a prepared model (prepared.py: packed, transposed or
+quantized matrices) runs this same code through its modules' `forward` and `add_to`. Every
+op is out of place where training's autograd needs it. The hot path reads sublayers and
+weights from the modules' dicts (`_modules`, `_parameters`): nn.Module's `__getattr__` is a
+Python call per lookup, as dear as a small op at the reference size.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         block adds onto the residual stream)."""
         N, C = x.shape
         T, nh = N // B, self.n_head
-        qkv = linear(self._modules["c_attn"], x)  # (B·T, 3C)
+        qkv = self._modules["c_attn"].forward(x)  # (B·T, 3C)
         if T == 1:  # one query per row: (B, 3, nh, 1, hs) is already the heads' layout
             q, k, v = qkv.view(B, 3, nh, 1, C // nh).unbind(1)
         else:
@@ -76,16 +77,6 @@ class CausalSelfAttention(nn.Module):
         if T == 1:  # (B, nh, 1, hs) is already the rows' layout
             return y.view(N, C)
         return y.transpose(1, 2).reshape(N, C)  # re-assemble heads: (B·T, C)
-
-
-def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x (N, in) -> x·Wᵀ + b through a Linear or its prepared form (prepared.py), with no
-    nn.Module call: at the reference size a decode step's cost is Python calls, not arithmetic
-    (docs/BENCHMARKS.md, "Figures behind the code")."""
-    if type(m) is nn.Linear:
-        p = m._parameters
-        return F.linear(x, p["weight"], p["bias"])
-    return m.forward(x)
 
 
 def add_linear(x: torch.Tensor, m: nn.Module, h: torch.Tensor, p: float) -> torch.Tensor:
@@ -180,7 +171,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C) -> the hidden activations (N, 4C), before c_proj (added by the block)."""
-        return gelu(linear(self._modules["c_fc"], x), self.approximate)
+        return gelu(self._modules["c_fc"].forward(x), self.approximate)
 
 
 class Block(nn.Module):

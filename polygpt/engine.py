@@ -3,7 +3,7 @@
 `polygpt sample` (generate.stream_generate), `polygpt serve` and `polygpt bench` run on this,
 the way llama.cpp's server slots and vLLM's persistent batch work:
 
-- Rows. The engine's slot cache (backends/common.py) has `max_rows` rows; the active requests
+- Rows. The engine's slot cache (backends/slots.py) has `max_rows` rows; the active requests
   occupy rows 0..n-1, so a decode step reads views of the cache. A request whose row ends
   (finished, stopped, cancelled) leaves at once: the last active row is copied into its hole.
 - A step. Waiting requests are admitted into free rows: their prompts but the last token are

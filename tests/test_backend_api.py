@@ -24,10 +24,10 @@ def _classes(path: Path) -> dict[str, ast.ClassDef]:
 
 
 def _public_methods(cls: ast.ClassDef) -> set[str]:
-    """The class's own public methods and those of its bases in backends/common.py (the row
+    """The class's own public methods and those of its bases in backends/slots.py (the row
     operations are written there once)."""
-    common = _classes(PKG / "common.py")
-    inherited = [common[b.id] for b in cls.bases if isinstance(b, ast.Name) and b.id in common]
+    shared = _classes(PKG / "slots.py")
+    inherited = [shared[b.id] for b in cls.bases if isinstance(b, ast.Name) and b.id in shared]
     return {
         n.name
         for c in (cls, *inherited)
@@ -55,10 +55,10 @@ def test_backend_implements_the_protocol(name):
 
 
 def test_backends_supply_the_framework_calls_of_the_shared_row_operations():
-    common = _classes(PKG / "common.py")["SlotOps"]
-    needed = {"_new_slot_cache", "_prefill", "_decode", "_copy"}
-    assert needed <= {n.id for n in ast.walk(common) if isinstance(n, ast.Name)} | {
-        n.attr for n in ast.walk(common) if isinstance(n, ast.Attribute)
+    ops = _classes(PKG / "slots.py")["SlotOps"]
+    needed = {"_new_slot_cache", "_prefill", "_decode", "_copy", "_grow"}
+    assert needed <= {n.id for n in ast.walk(ops) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(ops) if isinstance(n, ast.Attribute)
     }
     for name, d in BACKENDS.items():
         cls = _classes(d / "backend.py")["Backend"]

@@ -201,7 +201,6 @@ def test_facts(be):
     assert cls.devices[0] == "cpu" and set(cls.train_dtypes) <= set(cls.precisions)
     assert backend_class(be.name) is cls
     assert set(be.device_precisions("cpu")) <= set(cls.precisions) and "fp32" in cls.precisions
-    assert isinstance(cls.native_quantized, bool)
 
 
 def test_devices(be):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from polygpt import inference
-from polygpt.backends.common import SlotCache, SlotOps
+from polygpt.backends.slots import SlotCache, SlotOps
 from polygpt.engine import Engine, Finished, InvalidRequest, Request, TextChunk
 from polygpt.errors import PolygptError
 from polygpt.generate import GenerationConfig

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from polygpt import inference, modelfile
-from polygpt.backends.common import SlotCache, SlotOps
+from polygpt.backends.slots import SlotCache, SlotOps
 from polygpt.cli import main
 from polygpt.engine import Engine, Finished, Request, TextChunk
 from polygpt.errors import PolygptError

@@ -53,17 +53,16 @@ def test_bpe_sample_cli_offline(bpe_ckpt):
 
 
 @requires("torch")
-def test_large_model_decode_uses_views_and_matches(bpe_ckpt, monkeypatch):
-    """Above TRANSPOSE_COPY_MAX_BYTES the torch decoder keeps no transposed weight copies
-    (memory at 124M); it computes the same tokens."""
-    from polygpt.backends.torch_backend import decode
+def test_large_matrices_are_not_kept_transposed(bpe_ckpt, monkeypatch):
+    """Matrices of PACK_MIN_BYTES or more are packed or left as they are, never copied
+    transposed (memory at 124M); the model computes the same tokens."""
+    from polygpt.backends.torch_backend import prepared
 
     cfg = GenerationConfig(max_new_tokens=70, temperature=0.0)
     lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
-    copies = lm.generate(["ROMEO:", "Hello"], cfg)
-    monkeypatch.setattr(decode, "TRANSPOSE_COPY_MAX_BYTES", 0)
+    small = lm.generate(["ROMEO:", "Hello"], cfg)
+    monkeypatch.setattr(prepared, "PACK_MIN_BYTES", 0)
     lm = inference.load(bpe_ckpt, backend="torch", device="cpu")
-    step = decode.LeanStep(lm.model)
-    w = lm.model.transformer.h[0].mlp.c_fc.weight
-    assert step.layers[0].c_fc[0].data_ptr() == w.data_ptr()  # a view of the weight, not a copy
-    assert lm.generate(["ROMEO:", "Hello"], cfg) == copies
+    cache = lm.backend.slot_cache(lm.model, 1)
+    assert not any(isinstance(m, prepared.TransposedLinear) for m in cache.model.modules())
+    assert lm.generate(["ROMEO:", "Hello"], cfg) == small

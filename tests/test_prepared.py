@@ -67,6 +67,25 @@ def test_prepared_decode_equals_the_plain_forward_after_a_training_step(precisio
     assert np.isfinite(got).all()
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_small_matrices_decode_transposed_and_follow_training(rows, monkeypatch):
+    """Below PACK_MIN_BYTES a float matrix is prepared as TransposedLinear (Wᵀ, the residual
+    add fused): the decode equals the plain forward, and after a training step the prepared
+    copy is remade from the new weights (for_generation's stamp)."""
+    monkeypatch.setattr(prepared, "PACK_MIN_BYTES", 1 << 40)
+    be = get_backend("torch", "cpu")
+    model = be.init_model(SPEC, 0)
+    prompts = np.random.default_rng(rows).integers(0, SPEC.vocab_size, (rows, PROMPT))
+    for _ in range(2):
+        got = _decode_logits(be, model, prompts)
+        ref = be.logits(model, prompts)[:, -1]
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+        decoded_with = prepared.for_generation(model).transformer.h[0].attn.c_proj
+        assert type(decoded_with) is prepared.TransposedLinear
+        assert type(model.transformer.h[0].attn.c_proj) is torch.nn.Linear  # still trainable
+        _train_step(be, model)
+
+
 def test_rows_decode_alone_as_in_a_batch():
     """int8 quantizes each row's activations by that row alone: a row's logits do not depend
     on which rows share its step (the engine's same-text-in-any-batch promise)."""

@@ -108,3 +108,68 @@ def test_row_ops_reject_what_does_not_fit(backend, weights_file):
     with pytest.raises(ValueError, match="past a row's length"):
         be.prefill_rows(cache, [0], [[1]], starts=[3])
     assert cache.lengths.tolist() == [0, 16]  # a refused op changes nothing
+
+
+def _bare_cache(max_rows: int, lengths):
+    from polygpt.backends import slots
+
+    cache = slots.SlotCache(None, SPEC, max_rows, [], [])
+    cache.lengths[:] = lengths
+    return cache
+
+
+def test_decode_plan_mask_is_each_rows_columns():
+    """The plan's mask (computed once, in NumPy, for both backends): row i attends to columns
+    0..length[i] (its new token's included); equally long rows need none."""
+    from polygpt.backends import slots
+
+    plan = slots.plan_decode(_bare_cache(3, [4, 1, 2]), range(3), [7, 8, 9])
+    assert not plan.uniform and plan.width == 5 and plan.mask.shape == (3, 1, 1, 5)
+    want = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], bool)
+    np.testing.assert_array_equal(plan.mask[:, 0, 0], want)
+    np.testing.assert_array_equal(plan.batch, [0, 1, 2])
+    assert slots.plan_decode(_bare_cache(2, [3, 3]), range(2), [1, 2]).mask is None
+
+
+def test_continuing_prefill_plan_scatters_real_tokens_only():
+    """A prefill that continues rows: its mask lets token j of row i see columns up to
+    start_i + j, and its scatter writes each real token (never padding) at its column."""
+    from polygpt.backends import slots
+
+    cache = _bare_cache(4, [0, 2, 0, 1])
+    plan = slots.plan_prefill(cache, [3, 1], [[5, 6], [7]], starts=[1, 2])
+    assert not plan.fresh and plan.keys == 3 and plan.mask.shape == (2, 1, 2, 3)
+    np.testing.assert_array_equal(plan.mask[0, 0], [[1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(plan.mask[1, 0, 0], [1, 1, 1])
+    sc = plan.scatter
+    np.testing.assert_array_equal(sc.batch, [0, 0, 1])  # row 1's padding is not written
+    np.testing.assert_array_equal(sc.token, [0, 1, 0])
+    np.testing.assert_array_equal(sc.rows, [3, 3, 1])
+    np.testing.assert_array_equal(sc.cols, [1, 2, 2])
+    fresh = slots.plan_prefill(cache, [0], [[1, 2]])
+    assert fresh.fresh and fresh.mask is None and fresh.scatter is None
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_storage_grows_with_the_rows(backend, weights_file, monkeypatch):
+    """The K/V arrays start GROW_COLUMNS wide and grow by as many as the longest row needs,
+    up to the block; every op across the growth keeps the full forward's logits."""
+    from polygpt.backends import slots
+
+    monkeypatch.setattr(slots, "GROW_COLUMNS", 4)
+    be = get_backend(backend, "cpu")
+    model = be.load_model(modelfile.check(weights_file, SPEC))
+    worst, _ = _script(be, model)  # ragged rows, copies, a continued prefill, across growths
+    assert worst <= 1e-5, f"slot cache vs full forward: max |diff| {worst:.3g}"
+    cache = be.slot_cache(model, 2)
+    assert cache.capacity == 4
+    seq = np.random.default_rng(3).integers(0, SPEC.vocab_size, SPEC.block_size)
+    be.prefill_rows(cache, [0], [seq[:3]])
+    capacities = []
+    for n in range(3, SPEC.block_size):  # one row: the compiled / view path at each capacity
+        got = be.decode_rows(cache, [0], [seq[n]])[0]
+        full = be.logits(model, seq[None, : n + 1])[0, -1]
+        np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)
+        capacities.append(cache.capacity)
+    assert capacities[0] == 4 and capacities[-1] == SPEC.block_size
+    assert sorted(set(capacities)) == [4, 8, 12, 16]

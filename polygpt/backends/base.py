@@ -70,9 +70,6 @@ class Backend(Protocol):
     devices: tuple[str, ...]  # every device name it knows, "auto" excluded
     precisions: tuple[str, ...]  # compute precisions (load_model/set_precision) on some device
     train_dtypes: tuple[str, ...]  # what train_step's `autocast` takes
-    # True: computes on the shared quantized format as stored (an int8/int4 file loads as it
-    # is); False: a quantized file is dequantized to a float precision on load
-    native_quantized: bool
     device: str  # resolved: one of `devices`
 
     def device_precisions(self, device: str | None = None) -> tuple[str, ...]:
@@ -159,11 +156,11 @@ class Backend(Protocol):
     def target_logprobs(self, model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """log p(y[b, t] | x[b, :t+1]) as float64 (B, T); only these leave the framework."""
 
-    # generation on a slot cache (backends/common.py: SlotOps writes these once from the
+    # generation on a slot cache (backends/slots.py: SlotOps writes these once from the
     # framework calls `_new_slot_cache`, `_prefill`, `_decode`, `_copy`)
     def slot_cache(self, model: Any, max_rows: int) -> Any:
         """An empty slot cache: K/V per layer (max_rows, n_head, block_size, head_dim),
-        allocated once, and a length per row (common.SlotCache)."""
+        allocated once, and a length per row (slots.SlotCache)."""
 
     def prefill_rows(self, cache: Any, rows: Any, tokens: Any, starts: Any = None) -> np.ndarray:
         """Right-padded token lists written at columns start.. of their rows (positions =

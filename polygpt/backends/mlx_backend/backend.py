@@ -39,10 +39,10 @@ import polygpt.backends.mlx_backend.prepared as prepared  # noqa: E402
 import polygpt.backends.mlx_backend.quantize as quantize  # noqa: E402
 import polygpt.backends.mlx_backend.threads as threads  # noqa: E402
 from polygpt import quantized  # noqa: E402
-from polygpt.backends import common  # noqa: E402
+from polygpt.backends import training_rules  # noqa: E402
 from polygpt.backends.base import PRECISIONS  # noqa: E402
-from polygpt.backends.common import SlotCache, SlotOps  # noqa: E402
 from polygpt.backends.mlx_backend.model import GPT  # noqa: E402
+from polygpt.backends.slots import SlotCache, SlotOps  # noqa: E402
 from polygpt.errors import PolygptError  # noqa: E402
 from polygpt.modelfile import ModelFile  # noqa: E402
 from polygpt.spec import ModelSpec  # noqa: E402
@@ -121,7 +121,6 @@ class Backend(SlotOps):
     devices = ("cpu", "gpu")
     precisions = PRECISIONS  # every one: int8/int4 computed as stored
     train_dtypes = ("fp32", "bf16")
-    native_quantized = True
 
     def __init__(self, device: str = "auto"):
         self.device = _resolve_device(device)
@@ -356,10 +355,10 @@ class Backend(SlotOps):
 
     @_on_device
     def load_optimizer(self, opt: Optimizer, path: Path) -> int:
-        step = common.optimizer_step(path)
+        step = training_rules.optimizer_step(path)
         state = mx.load(str(path))
         shapes = {name: opt.state["exp_avg"][name].shape for name in opt.names}
-        for name, m, v in common.checked_moments(state, path, shapes):
+        for name, m, v in training_rules.checked_moments(state, path, shapes):
             ref = opt.state["exp_avg"][name]
             # assign into the same dicts: the compiled step captured these containers
             opt.state["exp_avg"][name] = m.astype(ref.dtype)
@@ -403,6 +402,9 @@ class Backend(SlotOps):
     @_on_device
     def _copy(self, cache: SlotCache, src, dst, width: int) -> None:
         decode.copy_rows(cache, src, dst, width)
+
+    def _grow(self, cache: SlotCache, columns: int) -> None:
+        decode.grow(cache, columns)
 
     def synchronize(self) -> None:
         mx.synchronize()

@@ -1,19 +1,19 @@
 """Generation on the slot cache in MLX: the row operations, and the decode step compiled.
 
-`prefill_rows`, `decode_rows` and `copy_rows` (backends/common.py has the bookkeeping) run
+`prefill_rows`, `decode_rows` and `copy_rows` (backends/slots.py has the bookkeeping) run
 `GPT.__call__` with one `_Layer` per layer. The decode step over rows 0..n-1 (the engine keeps
 its active rows there) is `GPT.__call__` itself under `mx.compile`: the new key and value are
 scattered into the whole storage at (row, length) and attention runs over the first `width`
 columns (a power of two covering the longest row) with the columns past each row's length
 masked out (exactly zero weight), so the shapes depend on the lengths only through `width`,
-the step is traced once per (n, width) for a model (one row: the whole block, one trace), and
+the step is traced once per (n, width) for a model (one row: every allocated column), and
 no Python runs per op. LayerNorms, GELU, residual adds
 and the mask fuse (the gain over the eager call: docs/BENCHMARKS.md, "Figures behind the
 code"). Quantized models (nn.quantize) run the same step through their QuantizedLinear
 layers. The step's outputs replace the storage arrays before anything is evaluated, so MLX
 updates the storage in place (the inputs' last references are gone) rather than copying it.
-The torch twin is backends/torch_backend/decode.py (there a lean eager step: torch.compile
-takes too long to start for sampling).
+The torch twin is backends/torch_backend/decode.py (there the eager forward on prepared
+weights: torch.compile takes too long to start for sampling).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
-from polygpt.backends import common
+from polygpt.backends import slots
 from polygpt.backends.mlx_backend.model import GPT
 
 
@@ -39,14 +39,14 @@ class _Layer:
         return kr, vr
 
 
-def slot_cache(model: GPT, max_rows: int) -> common.SlotCache:
+def slot_cache(model: GPT, max_rows: int) -> slots.SlotCache:
     dtype = model.transformer.ln_f.weight.dtype  # LayerNorms are never quantized
-    cache = common.allocate_slot_cache(model, max_rows, lambda s: mx.zeros(s, dtype=dtype))
+    cache = slots.allocate_slot_cache(model, max_rows, lambda s: mx.zeros(s, dtype=dtype))
     mx.eval(cache.keys, cache.values)
     return cache
 
 
-def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:
+def _run(cache: slots.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.array:
     layers = [_Layer(fetch, k, v) for k, v in zip(cache.keys, cache.values)]
     logits = cache.model(tokens, layers, pos=pos, mask=mask, last=last)
     cache.keys = [c.keys for c in layers]
@@ -54,10 +54,12 @@ def _run(cache: common.SlotCache, fetch, tokens, pos, mask, last=None) -> mx.arr
     return logits
 
 
-def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> mx.array:
-    rows = mx.array(plan.rows.astype(np.int32))
-    tokens = mx.array(plan.tokens.astype(np.int32))
-    last = mx.array(plan.last.astype(np.int32))
+def _ints(a: np.ndarray) -> mx.array:
+    return mx.array(a.astype(np.int32))
+
+
+def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
+    rows, tokens, last = _ints(plan.rows), _ints(plan.tokens), _ints(plan.last)
     T = plan.width
     if plan.fresh:  # new keys only, plain causal: right padding follows every real query
 
@@ -68,38 +70,31 @@ def prefill_rows(cache: common.SlotCache, plan: common.PrefillPlan) -> mx.array:
 
         pos, mask = mx.arange(T), None
     else:  # continuing rows: attend to their cached columns too
-        W = int(plan.ends().max())
-        ri, j = np.nonzero(plan.valid)
-        ri_a, j_a = mx.array(ri.astype(np.int32)), mx.array(j.astype(np.int32))
-        cols = mx.array((plan.starts[ri] + j).astype(np.int32))
-        dst = mx.array(plan.rows[ri].astype(np.int32))
+        W, sc = plan.keys, plan.scatter
+        bi, tj, dst, cols = (_ints(a) for a in (sc.batch, sc.token, sc.rows, sc.cols))
 
         def fetch(K, V, k, v):
-            kn, vn = k[ri_a, :, j_a], v[ri_a, :, j_a]  # the real tokens' keys (m, nh, hs)
+            kn, vn = k[bi, :, tj], v[bi, :, tj]  # the real tokens' keys (m, nh, hs)
             Kr, Vr = K[rows], V[rows]
-            Kr[ri_a, :, cols] = kn
-            Vr[ri_a, :, cols] = vn
+            Kr[bi, :, cols] = kn
+            Vr[bi, :, cols] = vn
             K[dst, :, cols] = kn
             V[dst, :, cols] = vn
             return K, V, Kr[:, :, :W], Vr[:, :, :W]
 
-        pos = mx.array(plan.positions.astype(np.int32))
-        keys = mx.arange(W)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, W)
+        pos, mask = _ints(plan.positions), mx.array(plan.mask)
     return _run(cache, fetch, tokens, pos, mask, last)[:, 0]
 
 
-def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
-    tokens = mx.array(plan.tokens.astype(np.int32))
-    pos = mx.array(plan.positions.astype(np.int32))
+def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
+    tokens, pos = _ints(plan.tokens), _ints(plan.positions)
     if plan.n:  # rows 0..n-1: the compiled step over the columns the longest row needs
-        width = cache.block if plan.n == 1 else attention_width(plan.width, cache.block)
+        cols = cache.capacity  # (the one-row step attends to every allocated column)
+        width = cols if plan.n == 1 else attention_width(plan.width, cols)
         step = compiled_step(cache.model, width, plan.uniform)
         logits, cache.keys, cache.values = step(tokens, pos, cache.keys, cache.values)
         return logits
-    rows = mx.array(plan.rows.astype(np.int32))
-    W = plan.width
-    ar = mx.arange(len(plan.rows))
+    rows, ar, W = _ints(plan.rows), _ints(plan.batch), plan.width
 
     def fetch(K, V, k, v):  # rows anywhere: gather them, write the new column into both
         Kr, Vr = K[rows][:, :, :W], V[rows][:, :, :W]
@@ -109,7 +104,7 @@ def decode_rows(cache: common.SlotCache, plan: common.DecodePlan) -> mx.array:
         V[rows, :, pos] = v[:, :, 0]
         return K, V, Kr, Vr
 
-    mask = (mx.arange(W)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, W)
+    mask = None if plan.mask is None else mx.array(plan.mask)
     return _run(cache, fetch, tokens[:, None], pos[:, None], mask)[:, -1]
 
 
@@ -144,8 +139,8 @@ def attention_width(width: int, block: int) -> int:
 class _StepGraph:
     """The function mx.compile traces: one token for rows 0..n-1, written into the whole
     storage, attending to the first `width` columns. `uniform`: every row is at the same
-    column, written with one slice update (a scatter per row costs more: at batch 1 the
-    scatters were a fifth of the step)."""
+    column, written with one slice update (a scatter per row costs more: docs/BENCHMARKS.md,
+    "Figures behind the code")."""
 
     def __init__(self, model: GPT, width: int, uniform: bool):
         # the model's weights are constants of the compiled graph (see compiled_step)
@@ -168,12 +163,23 @@ class _StepGraph:
             return K, V, K[:n, :, :w], V[:n, :, :w]
 
         layers = [_Layer(fetch, k, v) for k, v in zip(keys, values)]
+        # the mask is made in the graph from `pos`, not taken from the plan: it spans the
+        # padded `width` (one trace per width), and made here it fuses into the step
         mask = (mx.arange(w)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, width)
         logits = self.model(tokens[:, None], layers, pos=pos[:, None], mask=mask)[:, -1]
         return logits, [c.keys for c in layers], [c.values for c in layers]
 
 
-def copy_rows(cache: common.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
+def grow(cache: slots.SlotCache, columns: int) -> None:
+    """The storage re-made `columns` wide, the old columns copied in."""
+    for arrays in (cache.keys, cache.values):
+        for i, a in enumerate(arrays):
+            pad = slots.growth_shape(cache.spec, cache.max_rows, columns - a.shape[2])
+            arrays[i] = mx.concatenate([a, mx.zeros(pad, dtype=a.dtype)], axis=2)
+            mx.eval(arrays[i])  # one layer at a time: the old array is freed as we go
+
+
+def copy_rows(cache: slots.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
     s, d = mx.array(src.astype(np.int32)), mx.array(dst.astype(np.int32))
     for arrays in (cache.keys, cache.values):
         for i, a in enumerate(arrays):

@@ -4,7 +4,7 @@
 the model is filled one tensor at a time — cast to the compute precision, quantized with
 `mx.quantize` (what nn.quantize does to a layer), or dequantized — evaluated, and the file's
 array dropped before the next is read. A large tensor that changes dtype (GPT-2's token
-embedding: 154 MB of fp32) is read a chunk of rows at a time instead (tensorfile.TensorFile), since
+embedding at fp32) is read a chunk of rows at a time instead (tensorfile.TensorFile), since
 mx.load reads a tensor whole. The largest tensor goes first, while nothing else is loaded, and
 the allocator's cache is released after it; so a load holds the model plus a few MB, never the
 file's weights in full beside the model's. The model's own random init is lazy too, and is

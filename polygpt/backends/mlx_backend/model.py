@@ -20,7 +20,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from polygpt.backends import common
+from polygpt.backends import training_rules
 from polygpt.spec import LAYER_NORM_EPS, ModelSpec
 
 
@@ -178,10 +178,10 @@ class GPT(nn.Module):
         self.transformer.ln_f = LayerNorm(spec.n_embd, spec.bias)
 
     def init_weights(self, key: mx.array) -> None:
-        """The shared init rule (common.init_rule), normals drawn from MLX's RNG (`key`), so
+        """The shared init rule (training_rules.init_rule), normals drawn from MLX's RNG (`key`), so
         the values differ from torch's init; to start both backends from the same weights,
         initialize once and load the saved safetensors."""
-        rules = common.init_rule(self.spec)
+        rules = training_rules.init_rule(self.spec)
         params = self.named_parameters()
         keys = mx.random.split(key, len(params))
         new = []

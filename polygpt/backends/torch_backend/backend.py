@@ -4,7 +4,7 @@ The training step is fast on the machine it runs on (measured with scripts/bench
 scripts/bench_train.py; docs/BENCHMARKS.md, "Training speed against nanoGPT"):
 
 - precision (`train.dtype = auto`, `auto_dtype`): bf16 autocast (fp32 master weights, AdamW
-  and loss) on a CPU with bf16 dot products, where matmuls run at twice fp32's rate; fp32
+  and loss) on a CPU with bf16 dot products, where matmuls outrun fp32's; fp32
   elsewhere, and fp32 whenever a run asks for it (then the numbers move by float rounding only).
 - fused AdamW (one kernel for every tensor on CPU and CUDA) and foreach gradient clipping; the
   step returns the loss as a tensor, so nothing waits for the device until the loop logs.
@@ -39,9 +39,9 @@ import polygpt.backends.torch_backend.loading as loading
 import polygpt.backends.torch_backend.prepared as prepared
 import polygpt.backends.torch_backend.quantize as quantize
 from polygpt import quantized
-from polygpt.backends import common
+from polygpt.backends import training_rules
 from polygpt.backends.base import PRECISIONS
-from polygpt.backends.common import SlotCache, SlotOps
+from polygpt.backends.slots import SlotCache, SlotOps
 from polygpt.backends.torch_backend.model import GPT
 from polygpt.backends.torch_backend.threads import (
     DEFAULT_THREADS,
@@ -110,7 +110,6 @@ class Backend(SlotOps):
     devices = ("cpu", "cuda", "mps")
     precisions = ("fp32", "fp16", "bf16", "int8", "int4")  # int8/int4: CPU (prepared.py)
     train_dtypes = ("fp32", "bf16")  # bf16: autocast
-    native_quantized = True
     # CPU threads of prefill/decode for small models: see threads.cpu_threads
     decode_threads = 1
 
@@ -293,8 +292,8 @@ class Backend(SlotOps):
         return loss
 
     def auto_dtype(self) -> str:
-        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 at about twice
-        # fp32's rate (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is
+        # a CPU with bf16 dot products (AVX512-BF16, AMX) multiplies bf16 faster than fp32
+        # (docs/BENCHMARKS.md, "Training speed against nanoGPT"); elsewhere bf16 is
         # emulated. GPUs keep fp32: not measured on this project's machines.
         native = self.device == "cpu" and (
             torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -329,11 +328,11 @@ class Backend(SlotOps):
         save_file(tensors, str(path), metadata={**metadata, "step": str(step)})
 
     def load_optimizer(self, opt, path: Path) -> int:
-        step = common.optimizer_step(path)
+        step = training_rules.optimizer_step(path)
         state = load_file(str(path), device="cpu")
         params = {name: p for p, name in opt.names.items()}
         shapes = {name: p.shape for name, p in params.items()}
-        for name, m, v in common.checked_moments(state, path, shapes):
+        for name, m, v in training_rules.checked_moments(state, path, shapes):
             p = params[name]
             opt.opt.state[p] = {
                 "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),
@@ -386,6 +385,10 @@ class Backend(SlotOps):
     @torch.inference_mode()
     def _copy(self, cache: SlotCache, src, dst, width: int) -> None:
         decode.copy_rows(cache, src, dst, width)
+
+    @torch.inference_mode()
+    def _grow(self, cache: SlotCache, columns: int) -> None:
+        decode.grow(cache, columns)
 
     @staticmethod
     def _logits_numpy(logits: torch.Tensor) -> np.ndarray:

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 import polygpt.backends.torch_backend.quantize as quantize
 
-# Linear weights smaller than this stay plain (addmm in the lean step): oneDNN's per-call cost
-# outweighs its faster reads at the reference model's 128-wide matrices.
+# Float Linear weights smaller than this are stored transposed (TransposedLinear), larger ones
+# packed: oneDNN's per-call cost outweighs its faster reads at the reference model's matrices.
 PACK_MIN_BYTES = 1 << 20
 INT4_ROWS = 64  # torch's CPU int4 layout packs blocks of 64 output rows: pad and convert by those
 
@@ -98,7 +98,39 @@ def _int8_kernel() -> str:
     return next((k for k in ("onednn-int8", "int8pack") if available(k)), "float")
 
 
-class PackedLinear(nn.Module):
+class Projection(nn.Module):
+    """A prepared Linear: `forward(x)` is x·Wᵀ + b; `add_to(x, h)` is x += h·Wᵀ + b, the
+    residual add of the model's blocks (model.add_linear), in place: prepared models are for
+    inference only, and the residual stream's old value is not read again."""
+
+    def add_to(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x.add_(self.forward(h))
+
+
+class TransposedLinear(Projection):
+    """A small float Linear stored as Wᵀ (in, out), contiguous: a few-row product reads it in
+    order, and the residual add fuses into the product (`torch.addmm(x, h, Wᵀ)`), where
+    per-call cost, not reading the weights, sets the speed (docs/BENCHMARKS.md, "Figures
+    behind the code")."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("wt", weight.detach().t().contiguous(), False)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
+        wt = self._buffers["wt"]  # (a dict read: see model.py on nn.Module's __getattr__)
+        return torch.mm(x, wt) if self.bias is None else torch.addmm(self.bias, x, wt)
+
+    def add_to(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        x.addmm_(h, self._buffers["wt"])
+        return x if self.bias is None else x.add_(self.bias)
+
+
+class PackedLinear(Projection):
     """A float Linear in oneDNN's packed layout (fp32 or bf16, as the weight is)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -112,7 +144,7 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Projection):
     """y = x·(s ⊙ q)ᵀ + b with q int8 (out, in) and one scale per output channel."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -156,7 +188,7 @@ def _qlinear(x, packed, scales, zeros, bias=None) -> torch.Tensor:
     return y.mul_(a) if bias is None else torch.addcmul(bias, y, a)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(Projection):
     """MLX's affine 4-bit groups on torch's int4 kernel (bf16 activations, fp32 out)."""
 
     def __init__(self, packed, qscale_zeros, group_size: int, out_features: int, bias):
@@ -331,14 +363,27 @@ def packable(m) -> bool:
     )
 
 
+def transposable(m) -> bool:
+    """A float Linear on the CPU too small to pack: kept as Wᵀ (TransposedLinear)."""
+    return (
+        type(m) is nn.Linear
+        and m.weight.device.type == "cpu"
+        and m.weight.is_floating_point()
+        and m.weight.nbytes < PACK_MIN_BYTES
+    )
+
+
 def prepare(model: nn.Module) -> nn.Module:
-    """Pack the float model's large matrices for this machine, in place (the model is for
-    inference from here: its packed Linear layers no longer hold trainable weights)."""
+    """Pack the float model's large matrices for this machine and transpose its small ones,
+    in place (the model is for inference from here: its prepared Linear layers no longer hold
+    trainable weights)."""
     if getattr(model, "prepared", False):
         return model
     for name, m in list(model.named_modules()):
         if packable(m):
             swap(model, name, PackedLinear(m.weight, m.bias))
+        elif transposable(m):
+            swap(model, name, TransposedLinear(m.weight, m.bias))
     tr = model.transformer
     if isinstance(tr.wte, nn.Embedding) and packable(_AsLinear(tr.wte.weight)):
         tr.wte = Embedding(_FloatRows(tr.wte.weight), PackedLinear(tr.wte.weight, None))
@@ -371,7 +416,9 @@ def _stamp(model: nn.Module) -> tuple:
 def for_generation(model: nn.Module) -> nn.Module:
     """The model to generate with: a prepared model as it is; else a prepared copy sharing
     the model's tensors, remade whenever the model's weights have changed."""
-    if getattr(model, "prepared", False) or not any(packable(m) for m in model.modules()):
+    if getattr(model, "prepared", False) or not any(
+        packable(m) or transposable(m) for m in model.modules()
+    ):
         return model
     stamp = _stamp(model)
     got = _COPIES.get(model)

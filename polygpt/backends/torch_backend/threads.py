@@ -1,10 +1,10 @@
 """CPU thread counts for torch: a tuner for training, one thread for generation.
 
 OpenMP threads that meet at a barrier after every op are a win on an idle machine and a
-disaster on a busy one: when another process holds a core, each of a training step's ~1000
+disaster on a busy one: when another process holds a core, each of a training step's many
 barriers waits for a scheduler slice (docs/BENCHMARKS.md, "Figures behind the code"). So
 `ThreadTuner` times real training steps at 1 thread and at torch's default, keeps the faster,
-and checks again every RETUNE_EVERY steps. It starts where a 20 ms probe of matmuls says the
+and checks again every RETUNE_EVERY steps. It starts where a short probe of matmuls says the
 machine is now (`parallel_pays`): all threads when they are faster, so an idle machine's first
 evaluation and first steps do not run on one core. Thread count changes reduction order only
 (float rounding); set `train.threads` to a number (or OMP_NUM_THREADS) for bit-for-bit
@@ -24,9 +24,8 @@ PROBE_STEPS = 3  # timed steps per candidate thread count in a check (fewer if d
 WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
 # A decode step reads every weight once. Below this size that is a few dozen tiny ops, and
-# threads only add barrier waits (cpu_threads); above it (GPT-2 124M: 0.5 GB at fp32) the step
-# is bound by memory bandwidth, which one core cannot saturate (the issue measured 19 tokens/s
-# on 1 thread against a ~45 tokens/s bound; docs/BENCHMARKS.md, "GPT-2 124M").
+# threads only add barrier waits (cpu_threads); above it (GPT-2 124M at fp32) the step is bound
+# by memory bandwidth, which one core cannot saturate (docs/BENCHMARKS.md, "GPT-2 124M").
 MULTITHREAD_GENERATION_BYTES = 64 << 20
 
 
@@ -89,7 +88,7 @@ class ThreadTuner:
 
 def parallel_pays(n: int, rounds: int = 7) -> bool:
     """Whether `n` threads beat one on this machine right now: interleaved timings of a matmul
-    of a small model's size (~20 ms in all). Another process on a core makes every barrier
+    of a small model's size. Another process on a core makes every barrier
     wait, and the n-thread timing shows it at once."""
     a, w = torch.randn(768, 128), torch.randn(512, 128)
     times: dict[int, list[float]] = {1: [], n: []}
@@ -130,12 +129,12 @@ def make_thread_tuner(device: str, threads: int, compiled: bool = False) -> Thre
 
 
 class cpu_threads:  # noqa: N801 (a context manager used like a function)
-    """Run a block with `n` intra-op CPU threads, then restore the count (~8 us a switch).
+    """Run a block with `n` intra-op CPU threads, then restore the count.
 
     Generation runs single-threaded on the CPU: its ops are far too small to split across
     cores, and OpenMP threads meet at a barrier after every op, so on a loaded machine a
-    thread waiting for a busy core stalls every op (measured on the 2-core box under load:
-    `polygpt sample` at 5-84 tokens/s with 2 threads, 700-1100 with 1)."""
+    thread waiting for a busy core stalls every op (docs/BENCHMARKS.md, "Figures behind the
+    code")."""
 
     def __init__(self, n: int, device: str = "cpu"):
         self.n = n if device == "cpu" else 0

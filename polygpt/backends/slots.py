@@ -1,6 +1,5 @@
-"""What both backends share: the slot cache's bookkeeping and row plans for generation, the
-init rule, the optimizer file's checks. A backend supplies only the framework calls (einops'
-backends, keras's `backend/common`).
+"""The slot cache's bookkeeping and row plans for generation, shared by both backends: a
+backend supplies only the framework calls (einops' backends, keras's `backend/common`).
 
 The slot cache (llama.cpp's slots, vLLM's persistent batch): per layer one K and one V array of
 shape (max_rows, n_head, block_size, head_dim), allocated once, and one length per row. Every
@@ -19,34 +18,43 @@ Three row operations, the same in torch and MLX:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from polygpt import tensorfile
-from polygpt.errors import PolygptError
-from polygpt.spec import INIT_STD, ModelSpec
+from polygpt.spec import ModelSpec
+
+GROW_COLUMNS = 256  # storage columns allocated at a time (see SlotCache)
 
 
 class SlotCache:
     """K/V arrays of every layer for `max_rows` rows (framework arrays, owned by the backend)
-    and each row's length: how many columns of the row hold keys and values."""
+    and each row's length: how many columns of the row hold keys and values.
+
+    The arrays hold `capacity` columns, grown GROW_COLUMNS at a time as the longest row needs
+    them (`columns_for`), up to the block: a short generation with a long block does not
+    hold a whole block of keys per row."""
 
     def __init__(self, model: Any, spec: ModelSpec, max_rows: int, keys: list, values: list):
         if max_rows < 1:
             raise ValueError("a slot cache needs at least one row")
         self.model, self.spec, self.max_rows = model, spec, max_rows
-        self.keys, self.values = keys, values  # per layer (max_rows, n_head, block, head_dim)
+        self.keys, self.values = keys, values  # per layer (max_rows, n_head, capacity, head_dim)
+        # columns the arrays hold now (<= block; a cache without arrays, a test's mock: the block)
+        self.capacity = int(keys[0].shape[2]) if keys else spec.block_size
         self.lengths = np.zeros(max_rows, dtype=np.int64)
         self.views: dict = {}  # backend-private: views/compiled steps keyed by shape
 
     @property
     def block(self) -> int:
         return self.spec.block_size
+
+    def columns_for(self, needed: int) -> int:
+        """The capacity that holds `needed` columns: whole GROW_COLUMNS, at most the block."""
+        return min(self.block, -(-needed // GROW_COLUMNS) * GROW_COLUMNS)
 
     def reset(self, rows) -> None:
         """Empty rows (their columns are overwritten by whatever comes next)."""
@@ -74,13 +82,27 @@ def prefix_length(rows: np.ndarray) -> int:
 
 
 @dataclass
+class Scatter:
+    """Where a continuing prefill's real tokens go: token (batch[m], token[m]) of the forward
+    is written at column cols[m] of cache row rows[m] (and of the gathered rows' copy, at
+    batch[m]). Padding is never written."""
+
+    batch: np.ndarray
+    token: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+@dataclass
 class PrefillPlan:
     """Right-padded tokens of a prefill and where they go.
 
     tokens (n, T): row i's tokens then zeros; positions (n, T): start + j, clipped into the
     block for padding; last (n,): index of each row's last token; fresh: every start is 0
     (attention needs only the new keys, with a causal mask: right padding comes after every
-    real query); valid (n, T): which entries are real tokens."""
+    real query); valid (n, T): which entries are real tokens. A continuing (not fresh) prefill
+    also attends to its rows' cached columns: `mask` (n, 1, T, keys) bool, True = attend (column
+    c <= the query's position), and `scatter` says where its keys go."""
 
     rows: np.ndarray
     tokens: np.ndarray
@@ -90,10 +112,17 @@ class PrefillPlan:
     last: np.ndarray
     valid: np.ndarray
     fresh: bool
+    mask: np.ndarray | None = None
+    scatter: Scatter | None = None
 
     @property
     def width(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def keys(self) -> int:
+        """Columns the longest row holds after this prefill (what a continuing one reads)."""
+        return int(self.ends().max())
 
     def ends(self) -> np.ndarray:
         """Columns 0..end-1 of row i hold keys after this prefill."""
@@ -127,7 +156,18 @@ def plan_prefill(
     for i, q in enumerate(seqs):
         out[i, : len(q)] = q
     positions = np.minimum(s[:, None] + j[None, :], cache.block - 1)
-    return PrefillPlan(r, out, s, lengths, positions, lengths - 1, valid, not s.any())
+    plan = PrefillPlan(r, out, s, lengths, positions, lengths - 1, valid, not s.any())
+    if not plan.fresh:
+        plan.mask = attention_mask(positions, plan.keys)[:, None]  # (n, 1, T, keys)
+        bi, tj = np.nonzero(valid)
+        plan.scatter = Scatter(bi, tj, r[bi], s[bi] + tj)
+    return plan
+
+
+def attention_mask(positions: np.ndarray, width: int) -> np.ndarray:
+    """positions (...) -> bool (..., width): column c is attended from position p when c <= p
+    (a row's own keys up to its query; columns past a row's length are never read)."""
+    return np.arange(width) <= positions[..., None]
 
 
 def commit_prefill(cache: SlotCache, plan: PrefillPlan) -> None:
@@ -145,11 +185,20 @@ class DecodePlan:
     positions: np.ndarray
     n: int
     uniform: bool
+    width: int  # columns any row attends to: max position + 1
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray | None:
+        """(n, 1, 1, width) bool, True = attend; None for uniform rows (they attend to every
+        column of `width`). Made when first read: MLX's compiled step masks inside its graph."""
+        if self.uniform:
+            return None
+        return attention_mask(self.positions, self.width)[:, None, None]
 
     @property
-    def width(self) -> int:
-        """Columns any row attends to: max position + 1."""
-        return int(self.positions.max()) + 1
+    def batch(self) -> np.ndarray:
+        """0..len(rows)-1: each row's index in the step's batch."""
+        return np.arange(len(self.rows))
 
 
 def plan_decode(cache: SlotCache, rows, tokens) -> DecodePlan:
@@ -168,7 +217,7 @@ def plan_decode(cache: SlotCache, rows, tokens) -> DecodePlan:
     low, high = pos.min(), pos.max()
     if high >= cache.block:
         raise ValueError("a row's block is full: slide its window first")
-    return DecodePlan(r, t, pos, n, bool(low == high))
+    return DecodePlan(r, t, pos, n, bool(low == high), int(high) + 1)
 
 
 def _arange(n: int, _cache: dict[int, np.ndarray] = {}) -> np.ndarray:  # noqa: B006 - a memo
@@ -201,8 +250,8 @@ def commit_copy(cache: SlotCache, src: np.ndarray, dst: np.ndarray) -> None:
 class SlotOps:
     """The row operations of the Backend protocol, written once: plan, run, then commit the
     new lengths (a failed forward leaves the lengths as they were). A backend supplies
-    `_new_slot_cache`, `_prefill` and `_decode` (a plan in, logits (n, V) float32 NumPy out)
-    and `_copy`."""
+    `_new_slot_cache`, `_prefill` and `_decode` (a plan in, logits (n, V) float32 NumPy out),
+    `_copy`, and `_grow` (the arrays re-made with more columns, the old ones copied in)."""
 
     def slot_cache(self, model: Any, max_rows: int) -> SlotCache:
         """An empty slot cache for `model` with `max_rows` rows (allocated once)."""
@@ -212,6 +261,7 @@ class SlotOps:
         """Write each row's tokens at columns start.. (default 0: a fresh window); returns
         the logits after each row's last token (n, V) float32."""
         plan = plan_prefill(cache, rows, tokens, starts)
+        self._fit(cache, plan.keys)
         logits = self._prefill(cache, plan)
         commit_prefill(cache, plan)
         return logits
@@ -219,9 +269,16 @@ class SlotOps:
     def decode_rows(self, cache: SlotCache, rows, tokens) -> np.ndarray:
         """Append one token per row at its length; returns next-token logits (n, V)."""
         plan = plan_decode(cache, rows, tokens)
+        if plan.width > cache.capacity:
+            self._fit(cache, plan.width)
         logits = self._decode(cache, plan)
         commit_decode(cache, plan)
         return logits
+
+    def _fit(self, cache: SlotCache, columns: int) -> None:
+        if columns > cache.capacity:
+            self._grow(cache, cache.columns_for(columns))
+            cache.capacity = int(cache.keys[0].shape[2])
 
     def copy_rows(self, cache: SlotCache, src, dst) -> None:
         """Row dst[i] becomes a copy of row src[i] (keys, values, length)."""
@@ -231,50 +288,17 @@ class SlotOps:
         commit_copy(cache, s, d)
 
 
-# -- what both backends do outside generation: the init rule, optimizer files, cache arrays ----
-def init_rule(spec: ModelSpec) -> dict[str, tuple[str, float]]:
-    """How each parameter starts (nanoGPT's GPT-2 init): ("normal", std) for matrices, 0.02 and
-    0.02/sqrt(2·n_layer) for residual projections; ("fill", 1.0) for LayerNorm weights and
-    ("fill", 0.0) for biases. The backends draw the normals from their own RNG."""
-    resid = set(spec.residual_projections())
-    rules = {}
-    for name, shape in spec.param_shapes().items():
-        if len(shape) >= 2:
-            std = INIT_STD / math.sqrt(2 * spec.n_layer) if name in resid else INIT_STD
-            rules[name] = ("normal", std)
-        elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            rules[name] = ("fill", 1.0)
-        else:
-            rules[name] = ("fill", 0.0)
-    return rules
-
-
-def optimizer_step(path: Path) -> int:
-    """The AdamW step an optimizer.safetensors was saved at (its metadata)."""
-    _, meta = tensorfile.read_header(Path(path))
-    return int(meta.get("step", 0))
-
-
-def checked_moments(
-    state: Mapping[str, Any], path: Path, shapes: Mapping[str, Sequence[int]]
-) -> Iterator[tuple[str, Any, Any]]:
-    """(name, exp_avg, exp_avg_sq) for each parameter of `shapes` from a loaded
-    optimizer.safetensors (either backend's); a one-line error for a missing or misshapen one."""
-    for name, shape in shapes.items():
-        try:
-            m, v = state[f"exp_avg/{name}"], state[f"exp_avg_sq/{name}"]
-        except KeyError:
-            raise PolygptError(f"{path}: no optimizer state for {name}") from None
-        if tuple(m.shape) != tuple(shape) or tuple(v.shape) != tuple(shape):
-            raise PolygptError(f"{path}: optimizer state for {name} has the wrong shape")
-        yield name, m, v
-
-
 def allocate_slot_cache(model: Any, max_rows: int, zeros: Callable[[tuple], Any]) -> SlotCache:
-    """A slot cache of zeroed K/V arrays from the framework's `zeros(shape)`: zeros, not
-    garbage, since a step may attend over masked columns and NaN * 0 is NaN."""
+    """A slot cache of zeroed K/V arrays from the framework's `zeros(shape)` (zeros, not
+    garbage, since a step may attend over masked columns and NaN * 0 is NaN), GROW_COLUMNS
+    wide or the whole block if that is less."""
     spec = model.spec
-    shape = (max_rows, spec.n_head, spec.block_size, spec.head_dim)
+    shape = growth_shape(spec, max_rows, min(spec.block_size, GROW_COLUMNS))
     keys = [zeros(shape) for _ in range(spec.n_layer)]
     values = [zeros(shape) for _ in range(spec.n_layer)]
     return SlotCache(model, spec, max_rows, keys, values)
+
+
+def growth_shape(spec: ModelSpec, max_rows: int, columns: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's K (or V) array at `columns` columns."""
+    return (max_rows, spec.n_head, columns, spec.head_dim)

@@ -109,9 +109,9 @@ def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
 
 
 # Compiled steps by model and width, kept across caches (a server's, every `generate` call's):
-# tracing costs as much as many decoded tokens of a small model. The model's
-# weights are constants of a traced graph, so a step is traced again when the weights it saw
-# were replaced (a model that trained on since).
+# a trace costs as much as several decoded tokens of a small model, for each (rows, width). The
+# model's weights are constants of a traced graph, so a step is traced again when the weights it
+# saw were replaced (a model that trained on since).
 _STEPS: dict[int, tuple[weakref.ref, dict[tuple[int, bool], tuple[mx.array, object]]]] = {}
 
 

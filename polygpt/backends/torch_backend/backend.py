@@ -304,7 +304,8 @@ class Backend(SlotOps):
         if self.device != "cpu":
             return 8192  # an accelerator wants large forwards
         # on the CPU fp32 activations of one 12x64 batch stay in the L2 cache and stacking them
-        # slows the forward; bf16 (half the bytes, faster matmuls) gains from 2 batches
+        # slows the forward; bf16 (half the bytes) gains a little from stacking (docs/
+        # BENCHMARKS.md, "Where the time goes")
         return 2048 if dtype == "bf16" else 1024
 
     @torch.inference_mode()

@@ -76,7 +76,7 @@ def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> torch.Tenso
             return Kr, Vr
 
         pos, mask = _tensor(plan.positions, dev), _tensor(plan.mask, dev)
-    logits = cache.model(tokens, _layers(cache, fetch), pos=pos, mask=mask, last=last)
+    logits = cache.model.forward(tokens, _layers(cache, fetch), pos=pos, mask=mask, last=last)
     return logits[:, 0]
 
 
@@ -96,7 +96,7 @@ def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> torch.Tensor:
         else:
             layers = _gathered(cache, _tensor(plan.rows, dev), W, batch, pos)
         pos = pos[:, None]  # (n, 1)
-    return cache.model(tokens, layers, pos=pos, mask=mask)[:, -1]
+    return cache.model.forward(tokens, layers, pos=pos, mask=mask)[:, -1]
 
 
 class _Views:

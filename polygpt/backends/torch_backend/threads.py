@@ -25,7 +25,7 @@ WARMUP_STEPS = 3  # first steps (allocations, compilation) are not timed
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (before any tuner ran)
 # A decode step reads every weight once. Below this size that is a few dozen tiny ops, and
 # threads only add barrier waits (cpu_threads); above it (GPT-2 124M at fp32) the step is bound
-# by memory bandwidth, which one core cannot saturate (docs/BENCHMARKS.md, "GPT-2 124M").
+# by memory bandwidth, which one core cannot saturate (docs/BENCHMARKS.md, "GPT-2 124M and 350M").
 MULTITHREAD_GENERATION_BYTES = 64 << 20
 
 

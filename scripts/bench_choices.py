@@ -37,8 +37,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu, load1, versions  # noqa: E402  (scripts/machine.py)
+
 CONFIG = ROOT / "configs" / "shakespeare_char.toml"
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 class Skip(Exception):
@@ -46,35 +48,6 @@ class Skip(Exception):
 
 
 # ---- environment ------------------------------------------------------------------------------
-
-
-def cpu() -> dict:
-    name, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": name, "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags]}
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for p in ("torch", "mlx", "numpy"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-def load1() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def header(command: str) -> dict:

@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import machine  # scripts/machine.py
 
 SPECS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
@@ -199,17 +200,6 @@ def table(results: list[dict], limits: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium or a checkpoint")
@@ -230,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     results = measure(a.model, [int(r) for r in a.rows.split(",")], a.rounds, a.backends.split(","))
     print(table(results, lim))
     load = os.getloadavg()
-    print(f"CPU: {cpu_name()}; threads {a.threads}; load average {load[0]:.2f} after the run")
+    cpu = machine.cpu_line()
+    print(f"CPU: {cpu}; threads {a.threads}; load average {load[0]:.2f} after the run")
     if a.out:
         doc = dict(
-            model=a.model, cpu=cpu_name(), threads=a.threads, rounds=a.rounds, limits=lim,
+            model=a.model, cpu=machine.cpu_line(), threads=a.threads, rounds=a.rounds, limits=lim,
             load_after=load[0], date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
             torch_kernels=get_backend("torch", "cpu").describe()["kernels"], results=results,
         )  # fmt: skip

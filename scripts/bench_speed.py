@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+import machine  # scripts/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -144,24 +145,12 @@ def train_report(rounds: list[dict[str, TrainRun]]) -> None:
         print(line)
 
 
-def _cpu() -> str:
-    """The CPU's model name and its bf16/AMX flags (Linux; the platform string elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.platform()
-    fields = dict(x.split(":", 1) for x in info.splitlines() if ":" in x)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = fields.get("flags", "").split()
-    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{fields.get('model name', '?')} ({', '.join(has)})"
-
-
 def _write_train(args, res: list[dict[str, TrainRun]]) -> None:
     record = {
         "command": "scripts/bench_speed.py train " + " ".join(sys.argv[2:]),
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": _cpu(),
+        "cpu": machine.cpu(),
+        "versions": machine.versions(),
         "load_average_after": _load(),
         "rounds": [{side: vars(t) for side, t in r.items()} for r in res],
     }

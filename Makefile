@@ -59,7 +59,7 @@ demo: install data/shakespeare_char/train.bin
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --maxprocesses 4
 
 # The experiments of the blog "My fork of karpathy/nanoGPT" (Nov 14, 2024), about two hours on
 # 2 idle CPU cores: the sweep (runs, full-split perplexity, samples, results table), the seed

@@ -548,29 +548,42 @@ def m_thread_tuner() -> dict:
     n = torch.get_num_threads()
     if n < 2:
         raise Skip("one CPU thread: nothing to choose")
-    _, _, _, _, s1 = torch_train("fp32", threads=1)
-    _, _, _, _, sn = torch_train("fp32", threads=n)
+    steps = {1: torch_train("fp32", threads=1)[4], n: torch_train("fp32", threads=n)[4]}
+    return idle_and_busy(
+        n, steps.get, "step", "the reference model's torch training step, fp32, 12x64", 5, 1
+    )
 
-    def at(k, f):
+
+def idle_and_busy(n: int, fn_at, key: str, what: str, reps: int, digits: int) -> dict:
+    """`fn_at(k)` (a call to time on k threads) on 1 and on n threads, interleaved, idle and
+    then with a second process spinning on one core."""
+    import torch
+
+    def at(k):
+        f = fn_at(k)
+
         def g():
             torch.set_num_threads(k)
             f()
 
         return g
 
-    fns = {"1_thread": at(1, s1), f"{n}_threads": at(n, sn)}
-    idle = interleaved(fns, 4, 5, warm=3)
+    fns = {"1_thread": at(1), f"{n}_threads": at(n)}
+    idle = interleaved(fns, 4, reps, warm=3)
     with spinner():
-        busy = interleaved(fns, 4, 5, warm=1)
+        busy = interleaved(fns, 4, reps, warm=1)
+
+    def line(ms):
+        return f"1 thread {ms['1_thread']:.{digits}f} ms, {n} {ms[f'{n}_threads']:.{digits}f} ms"
+
     return {
         "figures": {
-            "step": "the reference model's torch training step, fp32, 12x64",
+            key: what,
             "idle_ms": idle,
             "one_core_busy_ms": busy,
             "busy": "a second process spinning on one core",
         },
-        "summary": f"idle: 1 thread {idle['1_thread']:.1f} ms, {n} {idle[f'{n}_threads']:.1f} ms; "
-        f"one core busy: 1 thread {busy['1_thread']:.1f} ms, {n} {busy[f'{n}_threads']:.1f} ms",
+        "summary": f"idle: {line(idle)}; one core busy: {line(busy)}",
     }
 
 
@@ -621,28 +634,8 @@ def m_threads_auto() -> dict:
     be = get_backend("torch", "cpu")
     model = be.init_model(spec, 1337)
     x, y = batches(arr, spec, cfg.train, 1)[0]
-
-    def at(k):
-        def g():
-            torch.set_num_threads(k)
-            be.eval_loss(model, x, y)
-
-        return g
-
-    fns = {"1_thread": at(1), f"{n}_threads": at(n)}
-    idle = interleaved(fns, 4, 10, warm=3)
-    with spinner():
-        busy = interleaved(fns, 4, 10, warm=1)
-    return {
-        "figures": {
-            "forward": "the reference model's forward and loss, fp32, one 12x64 batch",
-            "idle_ms": idle,
-            "one_core_busy_ms": busy,
-            "busy": "a second process spinning on one core",
-        },
-        "summary": f"idle: 1 thread {idle['1_thread']:.2f} ms, {n} {idle[f'{n}_threads']:.2f} ms; "
-        f"one core busy: 1 thread {busy['1_thread']:.2f} ms, {n} {busy[f'{n}_threads']:.2f} ms",
-    }
+    what = "the reference model's forward and loss, fp32, one 12x64 batch"
+    return idle_and_busy(n, lambda k: lambda: be.eval_loss(model, x, y), "forward", what, 10, 2)
 
 
 # name -> (the choice in the code it backs, function)

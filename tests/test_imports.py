@@ -179,24 +179,26 @@ def test_function_level_imports_are_optional_dependencies():
         assert not extra, f"{mod} imports {sorted(extra)} inside a function"
 
 
-def test_the_check_sees_a_cycle(tmp_path):
-    """The graph walk itself: a two-module cycle through a function-level import is found."""
+def _package(tmp_path: Path, **modules: str) -> Path:
+    """A fake `polygpt` package of the given modules' sources."""
     pkg = tmp_path / "polygpt"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from polygpt import b\n")
-    (pkg / "b.py").write_text("def f():\n    from polygpt import a\n")
+    for name, source in {"__init__": "", **modules}.items():
+        (pkg / f"{name}.py").write_text(source)
+    return pkg
+
+
+def test_the_check_sees_a_cycle(tmp_path):
+    """The graph walk itself: a two-module cycle through a function-level import is found."""
+    pkg = _package(tmp_path, a="from polygpt import b\n", b="def f():\n    from polygpt import a\n")
     with pytest.raises(AssertionError, match="polygpt.a -> polygpt.b -> polygpt.a"):
         find_cycle(pkg)
 
 
 def test_the_check_sees_an_arrow_up(tmp_path):
-    pkg = tmp_path / "polygpt"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "low.py").write_text("from polygpt import high\n")
-    (pkg / "high.py").write_text("from polygpt import low\n")
-    (pkg / "odd.py").write_text("")
+    pkg = _package(
+        tmp_path, low="from polygpt import high\n", high="from polygpt import low\n", odd=""
+    )
     layers = [("ground", ["polygpt"]), ("low", ["polygpt.low"]), ("high", ["polygpt.high"])]
     assert arrows_up(pkg, layers) == ["polygpt.low (low) imports polygpt.high (high)"]
     assert layer_of("polygpt.odd", layers) == 0  # placed by the package above it

@@ -43,14 +43,18 @@ class SlotCache:
             raise ValueError("a slot cache needs at least one row")
         self.model, self.spec, self.max_rows = model, spec, max_rows
         self.keys, self.values = keys, values  # per layer (max_rows, n_head, capacity, head_dim)
-        # columns the arrays hold now (<= block; a cache without arrays, a test's mock: the block)
-        self.capacity = int(keys[0].shape[2]) if keys else spec.block_size
         self.lengths = np.zeros(max_rows, dtype=np.int64)
         self.views: dict = {}  # backend-private: views/compiled steps keyed by shape
 
     @property
     def block(self) -> int:
         return self.spec.block_size
+
+    @property
+    def capacity(self) -> int:
+        """Columns the arrays hold now (<= block; a cache without arrays, a test's mock: the
+        block)."""
+        return int(self.keys[0].shape[2]) if self.keys else self.block
 
     def columns_for(self, needed: int) -> int:
         """The capacity that holds `needed` columns: whole GROW_COLUMNS, at most the block."""
@@ -269,8 +273,7 @@ class SlotOps:
     def decode_rows(self, cache: SlotCache, rows, tokens) -> np.ndarray:
         """Append one token per row at its length; returns next-token logits (n, V)."""
         plan = plan_decode(cache, rows, tokens)
-        if plan.width > cache.capacity:
-            self._fit(cache, plan.width)
+        self._fit(cache, plan.width)
         logits = self._decode(cache, plan)
         commit_decode(cache, plan)
         return logits
@@ -278,7 +281,6 @@ class SlotOps:
     def _fit(self, cache: SlotCache, columns: int) -> None:
         if columns > cache.capacity:
             self._grow(cache, cache.columns_for(columns))
-            cache.capacity = int(cache.keys[0].shape[2])
 
     def copy_rows(self, cache: SlotCache, src, dst) -> None:
         """Row dst[i] becomes a copy of row src[i] (keys, values, length)."""

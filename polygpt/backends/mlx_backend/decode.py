@@ -180,7 +180,7 @@ def grow(cache: slots.SlotCache, columns: int) -> None:
 
 
 def copy_rows(cache: slots.SlotCache, src: np.ndarray, dst: np.ndarray, width: int) -> None:
-    s, d = mx.array(src.astype(np.int32)), mx.array(dst.astype(np.int32))
+    s, d = _ints(src), _ints(dst)
     for arrays in (cache.keys, cache.values):
         for i, a in enumerate(arrays):
             a[d, :, :width] = a[s, :, :width]

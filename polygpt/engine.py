@@ -6,12 +6,15 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
 - Rows. The engine's slot cache (backends/slots.py) has `max_rows` rows; the active requests
   occupy rows 0..n-1, so a decode step reads views of the cache. A request whose row ends
   (finished, stopped, cancelled) leaves at once: the last active row is copied into its hole.
-- A step. Waiting requests are admitted into free rows: their prompts but the last token are
-  prefilled together in one call (identical prompts once, then copied: `n` choices of one
-  prompt share one prefill). Then one `decode_rows` call feeds every active row its pending
-  token (a new row's last prompt token, or its last sampled one) and returns the next-token
-  logits, which are sampled with each row's own settings in one vectorized pass
-  (sampling.sample_rows).
+- Steps. A step either admits or decodes. Admitting: waiting requests take free rows, their
+  prompts are prefilled together in one call (identical prompts once, then copied: `n`
+  choices of one prompt share one prefill), and their first tokens are sampled from the
+  prefill's logits; the step ends there, so a first token waits for no decode of the other
+  rows. Decoding (the step after an admitting one, and any step with no one to admit): one
+  `decode_rows` call feeds every active row its last sampled token and returns the
+  next-token logits, which are sampled with each row's own settings in one vectorized pass
+  (sampling.sample_rows). A decoding step follows every admitting one, so arrivals never
+  starve the rows already running.
 - Context window. Positions are learned embeddings up to block_size, so a row whose block is
   full slides: its window restarts from its last `keep` tokens (the pending one included),
   re-prefilled in that row alone, and decoding goes on. Every token sees at least `keep`
@@ -286,6 +289,7 @@ class Engine:
         self.seconds: Counter[str] = Counter()  # time per phase
         self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded
         self._samplers: dict[tuple, Callable] = {}  # by (temperature, top_k, top_p)
+        self._owed = False  # the last step prefilled new rows: this one decodes, admits no one
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -339,6 +343,7 @@ class Engine:
     # -- the model thread -------------------------------------------------------------------
     def fail_all(self, message: str) -> list[Event]:
         rows, self.active = self.active, []
+        self._owed = False
         return [Failed(r.req, message) for r in rows]
 
     def steps(
@@ -360,18 +365,26 @@ class Engine:
             yield events
 
     def step(self) -> list[Event]:
-        """Admit, slide, one decode call for every active row, sample. Returns the events."""
+        """Admit and prefill, or decode: the two kinds of step. A step that admits new rows
+        prefills their whole prompts, samples their first tokens from the prefill's logits and
+        ends there, so a first token never waits for a decode of the other rows; the step
+        after it decodes every active row and admits no one, so arrivals cannot starve the
+        rows already decoding. Returns the step's events."""
         events: list[Event] = []
         self._leave([r for r in self.active if r.req.cancelled], "cancelled", events)
         t0 = time.perf_counter()
-        fresh = self._admit(events)
+        fresh = [] if self._owed else self._admit(events)
         slides = [r for r in self.active if len(r.history) - r.start > self.block]
         for r in slides:  # the pending token would fall outside the block
             r.start = len(r.history) - self.keep
-        if fresh or slides:
-            self._prefill(fresh, slides)
+        logits = self._prefill(fresh, slides) if fresh or slides else None
         t1 = time.perf_counter()
         self.seconds["prefill"] += t1 - t0
+        if fresh:
+            self._advance(fresh, logits, t1, events)
+            self._owed = bool(self.active)
+            return events
+        self._owed = False
         if not self.active:
             return events
         rows = self.active
@@ -381,26 +394,29 @@ class Engine:
         t2 = time.perf_counter()
         self.seconds["decode"] += t2 - t1
         self.batch_sizes[n] += 1
+        self._advance(rows, logits, t2, events)
+        return events
+
+    def _advance(self, rows: list[_Row], logits: np.ndarray, now: float, events: list) -> None:
+        """Each row's next token sampled from its logits; its text, and the rows that end."""
         if self.observe is not None:
             self.observe(rows, logits)
+        t = time.perf_counter()
         nxt = self._sample(rows, logits)
-        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
-        for i in want:
-            rows[i].logprobs.extend(
-                top_logprobs(logits[i : i + 1], nxt[i : i + 1], rows[i].req.logprobs)
-            )
+        for i, r in enumerate(rows):
+            if r.logprobs is not None:
+                r.logprobs.extend(top_logprobs(logits[i : i + 1], nxt[i : i + 1], r.req.logprobs))
         ended = []
         for r, tok in zip(rows, nxt.tolist()):
             if r.req.t_first is None:
-                r.req.t_first = t2
+                r.req.t_first = now
             chunk = r.take(tok)
             if chunk is not None:
                 events.append(chunk)
             if r.reason is not None:
                 ended.append(r)
-        self.seconds["sample"] += time.perf_counter() - t2
+        self.seconds["sample"] += time.perf_counter() - t
         self._leave(ended, None, events)
-        return events
 
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:
         req = [r.req for r in rows]
@@ -456,26 +472,33 @@ class Engine:
         self.counts["scored_tokens"] += len(lp)
         return [(float(v), t) for v, t in zip(lp, tops)]
 
-    def _prefill(self, fresh: list[_Row], slides: list[_Row]) -> None:
-        """One prefill call for new prompts (identical ones once) and slid windows; a row
-        whose window is its pending token alone has nothing to prefill."""
+    def _prefill(self, fresh: list[_Row], slides: list[_Row]) -> np.ndarray:
+        """One prefill call for new prompts (whole, identical ones once) and slid windows (but
+        their pending token; one whose window is that token alone has nothing to prefill).
+        Returns the logits after each new prompt, in the order of `fresh`."""
         index = {id(r): i for i, r in enumerate(self.active)}
         rows, tokens, copies, empty = [], [], [], []
-        first: dict[tuple[int, ...], int] = {}
-        new = {id(r) for r in fresh}
-        for r in fresh + slides:
-            window = tuple(r.history[r.start : -1])
+        first: dict[tuple[int, ...], int] = {}  # a prompt -> its row in the prefill call
+        source = []  # each new row's row in the prefill call
+        for r in fresh:
+            prompt = tuple(r.history)
+            if prompt in first:
+                copies.append((rows[first[prompt]], index[id(r)]))
+            else:
+                first[prompt] = len(rows)
+                rows.append(index[id(r)])
+                tokens.append(prompt)
+            source.append(first[prompt])
+        for r in slides:
+            window = r.history[r.start : -1]
             if not window:
                 empty.append(index[id(r)])
-            elif id(r) in new and window in first:
-                copies.append((first[window], index[id(r)]))
             else:
-                if id(r) in new:
-                    first[window] = index[id(r)]
                 rows.append(index[id(r)])
                 tokens.append(window)
+        logits = None
         if rows:
-            self.backend.prefill_rows(self.cache, rows, tokens)
+            logits = self.backend.prefill_rows(self.cache, rows, tokens)
             self.counts["prefill_calls"] += 1
             self.counts["prefill_tokens"] += sum(map(len, tokens))
         if copies:
@@ -484,6 +507,7 @@ class Engine:
         if empty:
             self.cache.reset(empty)
         self.counts["slides"] += len(slides)
+        return logits[source] if fresh else None
 
     def _leave(self, ended: list[_Row], reason: str | None, events: list[Event]) -> None:
         """Finish rows and compact: the last active rows move into the holes."""

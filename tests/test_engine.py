@@ -78,8 +78,8 @@ def _alone(prompt, stream, block=64, **kw):
 
 def test_one_decode_call_per_step_no_re_prefill_and_one_by_one_texts():
     """Requests arrive while others run, finish at different steps and leave (the batch is
-    compacted); at most one decode call per step; every prompt is prefilled once (all but its
-    last token, which is decoded with the others); texts equal one-by-one generation."""
+    compacted); at most one decode call per step; every prompt is prefilled once, whole (its
+    first token comes from the prefill's logits); texts equal one-by-one generation."""
     be = Hashing()
     e = Engine(be, None, 64, max_rows=4)
     rng = np.random.default_rng(0)
@@ -107,7 +107,7 @@ def test_one_decode_call_per_step_no_re_prefill_and_one_by_one_texts():
         assert len(e.active) <= 4
         steps += 1
     assert be.calls["copy"] >= 1  # rows left from the middle of the batch
-    assert be.prefill_tokens == sum(len(r.prompt) - 1 for r in reqs)
+    assert be.prefill_tokens == sum(len(r.prompt) for r in reqs)
     for i, r in enumerate(reqs):
         want = _alone(r.prompt, i, max_tokens=r.max_tokens, temperature=r.temperature, seed=i)
         assert done[i] == want and len(want) == r.max_tokens, i
@@ -124,14 +124,15 @@ def test_choices_of_one_prompt_share_one_prefill():
         out.update(
             {ev.request.seed_stream: ev.tokens for ev in e.step() if isinstance(ev, Finished)}
         )
-    assert be.prefill_tokens == len(prompt) - 1 and be.calls["prefill"] == 1
+    assert be.prefill_tokens == len(prompt) and be.calls["prefill"] == 1
     assert [out[k] for k in range(4)] == [_alone(prompt, k, max_tokens=6, seed=1) for k in range(4)]
     assert len({tuple(v) for v in out.values()}) > 1  # four streams, different samples
 
 
 def test_a_slide_re_prefills_that_row_alone():
     """Block 16, keep 8: the long row slides (re-prefilling its 7 tokens before the pending one),
-    the short one does not, and both texts equal their one-by-one runs."""
+    the short one does not, and both texts equal their one-by-one runs. (Prefilled: the two
+    prompts, 14 + 1 tokens, then the slide's 7.)"""
     be = Hashing(16)
     e = Engine(be, None, 16, max_rows=2, keep=8)
     a = Request(prompt=[1] * 14, max_tokens=10, seed=3, seed_stream=0)
@@ -142,7 +143,7 @@ def test_a_slide_re_prefills_that_row_alone():
         out.update(
             {ev.request.seed_stream: ev.tokens for ev in e.step() if isinstance(ev, Finished)}
         )
-    assert e.counts["slides"] == 1 and be.prefill_tokens == 13 + 7
+    assert e.counts["slides"] == 1 and be.prefill_tokens == 14 + 1 + 7
     for k, req in enumerate((a, b)):
         be1 = Hashing(16)
         e1 = Engine(be1, None, 16, max_rows=1, keep=8)
@@ -151,6 +152,26 @@ def test_a_slide_re_prefills_that_row_alone():
         while not got:
             got = [ev.tokens for ev in e1.step() if isinstance(ev, Finished)]
         assert out[k] == got[0], k
+
+
+def test_a_first_token_waits_for_no_decode_and_arrivals_never_starve_decoding():
+    """A request arriving before every step: each is admitted by a step that makes no decode
+    call and streams its first token there; the step after an admitting one always decodes,
+    so the running rows advance every other step however fast requests come."""
+    be = Hashing()
+    e = Engine(be, None, 64, max_rows=32, decode_text=lambda ids: "x" * len(ids))
+    reqs = [Request(prompt=[1 + i % 5, 2], max_tokens=40, stream_text=True) for i in range(20)]
+    kinds = []
+    for i, req in enumerate(reqs):
+        e.submit(req)
+        before = be.calls["decode"]
+        events = e.step()
+        kinds.append(be.calls["decode"] - before)
+        if i % 2 == 0:  # admitting: this request and the one that came during the decode
+            firsts = [ev.request for ev in events if isinstance(ev, TextChunk)]
+            assert firsts == reqs[max(0, i - 1) : i + 1], i
+    assert kinds == [0, 1] * 10  # admit, decode, admit, decode ...
+    assert len(e.active[0].history) == 2 + 1 + 10  # the first row: its prompt, 11 tokens
 
 
 def test_cancel_queue_bound_and_errors():

@@ -34,6 +34,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,9 +300,10 @@ class Job:
     """The engine requests of one HTTP request (choice k: prompt k // n, random stream k) and
     the queue their events arrive on: one list of (k, event) per engine step."""
 
-    def __init__(self, work: Work, prefix: str):
+    def __init__(self, work: Work, prefix: str, first_tokens: Counter | None = None):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.work = work
+        self.first_tokens = first_tokens  # the server's time-to-first-token histogram
         self.queue: asyncio.Queue = asyncio.Queue()
         self.rids: list[int] = []  # the engine's ids of the requests, once submitted
         self.finished: dict[int, eng.Finished] = {}
@@ -336,6 +338,8 @@ class Job:
         firsts = [r.t_first for r in self.requests if r.t_first is not None]
         ttft = (min(firsts) if firsts else now) - self.t_arrival
         cancelled = any(f.reason == "cancelled" for f in self.finished.values())
+        if firsts and not cancelled and self.first_tokens is not None:
+            self.first_tokens[float(f"{ttft * 1e3:.2g}")] += 1
         log.info(
             "%s prompt %d tokens, completion %d tokens, ttft %.1f ms, %.1f tokens/s%s",
             self.id,
@@ -599,10 +603,14 @@ class ServerState:
     request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     timer: HttpTimer = field(default_factory=HttpTimer)
+    # Each finished request's time from its arrival here to its first token from the engine,
+    # in ms to 2 significant digits: what the server adds to a client's time to first token.
+    first_tokens: Counter = field(default_factory=Counter)
 
     async def stats(self) -> dict:
-        """The engine's counters and time per phase, and the HTTP side's: reading the engine's
-        steps (`relay`) and turning events into responses (`http`)."""
+        """The engine's counters and time per phase, the HTTP side's (reading the engine's
+        steps: `relay`; turning events into responses: `http`) and the time-to-first-token
+        histogram (`ttft_ms`: {ms: requests})."""
         st = await self.engine.stats()
         relay = round(self.engine.seconds, 3)
         st["seconds"] = {
@@ -610,6 +618,7 @@ class ServerState:
             "relay": relay,
             "http": round(self.timer.seconds, 3),
         }
+        st["ttft_ms"] = {f"{k:g}": v for k, v in sorted(self.first_tokens.items())}
         st["engine_pid"] = self.engine.proc.pid
         return st
 
@@ -660,7 +669,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 async def _respond(state: ServerState, work: Work, request: Request):
     """Submit a validated job and answer it: a stream of chunks or one JSON object."""
     prefix = "chatcmpl" if work.kind == "chat.completion" else "cmpl"
-    job = Job(work, prefix)
+    job = Job(work, prefix, state.first_tokens)
     base = {"id": job.id, "object": work.kind, "created": int(time.time())}
     base["model"] = state.model_name
     # InvalidRequest: 400, QueueFull: 429, EngineDead: 503

@@ -227,6 +227,10 @@ def test_bench_serve_clients_measure_the_server(server, backend):
     assert r.requests >= 6 and r.clients == 3 and r.batch_max >= 1
     assert r.tokens_per_s * r.seconds == pytest.approx(8 * r.requests)
     assert 0 < r.ttft_p50_ms <= r.ttft_p99_ms and backend in format_row(r)
+    # the server's own time to first token: one per request, within what the clients saw
+    # (it starts later and ends earlier; its histogram keeps 2 significant digits)
+    assert sum(sum(run.ttft_ms.values()) for run in runs) == r.requests
+    assert 0 < r.server_ttft_p50_ms <= 1.05 * r.ttft_p50_ms
 
 
 # ---- log-probabilities, chat, backpressure -----------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -127,7 +128,8 @@ def alive(pid: int) -> bool:
 
 class ExternalServer:
     """An OpenAI-compatible server already running at `url` (another project's, for a side by
-    side with the same clients); it has no /v1/stats, so batch sizes are not reported."""
+    side with the same clients); it has no /v1/stats, so batch sizes and the server's time to
+    first token are not reported."""
 
     def __init__(self, url: str):
         hostport = url.split("//", 1)[-1].split("/", 1)[0]
@@ -137,7 +139,7 @@ class ExternalServer:
         self.url, self.host, self.port = url, host.strip("[]"), int(port)
 
     def stats(self) -> dict:
-        return {"batch_sizes": {}}
+        return {"batch_sizes": {}, "ttft_ms": {}}
 
     def close(self) -> None:
         pass
@@ -150,6 +152,12 @@ class Request:
     times: list[float]  # every text chunk
     tokens: int
     done: float
+
+
+# A chunk with text, and the usage chunk: found in the bytes, so that a client parses one JSON
+# object a request, not one a token (16 client threads share one interpreter lock).
+_TEXT = re.compile(rb'"text"\s*:\s*"[^"]')
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def stream_once(host: str, port: int, body: dict, conn=None) -> Request:
@@ -177,11 +185,10 @@ def stream_once(host: str, port: int, body: dict, conn=None) -> Request:
         data = line[6:].strip()
         if data == b"[DONE]":
             break
-        chunk = json.loads(data)
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-        if any(c.get("text") for c in chunk.get("choices", ())):
+        if _TEXT.search(data):
             times.append(time.perf_counter())
+        elif _USAGE.search(data):
+            tokens = json.loads(data)["usage"]["completion_tokens"]
     r.read()
     # a server that sends no usage chunk: one text chunk is one token
     return Request(
@@ -203,6 +210,8 @@ class Result:
     token_p99_ms: float
     batch_p50: float  # rows per decode step, from the server's /v1/stats
     batch_max: int
+    # arrival at the server to its first token, from /v1/stats (None: a server without it)
+    server_ttft_p50_ms: float | None = None
 
 
 @dataclass
@@ -212,6 +221,7 @@ class Run:
     requests: list[Request]
     seconds: float
     steps: Counter  # decode steps by batch size, from the server
+    ttft_ms: Counter  # requests by the server's time to first token (ms)
 
 
 def run_clients(
@@ -219,7 +229,7 @@ def run_clients(
 ) -> Run:
     """`clients` closed-loop streaming clients for `duration` seconds (requests started before
     the deadline are finished and counted)."""
-    before = server.stats()["batch_sizes"]
+    before = server.stats()
     results: list[Request] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -247,9 +257,19 @@ def run_clients(
         t.join()
     if errors:
         raise PolygptError(f"{len(errors)} clients failed, e.g. {errors[0]}")
-    after = server.stats()["batch_sizes"]
-    steps = Counter({int(k): v - before.get(k, 0) for k, v in after.items()})
-    return Run(results, max(r.done for r in results) - start, +steps)
+    after = server.stats()
+    steps, ttft = (_since(before, after, key) for key in ("batch_sizes", "ttft_ms"))
+    return Run(results, max(r.done for r in results) - start, steps, ttft)
+
+
+def _since(before: dict, after: dict, key: str) -> Counter:
+    """What a /v1/stats histogram counted between two reads."""
+    was = before.get(key, {})
+    return +Counter({float(k): v - was.get(k, 0) for k, v in after.get(key, {}).items()})
+
+
+def _median(hist: Counter) -> float | None:
+    return float(np.median(np.repeat(list(hist), list(hist.values())))) if hist else None
 
 
 def summarize(backend: str, clients: int, runs: list[Run]) -> Result:
@@ -260,6 +280,7 @@ def summarize(backend: str, clients: int, runs: list[Run]) -> Result:
     gaps = np.concatenate([np.diff(r.times) for r in reqs if len(r.times) > 1] or [[0.0]]) * 1e3
     steps = sum((run.steps for run in runs), Counter())
     sizes = np.repeat(list(steps), list(steps.values())) if steps else np.zeros(1)
+    server_ttft = _median(sum((run.ttft_ms for run in runs), Counter()))
     return Result(
         backend=backend,
         clients=clients,
@@ -273,6 +294,7 @@ def summarize(backend: str, clients: int, runs: list[Run]) -> Result:
         token_p99_ms=float(np.percentile(gaps, 99)),
         batch_p50=float(np.percentile(sizes, 50)),
         batch_max=int(sizes.max()),
+        server_ttft_p50_ms=server_ttft,
     )
 
 
@@ -330,26 +352,35 @@ def bench_serve(
 
 HEADER = (
     f"{'backend':<7} {'clients':>7} {'req/s':>7} {'tokens/s':>9} {'TTFT p50':>9} {'p99':>7} "
-    f"{'token p50':>10} {'p99':>7} {'batch p50':>9} {'max':>4}"
+    f"{'server':>7} {'token p50':>10} {'p99':>7} {'batch p50':>9} {'max':>4}"
 )
 
 
 def format_row(r: Result) -> str:
+    server = "-" if r.server_ttft_p50_ms is None else f"{r.server_ttft_p50_ms:.1f}ms"
     return (
         f"{r.backend:<7} {r.clients:>7} {r.requests_per_s:>7.2f} {r.tokens_per_s:>9,.0f} "
-        f"{r.ttft_p50_ms:>7.1f}ms {r.ttft_p99_ms:>5.0f}ms {r.token_p50_ms:>8.2f}ms "
+        f"{r.ttft_p50_ms:>7.1f}ms {r.ttft_p99_ms:>5.0f}ms {server:>7} {r.token_p50_ms:>8.2f}ms "
         f"{r.token_p99_ms:>5.1f}ms {r.batch_p50:>9.0f} {r.batch_max:>4}"
     )
 
 
 def speedups(results: list[Result]) -> list[str]:
+    """Per backend: N clients' tokens/s over one's, and how much later their first token comes
+    (at the clients, and at the server where it says)."""
     lines = []
     for b in dict.fromkeys(r.backend for r in results):
         rs = {r.clients: r for r in results if r.backend == b}
         if 1 in rs and len(rs) > 1:
             n = max(rs)
             x = rs[n].tokens_per_s / rs[1].tokens_per_s
-            lines.append(f"{b}: {n} concurrent clients get {x:.1f}x the tokens/s of one at a time")
+            ttft = rs[n].ttft_p50_ms / rs[1].ttft_p50_ms
+            line = (f"{b}: {n} concurrent clients get {x:.1f}x the tokens/s of one at a time; "
+                    f"their first token comes {ttft:.1f}x later")  # fmt: skip
+            s1, sn = rs[1].server_ttft_p50_ms, rs[n].server_ttft_p50_ms
+            if s1 and sn:
+                line += f" ({sn / s1:.1f}x at the server)"
+            lines.append(line)
     return lines
 
 

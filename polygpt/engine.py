@@ -6,15 +6,15 @@ the way llama.cpp's server slots and vLLM's persistent batch work:
 - Rows. The engine's slot cache (backends/slots.py) has `max_rows` rows; the active requests
   occupy rows 0..n-1, so a decode step reads views of the cache. A request whose row ends
   (finished, stopped, cancelled) leaves at once: the last active row is copied into its hole.
-- Steps. A step either admits or decodes. Admitting: waiting requests take free rows, their
-  prompts are prefilled together in one call (identical prompts once, then copied: `n`
-  choices of one prompt share one prefill), and their first tokens are sampled from the
-  prefill's logits; the step ends there, so a first token waits for no decode of the other
-  rows. Decoding (the step after an admitting one, and any step with no one to admit): one
-  `decode_rows` call feeds every active row its last sampled token and returns the
-  next-token logits, which are sampled with each row's own settings in one vectorized pass
-  (sampling.sample_rows). A decoding step follows every admitting one, so arrivals never
-  starve the rows already running.
+- A step, in two parts. Admitting: waiting requests take free rows, their whole prompts are
+  prefilled together in one call (identical prompts once, then copied: `n` choices of one
+  prompt share one prefill) and their first tokens are sampled from the prefill's logits.
+  Those events are handed out at once (`steps` yields each part's), so a first token waits
+  for no decode of the other rows. Decoding: one `decode_rows` call feeds every row that was
+  running before the step its last sampled token and returns the next-token logits, which are
+  sampled with each row's own settings in one vectorized pass (sampling.sample_rows). The
+  rows just admitted join at the next step; the running rows decode at every step, however
+  many requests arrive.
 - Context window. Positions are learned embeddings up to block_size, so a row whose block is
   full slides: its window restarts from its last `keep` tokens (the pending one included),
   re-prefilled in that row alone, and decoding goes on. Every token sees at least `keep`
@@ -289,7 +289,7 @@ class Engine:
         self.seconds: Counter[str] = Counter()  # time per phase
         self.batch_sizes: Counter[int] = Counter()  # decode steps by rows decoded
         self._samplers: dict[tuple, Callable] = {}  # by (temperature, top_k, top_p)
-        self._owed = False  # the last step prefilled new rows: this one decodes, admits no one
+        self._running = 0  # rows running when the step in progress began (they decode)
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -343,52 +343,63 @@ class Engine:
     # -- the model thread -------------------------------------------------------------------
     def fail_all(self, message: str) -> list[Event]:
         rows, self.active = self.active, []
-        self._owed = False
+        self._running = 0
         return [Failed(r.req, message) for r in rows]
 
     def steps(
         self, feed: Callable[[], bool] | None = None, survive: bool = False
     ) -> Iterator[list[Event]]:
-        """The one way to consume the engine: each step's events, one list per step.
+        """The one way to consume the engine: each step's events, one list per part of a step
+        (admitting, then decoding: a new row's first token goes out before the decode).
 
         `feed()` runs before every step (it may submit and cancel) and says whether to go on;
         without it, steps run until every request has finished. `survive`: a step that raises
         fails the running requests (Failed events) and the engine goes on, as a server must."""
         while feed() if feed is not None else not self.idle():
-            try:
-                events = self.step()
-            except Exception:
-                if not survive:
-                    raise
-                log.exception("generation failed; failing the running requests")
-                events = self.fail_all("the model failed while generating (see the log)")
-            yield events
+            for part in (self._admitting, self._decoding):
+                try:
+                    events = part()
+                except Exception:
+                    if not survive:
+                        raise
+                    log.exception("generation failed; failing the running requests")
+                    yield self.fail_all("the model failed while generating (see the log)")
+                    break
+                yield events
 
     def step(self) -> list[Event]:
-        """Admit and prefill, or decode: the two kinds of step. A step that admits new rows
-        prefills their whole prompts, samples their first tokens from the prefill's logits and
-        ends there, so a first token never waits for a decode of the other rows; the step
-        after it decodes every active row and admits no one, so arrivals cannot starve the
-        rows already decoding. Returns the step's events."""
+        """One step's events, its two parts together."""
+        return self._admitting() + self._decoding()
+
+    def _admitting(self) -> list[Event]:
+        """A step's first part: cancelled rows leave, waiting requests take free rows and their
+        whole prompts are prefilled, with the slid windows, in one call; the new rows' first
+        tokens are sampled from the prefill's logits (they wait for no decode)."""
         events: list[Event] = []
         self._leave([r for r in self.active if r.req.cancelled], "cancelled", events)
         t0 = time.perf_counter()
-        fresh = [] if self._owed else self._admit(events)
+        self._running = len(self.active)  # the rows the second part decodes
         slides = [r for r in self.active if len(r.history) - r.start > self.block]
         for r in slides:  # the pending token would fall outside the block
             r.start = len(r.history) - self.keep
+        fresh = self._admit(events)
         logits = self._prefill(fresh, slides) if fresh or slides else None
         t1 = time.perf_counter()
         self.seconds["prefill"] += t1 - t0
-        if fresh:
+        if fresh:  # (a new row that ends at once leaves; the running rows 0..n-1 stay put)
             self._advance(fresh, logits, t1, events)
-            self._owed = bool(self.active)
+        return events
+
+    def _decoding(self) -> list[Event]:
+        """A step's second part: one decode call for the rows that were running before it
+        (the rows just admitted have their token from the prefill, and join at the next
+        step), then their tokens sampled."""
+        events: list[Event] = []
+        n = self._running
+        if n == 0:
             return events
-        self._owed = False
-        if not self.active:
-            return events
-        rows = self.active
-        n = len(rows)
+        t1 = time.perf_counter()
+        rows = self.active[:n]
         pending = np.array([r.history[-1] for r in rows], dtype=np.int64)
         logits = self.backend.decode_rows(self.cache, range(n), pending)
         t2 = time.perf_counter()

@@ -3,9 +3,10 @@ EngineCore: the model loop never shares an interpreter lock with the web server)
 
 The engine process (`run_engine`, started with multiprocessing's spawn) loads the model and
 loops: read what the HTTP side sent (requests, cancellations, a stats question, stop), run one
-engine step, send that step's events as one message. The HTTP side (`EngineClient`, in the
-server's process) reads that message in its event loop and hands each job its events at once,
-so a step costs one pipe message and one event-loop wake-up, whatever the number of rows.
+engine step, send each part's events (admitting, decoding) as one message. The HTTP side
+(`EngineClient`, in the server's process) reads a message in its event loop and hands each job
+its events at once, so a step costs at most two pipe messages and event-loop wake-ups, whatever
+the number of rows.
 
 Messages are tuples of plain values (pickled by multiprocessing's Connection):
   HTTP -> engine: ("submit", [(rid, prompt, settings)]), ("cancel", [rid]), ("stats", token),
@@ -70,7 +71,8 @@ def run_engine(conn, checkpoint: str, backend, device: str, precision, max_batch
 
 
 class EngineCore:
-    """The engine's loop over a pipe: one message in per request batch, one out per step."""
+    """The engine's loop over a pipe: one message in per request batch, one out per part of a
+    step."""
 
     def __init__(self, engine: eng.Engine, conn):
         self.engine, self.conn = engine, conn
@@ -79,7 +81,8 @@ class EngineCore:
         self.reported: tuple[int, int, int] | None = None
 
     def serve(self) -> None:
-        """Read, step, send: a message when the step has events or the queue changed."""
+        """Read, step, send: a message when a part of the step has events or the queue
+        changed."""
         for events in self.engine.steps(feed=self._read, survive=True):
             queue = self._queue()
             if events or queue != self.reported:

@@ -5,10 +5,10 @@ and runs the engine (polygpt/engine.py: continuous batching on a slot cache, one
 per step for every running request); this process runs uvicorn's event loop and never touches
 a framework, so `/health` answers during generation and the web server shares no interpreter
 lock with the model. A request is validated and tokenized here, becomes one engine request per
-choice (prompts x n), and each engine step's events come back as one pipe message, handed to
-the jobs' asyncio queues and relayed as JSON or as server-sent events. Ctrl-C / SIGTERM drain
-the requests in flight, then stop the engine; a dead engine fails every open request and stops
-the server with an error.
+choice (prompts x n), and each engine step's events come back in one pipe message per part
+(admitting, decoding), handed to the jobs' asyncio queues and relayed as JSON or as server-sent
+events. Ctrl-C / SIGTERM drain the requests in flight, then stop the engine; a dead engine
+fails every open request and stops the server with an error.
 
 Same text as `polygpt sample`: choice k of a request (prompt k // n, sample k % n) samples from
 the random stream (seed, k), as row k of `sample`'s batch does, and the engine's per-row rules

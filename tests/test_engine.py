@@ -155,23 +155,31 @@ def test_a_slide_re_prefills_that_row_alone():
 
 
 def test_a_first_token_waits_for_no_decode_and_arrivals_never_starve_decoding():
-    """A request arriving before every step: each is admitted by a step that makes no decode
-    call and streams its first token there; the step after an admitting one always decodes,
-    so the running rows advance every other step however fast requests come."""
+    """A request arriving before every step: its first token comes out in the step's first
+    part (its prefill's), before that step's decode call; every step decodes all the rows that
+    were running, however many requests arrive."""
     be = Hashing()
     e = Engine(be, None, 64, max_rows=32, decode_text=lambda ids: "x" * len(ids))
     reqs = [Request(prompt=[1 + i % 5, 2], max_tokens=40, stream_text=True) for i in range(20)]
-    kinds = []
+    arrivals = iter(reqs)
+
+    def feed():
+        req = next(arrivals, None)
+        if req is not None:
+            e.submit(req)
+        return req is not None
+
+    parts = e.steps(feed)
     for i, req in enumerate(reqs):
-        e.submit(req)
-        before = be.calls["decode"]
-        events = e.step()
-        kinds.append(be.calls["decode"] - before)
-        if i % 2 == 0:  # admitting: this request and the one that came during the decode
-            firsts = [ev.request for ev in events if isinstance(ev, TextChunk)]
-            assert firsts == reqs[max(0, i - 1) : i + 1], i
-    assert kinds == [0, 1] * 10  # admit, decode, admit, decode ...
-    assert len(e.active[0].history) == 2 + 1 + 10  # the first row: its prompt, 11 tokens
+        decodes = be.calls["decode"]
+        admitted = next(parts)
+        assert [ev.request for ev in admitted if isinstance(ev, TextChunk)] == [req]
+        assert be.calls["decode"] == decodes  # out before any decode
+        decoded = next(parts)
+        assert be.calls["decode"] == decodes + (i > 0)
+        assert [ev.request for ev in decoded] == reqs[:i]  # every running row took a token
+    assert [r.new for r in e.active] == list(range(20, 0, -1))  # rows in arrival order
+    assert e.batch_sizes == {i: 1 for i in range(1, 20)}
 
 
 def test_cancel_queue_bound_and_errors():

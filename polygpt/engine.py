@@ -280,7 +280,8 @@ class Engine:
             raise PolygptError("the engine needs at least one row (--max-batch >= 1)")
         self.backend, self.model, self.block, self.keep = backend, model, block_size, keep
         self.max_rows, self.decode_text, self.max_queue = max_rows, decode_text, max_queue
-        self.observe = observe  # (rows, logits) after every decode: tests, parity checks
+        # (rows, logits) before each sampling, from a prefill or a decode: tests, parity checks
+        self.observe = observe
         self.cache = backend.slot_cache(model, max_rows)
         self.active: list[_Row] = []  # row i of the cache is active[i]
         self._waiting: deque[Request] = deque()

@@ -61,8 +61,8 @@ def stream_generate(
     `stream_text`: TextChunk events as each row's text becomes final; stop strings and text
     need `decode_text` (ids -> str). `seed_streams[b]`: which random stream (seeded (cfg.seed,
     seed_streams[b])) prompt b samples from; default 0..B-1, so generating prompt b alone with
-    seed_streams=[b] gives the batch's row b. `observe(rows, logits)`: called after every
-    decode step (Engine's `observe`)."""
+    seed_streams=[b] gives the batch's row b. `observe(rows, logits)`: called with the
+    logits each token is sampled from, a prefill's or a decode's (Engine's `observe`)."""
     if seed_streams is not None and len(seed_streams) != len(prompts):
         raise ValueError("seed_streams needs one entry per prompt")
     engine = Engine(

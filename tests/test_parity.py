@@ -170,7 +170,7 @@ def _both(backends, ckpt_dir, prompts, cfg, seen=None):
         observe = lambda rows, x, steps=steps: steps.append(x)  # noqa: E731
         out[be.name] = generate(be, model, ckpt.spec.block_size, prompts, cfg, observe=observe)
         if seen is not None:
-            seen[be.name] = np.concatenate(steps)  # every decode step's rows, in order
+            seen[be.name] = np.concatenate(steps)  # every sampled token's logits, in order
     return out
 
 
@@ -186,8 +186,8 @@ def test_greedy_decoding_is_identical(backends, tiny_ckpt):
         t, m = out["torch"][b], out["mlx"][b]
         first = next((i for i, (u, v) in enumerate(zip(t, m)) if u != v), None)
         assert len(t) == len(m) == 200 and first is None, f"row {b} diverges at token {first}"
-    # A weak model's greedy text is repetitive, so also hold every step's logits (200 decodes,
-    # after the prefills and the re-prefills of the sliding window) to the fp32 contract.
+    # A weak model's greedy text is repetitive, so also hold the logits of every token (the
+    # first from the prefill, 199 decodes through the window's re-prefills) to the fp32 contract.
     assert_close(seen["mlx"], seen["torch"], atol=1e-4, what="logits along greedy decoding")
 
 

@@ -201,10 +201,16 @@ def bench_(
 @click.option("--prompt", default="\n", show_default=True, help="Every request's prompt.")
 @click.option("--url", default=None, help="Measure the OpenAI server running there instead.")
 @precision_option()
+@click.option(
+    "--lockstep",
+    is_flag=True,
+    help="Every client's first request as long as the rest, so the clients finish and "
+    "resubmit together (by default the first requests' lengths spread them out).",
+)
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
 def bench_serve(
     checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, url,
-    precision, as_json,
+    precision, lockstep, as_json,
 ):  # fmt: skip
     """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
     needs_serve_extra()
@@ -215,6 +221,7 @@ def bench_serve(
     res = serving.bench_serve(
         checkpoint, names, clients, duration, max_tokens, prompt=prompt,
         device=device or "auto", rounds=rounds, n=n, url=url, precision=precision,
+        lockstep=lockstep,
     )  # fmt: skip
     for line in serving.speedups(res):
         click.echo(line)

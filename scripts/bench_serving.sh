@@ -8,8 +8,9 @@
 # alternating over ROUNDS rounds of DURATION seconds, MAX_TOKENS tokens a request):
 # llama-server f32 and q8_0 (CLIENTS slots of the full context, THREADS threads, through --url),
 # then polygpt serve in torch fp32, torch int8 and MLX fp32. llama-server comes from the build
-# that scripts/bench_llamacpp.sh made. Results: one JSON per server and log.txt (with the load
-# average before each) in OUT.
+# that scripts/bench_llamacpp.sh made. STAGGER=1 passes --stagger (clients spread out rather
+# than in lockstep). Results: one JSON per server and log.txt (with the load average before
+# each) in OUT.
 set -euo pipefail
 CKPT=${1:?usage: bench_serving.sh CHECKPOINT GGUF_DIR}
 GGUF=${2:?usage: bench_serving.sh CHECKPOINT GGUF_DIR}
@@ -31,7 +32,8 @@ bench() { # NAME ARGS...: one bench-serve run, its table in the log and its JSON
     shift
     echo "== $name (load $(cut -d' ' -f1 /proc/loadavg))" | tee -a "$LOG"
     "$POLYGPT" bench-serve "$CKPT" --clients "$CLIENTS" --duration "$DURATION" --rounds "$ROUNDS" \
-        --max-tokens "$MAX_TOKENS" --json "$OUT/serve-$name.json" "$@" 2>&1 | tee -a "$LOG"
+        --max-tokens "$MAX_TOKENS" ${STAGGER:+--stagger} --json "$OUT/serve-$name.json" "$@" 2>&1 |
+        tee -a "$LOG"
 }
 for quant in f32 q8_0; do
     "$SERVER" -m "$GGUF/model-$quant.gguf" --port "$PORT" -np "$CLIENTS" -c $((CLIENTS * 1024)) \

@@ -230,15 +230,15 @@ def run_clients(
     duration: float,
     body: dict,
     seed: int = 0,
-    lockstep: bool = False,
+    stagger: bool = False,
 ) -> Run:
     """`clients` closed-loop streaming clients for `duration` seconds (requests started before
     the deadline are finished and counted).
 
     Requests of one length keep closed-loop clients in step: all finish in the same server
-    step and send the next together, so every request would wait behind a burst of arrivals.
-    Unless `lockstep`, client i's first request asks for (i + 1) / clients of `max_tokens`,
-    which spreads the clients' cycles over one request's time from the start."""
+    step and send the next together, a burst of arrivals each time. With `stagger`, client i's
+    first request asks for (i + 1) / clients of `max_tokens`, which spreads the clients' cycles
+    over one request's time from the start: arrivals one at a time, as independent users'."""
     before = server.stats()
     results: list[Request] = []
     errors: list[str] = []
@@ -252,7 +252,7 @@ def run_clients(
         try:
             while time.perf_counter() < deadline:
                 req = {**body, "seed": seed + 1000 * i + k}
-                if k == 0 and not lockstep and "max_tokens" in body:
+                if k == 0 and stagger and "max_tokens" in body:
                     req["max_tokens"] = max(1, body["max_tokens"] * (i + 1) // clients)
                 results.append(stream_once(server.host, server.port, req, conn))
                 k += 1
@@ -323,14 +323,14 @@ def bench_serve(
     n: int = 1,
     url: str | None = None,
     precision: str | None = None,
-    lockstep: bool = False,
+    stagger: bool = False,
     log=print,
 ) -> list[Result]:
     """One client at a time and `clients` at once, per backend, alternating in `rounds`
     rounds of duration / rounds seconds each (so a change in the machine's load hits both).
     `n`: choices per request (the server's rows: clients x n). `url`: measure the server
     running there instead (one row, named "url"). `precision`: the servers' (default: the
-    checkpoint's own). `lockstep`: see `run_clients`."""
+    checkpoint's own). `stagger`: see `run_clients`."""
     if url is not None:
         backends = ["url"]
     else:
@@ -355,7 +355,7 @@ def bench_serve(
             for i in range(rounds):
                 for n, done in runs.items():
                     seconds, seed = duration / rounds, 10**7 * i
-                    done.append(run_clients(server, n, seconds, body, seed, lockstep))
+                    done.append(run_clients(server, n, seconds, body, seed, stagger))
             for n, done in runs.items():
                 out.append(summarize(backend, n, done))
                 log(format_row(out[-1]))

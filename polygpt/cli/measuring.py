@@ -202,15 +202,15 @@ def bench_(
 @click.option("--url", default=None, help="Measure the OpenAI server running there instead.")
 @precision_option()
 @click.option(
-    "--lockstep",
+    "--stagger",
     is_flag=True,
-    help="Every client's first request as long as the rest, so the clients finish and "
-    "resubmit together (by default the first requests' lengths spread them out).",
+    help="Spread the clients out (their first requests of 1/N .. N/N of --max-tokens), so "
+    "requests arrive one at a time rather than in a burst as each batch of them ends.",
 )
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), help="Also write JSON here.")
 def bench_serve(
     checkpoint, backends, device, clients, duration, max_tokens, rounds, n, prompt, url,
-    precision, lockstep, as_json,
+    precision, stagger, as_json,
 ):  # fmt: skip
     """Load-test `polygpt serve` on localhost: 1 client, then N concurrent, per backend."""
     needs_serve_extra()
@@ -221,7 +221,7 @@ def bench_serve(
     res = serving.bench_serve(
         checkpoint, names, clients, duration, max_tokens, prompt=prompt,
         device=device or "auto", rounds=rounds, n=n, url=url, precision=precision,
-        lockstep=lockstep,
+        stagger=stagger,
     )  # fmt: skip
     for line in serving.speedups(res):
         click.echo(line)

@@ -270,14 +270,14 @@ def run_clients(
     if errors:
         raise PolygptError(f"{len(errors)} clients failed, e.g. {errors[0]}")
     after = server.stats()
-    steps, ttft = (_since(before, after, key) for key in ("batch_sizes", "ttft_ms"))
+    steps, ttft = _since(before, after, "batch_sizes", int), _since(before, after, "ttft_ms")
     return Run(results, max(r.done for r in results) - start, steps, ttft)
 
 
-def _since(before: dict, after: dict, key: str) -> Counter:
-    """What a /v1/stats histogram counted between two reads."""
+def _since(before: dict, after: dict, key: str, kind=float) -> Counter:
+    """What a /v1/stats histogram ({value: count}, JSON keys) counted between two reads."""
     was = before.get(key, {})
-    return +Counter({float(k): v - was.get(k, 0) for k, v in after.get(key, {}).items()})
+    return +Counter({kind(k): v - was.get(k, 0) for k, v in after.get(key, {}).items()})
 
 
 def _median(hist: Counter) -> float | None:

@@ -63,21 +63,28 @@ def header(command: str) -> dict:
 # ---- timing helpers ---------------------------------------------------------------------------
 
 
+def alternating(names, rounds: int):
+    """(round, name) for `rounds` rounds over `names`, the order reversed every other round,
+    so that a drift in the machine's speed hits every variant alike."""
+    names = list(names)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            yield r, n
+
+
 def interleaved(fns: dict, rounds: int, reps: int, warm: int = 1) -> dict[str, float]:
     """Median ms per call of each function: `rounds` rounds, each function `reps` calls per
-    round in turn (the order reversed every other round), after `warm` untimed calls."""
+    round in turn (`alternating`), after `warm` untimed calls."""
     for f in fns.values():
         for _ in range(warm):
             f()
     samples: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            f = fns[n]
-            for _ in range(reps):
-                t = time.perf_counter()
-                f()
-                samples[n].append(time.perf_counter() - t)
+    for _, n in alternating(fns, rounds):
+        f = fns[n]
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            samples[n].append(time.perf_counter() - t)
     return {n: round(1e3 * statistics.median(s), 4) for n, s in samples.items()}
 
 
@@ -191,9 +198,8 @@ def m_mlx_openblas() -> dict:
     _need_mlx_openblas()
     runs: dict[str, list] = {"openblas": [], "bundled": []}
     envs = {"openblas": {}, "bundled": {"POLYGPT_NO_BLAS_FIX": "1"}}
-    for r in range(3):
-        for k in ("openblas", "bundled") if r % 2 == 0 else ("bundled", "openblas"):
-            runs[k].append(child(_MATMUL.format(reps=5 if k == "bundled" else 30), envs[k]))
+    for _, k in alternating(runs, 3):
+        runs[k].append(child(_MATMUL.format(reps=5 if k == "bundled" else 30), envs[k]))
     ms = {k: round(statistics.median(x["ms"] for x in v), 2) for k, v in runs.items()}
     return {
         "figures": {
@@ -219,9 +225,8 @@ def m_openblas_core() -> dict:
         raise Skip("not an x86-64 CPU with AVX: no core to name")
     runs: dict[str, list] = {"named": [], "prescott": []}
     envs = {"named": {"OPENBLAS_CORETYPE": None}, "prescott": {"OPENBLAS_CORETYPE": "Prescott"}}
-    for r in range(3):
-        for k in ("named", "prescott") if r % 2 == 0 else ("prescott", "named"):
-            runs[k].append(child(_MATMUL.format(reps=30), envs[k]))
+    for _, k in alternating(runs, 3):
+        runs[k].append(child(_MATMUL.format(reps=30), envs[k]))
     ms = {k: round(statistics.median(x["ms"] for x in v), 3) for k, v in runs.items()}
     return {
         "figures": {
@@ -378,9 +383,8 @@ print(json.dumps(dict(before=r0, after=rss(), dynamo_before=d0,
 def m_meta_normal_rss() -> dict:
     """torch loading: no parameter fills while building a model that a checkpoint will fill."""
     runs: dict[str, list] = {"meta": [], "cpu": []}
-    for r in range(3):
-        for dev in ("meta", "cpu") if r % 2 == 0 else ("cpu", "meta"):
-            runs[dev].append(child(_RSS.format(device=dev)))
+    for _, dev in alternating(runs, 3):
+        runs[dev].append(child(_RSS.format(device=dev)))
     d = {
         k: round(statistics.median(x["after"] - x["before"] for x in v), 1) for k, v in runs.items()
     }
@@ -500,10 +504,9 @@ def m_mlx_decode_compiled() -> dict:
     _, cache, prompt, rows = _mlx_decode_setup(be)
     per: dict[str, list[float]] = {"compiled": [], "eager": []}
     _decode_run(be, cache, prompt, rows, 8)  # trace
-    for r in range(6):
-        for k in ("compiled", "eager") if r % 2 == 0 else ("eager", "compiled"):
-            (mx.enable_compile if k == "compiled" else mx.disable_compile)()
-            per[k] += _decode_run(be, cache, prompt, rows, 48)[2:]
+    for _, k in alternating(per, 6):
+        (mx.enable_compile if k == "compiled" else mx.disable_compile)()
+        per[k] += _decode_run(be, cache, prompt, rows, 48)[2:]
     mx.enable_compile()
     ms = {k: round(1e3 * statistics.median(v), 3) for k, v in per.items()}
     return {
@@ -947,26 +950,22 @@ def cmd_mlx_vs_torch(a, command: str) -> dict:
         sides[label] = (be, model, opt, tc, bs, dtype)
     steps = {k: [] for k in sides}
     evals = {k: [] for k in sides}
-    names = list(sides)
-    for r in range(a.rounds):
-        for k in names if r % 2 == 0 else names[::-1]:
-            be, model, opt, tc, bs, dtype = sides[k]
-            ts = []
-            for i in range(a.steps):
-                t = time.perf_counter()
-                float(be.train_step(model, opt, [bs[i % 16]], tc.lr, tc.grad_clip, dtype))
-                ts.append(time.perf_counter() - t)
-            steps[k].append(round(1e3 * statistics.median(ts), 2))
+    for r, k in alternating(sides, a.rounds):
+        be, model, opt, tc, bs, dtype = sides[k]
+        ts = []
+        for i in range(a.steps):
             t = time.perf_counter()
-            estimate_loss(
-                be, model, splits, spec.block_size, tc.batch_size, a.eval_iters, tc.seed,
-                spec.vocab_size, dtype,
-            )  # fmt: skip
-            per_batch = (time.perf_counter() - t) / (2 * a.eval_iters)
-            evals[k].append(round(1e3 * per_batch, 2))
-            print(
-                f"round {r} {k}: step {steps[k][-1]} ms, eval {evals[k][-1]} ms/batch", flush=True
-            )
+            float(be.train_step(model, opt, [bs[i % 16]], tc.lr, tc.grad_clip, dtype))
+            ts.append(time.perf_counter() - t)
+        steps[k].append(round(1e3 * statistics.median(ts), 2))
+        t = time.perf_counter()
+        estimate_loss(
+            be, model, splits, spec.block_size, tc.batch_size, a.eval_iters, tc.seed,
+            spec.vocab_size, dtype,
+        )  # fmt: skip
+        per_batch = (time.perf_counter() - t) / (2 * a.eval_iters)
+        evals[k].append(round(1e3 * per_batch, 2))
+        print(f"round {r} {k}: step {steps[k][-1]} ms, eval {evals[k][-1]} ms/batch", flush=True)
     full = 2 * cfg.train.eval_iters
     doc["training"] = {
         "config": "configs/shakespeare_char.toml, 12x64 batches",
@@ -980,7 +979,7 @@ def cmd_mlx_vs_torch(a, command: str) -> dict:
                 "eval_ms_per_batch": evals[k],
                 f"evaluation_s_at_{full}_batches": [round(e * full / 1e3, 2) for e in evals[k]],
             }
-            for k in names
+            for k in sides
         ],
     }
     # MLX's evaluation forward: compiled against eager, one batch against ten stacked

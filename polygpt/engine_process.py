@@ -181,6 +181,7 @@ class EngineClient:
         # Events are handed out at most once per `interval` seconds: a step every millisecond
         # would otherwise cost every client a wake-up and a socket write per step, CPU taken
         # from the engine on a small machine (a burst is one write, each token its own chunk).
+        # A request's first token is not held: its job's events go out at once, alone.
         self.interval = interval
         self._pending: dict[Any, list] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -278,13 +279,14 @@ class EngineClient:
                 fut.set_result(msg[2])
             return
         _, events, self.running, self.waiting, self.seen = msg
-        first = False  # a request's first event goes out at once (time to first token)
+        firsts = []  # owners of a request's first token: those go out at once
         for ev in events:
             if ev[0] not in self.open:
                 continue
             req, owner, k = self.open[ev[0]]
             if req.t_first is None and ev[1] != SCORED:
-                req.t_first, first = time.perf_counter(), True
+                req.t_first = time.perf_counter()
+                firsts.append(owner)
             if ev[1] == TEXT:
                 out = eng.TextChunk(req, ev[2], ev[3], ev[4])
             elif ev[1] == SCORED:
@@ -297,10 +299,12 @@ class EngineClient:
                 del self.open[ev[0]]
                 out = eng.Failed(req, ev[2])
             self._pending.setdefault(owner, []).append((k, out))
+        if firsts:  # at once and ahead of the rest: their tasks run before the other streams'
+            self.deliver({o: self._pending.pop(o) for o in dict.fromkeys(firsts)})
         if not self._pending:
             return
         delay = self._last + self.interval - time.monotonic()
-        if first or delay <= 0:
+        if delay <= 0:
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(delay, self._flush)

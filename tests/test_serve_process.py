@@ -77,3 +77,31 @@ def test_a_killed_server_leaves_no_engine_process(tiny_ckpt):
         assert not alive(s.engine_pid)
     finally:
         s.close()
+
+
+def test_a_first_token_is_handed_out_at_once_and_ahead_of_other_streams():
+    """Events are held for the client's interval, except a request's first token: its job's
+    events go out at once, before the held ones (which wait for the interval's timer)."""
+    import asyncio
+
+    from polygpt import engine as eng
+    from polygpt.engine_process import TEXT, EngineClient
+
+    async def run() -> list:
+        c = EngineClient.__new__(EngineClient)  # no engine process: the pipe's reader only
+        c.interval, c._pending, c._timer, c._last, c._stats = 60.0, {}, None, 0.0, {}
+        handed: list = []
+        c.deliver = lambda by_owner: handed.append(list(by_owner))
+        old, new = eng.Request(prompt=[1]), eng.Request(prompt=[2])
+        old.t_first = 1.0  # streaming already
+        c.open = {0: (old, "old", 0), 1: (new, "new", 0)}
+        c._handle(("step", [(0, TEXT, "a", [], None)], 2, 0, 2))  # first hand-out: at once
+        c._handle(("step", [(0, TEXT, "b", [], None)], 2, 0, 2))  # held for the interval
+        c._handle(("step", [(0, TEXT, "c", [], None), (1, TEXT, "x", [], None)], 2, 0, 2))
+        assert c._timer is not None
+        c._timer.cancel()
+        return handed, c._pending
+
+    handed, held = asyncio.run(run())
+    assert handed == [["old"], ["new"]]
+    assert [ev.text for _, ev in held["old"]] == ["b", "c"]

@@ -11,7 +11,7 @@ from polygpt import modelfile
 from polygpt.backends import get_backend
 from polygpt.spec import ModelSpec
 
-from .conftest import backends_under_test
+from .conftest import backends_under_test, requires
 
 
 def _installed() -> list[str]:
@@ -92,6 +92,37 @@ def test_row_ops_agree_across_backends(weights_file):
         runs.append(_script(be, be.load_model(modelfile.check(weights_file, SPEC)))[1])
     worst = max(float(np.abs(a - b).max()) for a, b in zip(*runs))
     assert worst <= 1e-4, f"torch vs MLX logits: max |diff| {worst:.3g}"
+
+
+@requires("mlx")
+def test_a_repeated_small_prefill_runs_compiled_and_equals_the_eager_one(weights_file):
+    """MLX compiles a small fresh prefill once its shape has come HOT_PREFILLS times, its tokens
+    padded to a power-of-two width: logits and the rows' keys equal the eager call's, and no
+    other row is touched."""
+    from polygpt.backends.mlx_backend import decode
+
+    be = get_backend("mlx", "cpu")
+    model = be.load_model(modelfile.check(weights_file, SPEC))
+    cache = be.slot_cache(model, 4)
+    rows, prompts = [1, 3], [[4, 5, 6], [7]]  # widths 3 and 1: padded to 4
+    be.prefill_rows(cache, [0, 2], [[9] * 5, [8] * 2])  # rows the prefills must leave alone
+
+    def run():
+        cache.lengths[rows] = 0
+        logits = be.prefill_rows(cache, rows, prompts)
+        keys = [np.array(k) for k in cache.keys]
+        return logits, keys
+
+    decode._SEEN.clear()
+    eager = run()
+    for _ in range(decode.HOT_PREFILLS):
+        got = run()
+    assert ("prefill", 4) in decode._steps(model)  # the compiled graph ran
+    assert np.abs(got[0] - eager[0]).max() <= 1e-6
+    for k_eager, k_got in zip(eager[1], got[1]):
+        for r, n in ((1, 3), (3, 1), (0, 5), (2, 2)):  # each row's own columns
+            assert np.abs(k_got[r, :, :n] - k_eager[r, :, :n]).max() <= 1e-6
+    assert cache.lengths.tolist() == [5, 3, 2, 1]
 
 
 @pytest.mark.parametrize("backend", backends_under_test())

@@ -7,7 +7,8 @@ scattered into the whole storage at (row, length) and attention runs over the fi
 columns (a power of two covering the longest row) with the columns past each row's length
 masked out (exactly zero weight), so the shapes depend on the lengths only through `width`,
 the step is traced once per (n, width) for a model (one row: every allocated column), and
-no Python runs per op. LayerNorms, GELU, residual adds
+no Python runs per op. A small fresh prefill whose shape recurs (a server admitting short
+prompts) is compiled the same way (`_hot_prefill`). LayerNorms, GELU, residual adds
 and the mask fuse (the gain over the eager call: docs/BENCHMARKS.md, "Figures behind the
 code"). Quantized models (nn.quantize) run the same step through their QuantizedLinear
 layers. The step's outputs replace the storage arrays before anything is evaluated, so MLX
@@ -59,6 +60,13 @@ def _ints(a: np.ndarray) -> mx.array:
 
 
 def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
+    if plan.fresh:
+        step = _hot_prefill(cache, plan)
+        if step is not None:  # a small prefill of a shape seen before: the compiled graph
+            step, tokens = step
+            rows, last = _ints(plan.rows), _ints(plan.last)
+            logits, cache.keys, cache.values = step(tokens, rows, last, cache.keys, cache.values)
+            return logits
     rows, tokens, last = _ints(plan.rows), _ints(plan.tokens), _ints(plan.last)
     T = plan.width
     if plan.fresh:  # new keys only, plain causal: right padding follows every real query
@@ -108,25 +116,61 @@ def decode_rows(cache: slots.SlotCache, plan: slots.DecodePlan) -> mx.array:
     return _run(cache, fetch, tokens[:, None], pos[:, None], mask)[:, -1]
 
 
-# Compiled steps by model and width, kept across caches (a server's, every `generate` call's):
+# Compiled steps by model and shape, kept across caches (a server's, every `generate` call's):
 # a trace costs as much as several decoded tokens of a small model, for each (rows, width). The
 # model's weights are constants of a traced graph, so a step is traced again when the weights it
 # saw were replaced (a model that trained on since).
-_STEPS: dict[int, tuple[weakref.ref, dict[tuple[int, bool], tuple[mx.array, object]]]] = {}
+_STEPS: dict[int, tuple[weakref.ref, dict[tuple, tuple[mx.array, object]]]] = {}
 
 
-def compiled_step(model: GPT, width: int, uniform: bool):
+def _steps(model: GPT) -> dict[tuple, tuple[mx.array, object]]:
     key = id(model)
     entry = _STEPS.get(key)
     if entry is None or entry[0]() is not model:
         entry = _STEPS[key] = (weakref.ref(model, lambda _, k=key, d=_STEPS: d.pop(k, None)), {})
+    return entry[1]
+
+
+def _compiled(model: GPT, key: tuple, graph):
+    steps = _steps(model)
     version = model.transformer.ln_f.weight  # a new array once the weights are updated (kept
     # by reference, not id: a freed array's id can be reused)
-    got = entry[1].get((width, uniform))
+    got = steps.get(key)
     if got is None or got[0] is not version:
-        fn = mx.compile(_StepGraph(model, width, uniform))
-        got = entry[1][width, uniform] = (version, fn)
+        got = steps[key] = (version, mx.compile(graph()))
     return got[1]
+
+
+def compiled_step(model: GPT, width: int, uniform: bool):
+    return _compiled(model, (width, uniform), lambda: _StepGraph(model, width, uniform))
+
+
+# A fresh prefill of at most this many tokens (rows x the padded width) runs compiled once its
+# shape has come HOT_PREFILLS times: such a prefill costs its ops' dispatch more than its
+# arithmetic (the eager call of one 1-token row is about two compiled decode steps), and a server
+# repeats a few shapes, while a one-off prefill (`polygpt sample`) would pay a trace for one call.
+COMPILED_PREFILL_TOKENS = 256
+HOT_PREFILLS = 3
+_SEEN: dict[tuple[int, int], int] = {}  # fresh prefills by (rows, padded width)
+
+
+def _hot_prefill(cache: slots.SlotCache, plan: slots.PrefillPlan):
+    """The compiled prefill for this plan's shape and its tokens right-padded to a power-of-two
+    width (one trace per (rows, width) pair, a handful per row count), or None: too big, or
+    not yet seen HOT_PREFILLS times. Padding is harmless in a fresh prefill: it follows every
+    real query under the causal mask, its keys land past the rows' lengths, never read."""
+    n, T = plan.tokens.shape
+    width = min(cache.capacity, 1 << (T - 1).bit_length())
+    if n * width > COMPILED_PREFILL_TOKENS:
+        return None
+    shape = (n, width)
+    seen = _SEEN[shape] = _SEEN.get(shape, 0) + 1
+    if seen < HOT_PREFILLS:
+        return None
+    tokens = np.zeros(shape, dtype=np.int32)
+    tokens[:, :T] = plan.tokens
+    step = _compiled(cache.model, ("prefill", width), lambda: _PrefillGraph(cache.model))
+    return step, mx.array(tokens)
 
 
 def attention_width(width: int, block: int) -> int:
@@ -167,6 +211,27 @@ class _StepGraph:
         # padded `width` (one trace per width), and made here it fuses into the step
         mask = (mx.arange(w)[None, :] <= pos[:, None])[:, None, None]  # (n, 1, 1, width)
         logits = self.model(tokens[:, None], layers, pos=pos[:, None], mask=mask)[:, -1]
+        return logits, [c.keys for c in layers], [c.values for c in layers]
+
+
+class _PrefillGraph:
+    """The function mx.compile traces for a fresh prefill: right-padded tokens (n, T) written at
+    columns 0..T-1 of `rows` in the whole storage, attending causally to the new keys only;
+    the logits after each row's `last` token. (mx.compile traces it once per shape.)"""
+
+    def __init__(self, model: GPT):
+        self.model = model  # its weights are constants of the compiled graph (see _compiled)
+
+    def __call__(self, tokens, rows, last, keys, values):
+        T = tokens.shape[1]
+
+        def fetch(K, V, k, v):
+            K[rows, :, :T] = k
+            V[rows, :, :T] = v
+            return K, V, k, v
+
+        layers = [_Layer(fetch, k, v) for k, v in zip(keys, values)]
+        logits = self.model(tokens, layers, pos=mx.arange(T), mask=None, last=last)[:, 0]
         return logits, [c.keys for c in layers], [c.values for c in layers]
 
 

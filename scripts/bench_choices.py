@@ -521,6 +521,44 @@ def m_mlx_decode_compiled() -> dict:
     }
 
 
+def m_mlx_prefill_compiled() -> dict:
+    """MLX prefill: a small fresh prefill whose shape recurs, compiled against eager."""
+    import numpy as np
+
+    be, mx = _mlx()
+    cfg, spec, arr = reference()
+    cache = be.slot_cache(be.init_model(spec, 1337), 16)
+    shapes = {"1x1": 1, "4x1": 4}  # one-token prompts, as a server admits its arrivals
+
+    def run(rows: int) -> float:
+        cache.lengths[:] = 0
+        t = time.perf_counter()
+        be.prefill_rows(cache, list(range(rows)), [[int(arr[i])] for i in range(rows)])
+        return time.perf_counter() - t
+
+    for n in shapes.values():
+        for _ in range(5):
+            run(n)  # past HOT_PREFILLS: the compiled graph is traced
+    per: dict[str, list[float]] = {f"{s}_{k}": [] for s in shapes for k in ("compiled", "eager")}
+    for _, key in alternating(per, 6):
+        shape, kind = key.split("_")
+        (mx.enable_compile if kind == "compiled" else mx.disable_compile)()
+        per[key] += [run(shapes[shape]) for _ in range(40)][5:]
+    mx.enable_compile()
+    ms = {k: round(1e3 * float(np.median(v)), 3) for k, v in per.items()}
+    return {
+        "figures": {
+            "model": "the reference model (0.8M), a fresh prefill of 1 and of 4 one-token rows",
+            **{f"{k}_ms": v for k, v in ms.items()},
+        },
+        "summary": "; ".join(
+            f"{s} rows x tokens: compiled {ms[s + '_compiled']:.2f} ms, eager "
+            f"{ms[s + '_eager']:.2f} ms"
+            for s in shapes
+        ),
+    }
+
+
 def m_mlx_trace_cost() -> dict:
     """MLX decode: compiled steps kept across caches (a trace costs many tokens)."""
     be, mx = _mlx()
@@ -674,6 +712,10 @@ MEASUREMENTS = {
     "mlx-decode-compiled": (
         "MLX decode: the decode step compiled (mlx_backend/decode.py)",
         m_mlx_decode_compiled,
+    ),
+    "mlx-prefill-compiled": (
+        "MLX prefill: a small prefill whose shape recurs, compiled (mlx_backend/decode.py)",
+        m_mlx_prefill_compiled,
     ),
     "mlx-trace-cost": (
         "MLX decode: compiled steps kept across caches (mlx_backend/decode.py)",

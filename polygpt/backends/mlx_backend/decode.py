@@ -147,8 +147,8 @@ def compiled_step(model: GPT, width: int, uniform: bool):
 
 # A fresh prefill of at most this many tokens (rows x the padded width) runs compiled once its
 # shape has come HOT_PREFILLS times: such a prefill costs its ops' dispatch more than its
-# arithmetic (the eager call of one 1-token row is about two compiled decode steps), and a server
-# repeats a few shapes, while a one-off prefill (`polygpt sample`) would pay a trace for one call.
+# arithmetic (docs/BENCHMARKS.md, "Figures behind the code"), and a server repeats a few shapes,
+# while a one-off prefill (`polygpt sample`) would pay a trace for one call.
 COMPILED_PREFILL_TOKENS = 256
 HOT_PREFILLS = 3
 _SEEN: dict[tuple[int, int], int] = {}  # fresh prefills by (rows, padded width)

@@ -79,6 +79,7 @@ class Request:
     tag: int = 0  # the caller's id for it: a prompt's index (generate), a request id (serve)
     cancelled: bool = False  # set by Engine.cancel (any thread); the row leaves at the next step
     t_submit: float = 0.0
+    t_admit: float | None = None  # when its prefill began (it had waited for a row and a step)
     t_first: float | None = None  # when its first token was sampled
 
 
@@ -387,6 +388,8 @@ class Engine:
         logits = self._prefill(fresh, slides) if fresh or slides else None
         t1 = time.perf_counter()
         self.seconds["prefill"] += t1 - t0
+        for r in fresh:
+            r.req.t_admit = t0
         if fresh:  # (a new row that ends at once leaves; the running rows 0..n-1 stay put)
             self._advance(fresh, logits, t1, events)
         return events

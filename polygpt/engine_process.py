@@ -14,8 +14,9 @@ Messages are tuples of plain values (pickled by multiprocessing's Connection):
   engine -> HTTP: ("ready", info) or ("error", message) once, after loading; then
                   ("step", events, running, waiting, seen) and ("stats", token, stats)
 An event is (rid, TEXT, text, tokens, logprobs), (rid, SCORED, prompt_logprobs), (rid,
-FINISHED, reason, tokens, text, logprobs, prompt_logprobs, t_first) or (rid, FAILED, message):
-engine.Request.tag is the rid, and the HTTP side turns them back into the engine's events.
+FINISHED, reason, tokens, text, logprobs, prompt_logprobs, t_admit, t_first) or (rid, FAILED,
+message): engine.Request.tag is the rid, and the HTTP side turns them back into the engine's
+events. Times are time.perf_counter(), one clock for both processes.
 
 Failure: the engine process exits when its pipe closes (the server went away: no orphan); the
 HTTP side treats a closed pipe as a dead engine and fails every open request at once.
@@ -134,9 +135,9 @@ class EngineCore:
             return (rid, SCORED, ev.logprobs)
         self.requests.pop(rid, None)
         if isinstance(ev, eng.Finished):
-            t_first = ev.request.t_first
+            req = ev.request
             return (rid, FINISHED, ev.reason, ev.tokens, ev.text, ev.logprobs,
-                    ev.prompt_logprobs, t_first)  # fmt: skip
+                    ev.prompt_logprobs, req.t_admit, req.t_first)  # fmt: skip
         return (rid, FAILED, ev.message)
 
 
@@ -293,7 +294,7 @@ class EngineClient:
                 out = eng.PromptScored(req, ev[2])
             elif ev[1] == FINISHED:
                 del self.open[ev[0]]
-                req.t_first = ev[7]
+                req.t_admit, req.t_first = ev[7], ev[8]  # the engine's times
                 out = eng.Finished(req, ev[2], ev[3], ev[4], ev[5], ev[6])
             else:
                 del self.open[ev[0]]

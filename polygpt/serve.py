@@ -296,14 +296,35 @@ def check_chat(req: ChatRequest, lm, limits: Limits, template: ChatTemplate) -> 
 # ---- a job: one HTTP request's engine requests and their events --------------------------------
 
 
+@dataclass
+class Latency:
+    """Each finished request's time from its arrival here to its first token from the engine
+    (`ttft`: what the server adds to a client's time to first token), and the part of it spent
+    waiting for its prefill to begin (`queue`: the step in flight, a free row); in ms to 2
+    significant digits."""
+
+    ttft: Counter = field(default_factory=Counter)
+    queue: Counter = field(default_factory=Counter)
+
+    def record(self, ttft: float, queue: float) -> None:
+        self.ttft[float(f"{ttft * 1e3:.2g}")] += 1
+        self.queue[float(f"{max(queue, 0.0) * 1e3:.2g}")] += 1
+
+    def histograms(self) -> dict[str, dict[str, int]]:
+        return {
+            f"{name}_ms": {f"{k:g}": v for k, v in sorted(counts.items())}
+            for name, counts in (("ttft", self.ttft), ("queue", self.queue))
+        }
+
+
 class Job:
     """The engine requests of one HTTP request (choice k: prompt k // n, random stream k) and
     the queue their events arrive on: one list of (k, event) per engine step."""
 
-    def __init__(self, work: Work, prefix: str, first_tokens: Counter | None = None):
+    def __init__(self, work: Work, prefix: str, latency: Latency | None = None):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.work = work
-        self.first_tokens = first_tokens  # the server's time-to-first-token histogram
+        self.latency = latency  # the server's histograms
         self.queue: asyncio.Queue = asyncio.Queue()
         self.rids: list[int] = []  # the engine's ids of the requests, once submitted
         self.finished: dict[int, eng.Finished] = {}
@@ -338,8 +359,9 @@ class Job:
         firsts = [r.t_first for r in self.requests if r.t_first is not None]
         ttft = (min(firsts) if firsts else now) - self.t_arrival
         cancelled = any(f.reason == "cancelled" for f in self.finished.values())
-        if firsts and not cancelled and self.first_tokens is not None:
-            self.first_tokens[float(f"{ttft * 1e3:.2g}")] += 1
+        if firsts and not cancelled and self.latency is not None:
+            admitted = min(r.t_admit for r in self.requests if r.t_admit is not None)
+            self.latency.record(ttft, admitted - self.t_arrival)
         log.info(
             "%s prompt %d tokens, completion %d tokens, ttft %.1f ms, %.1f tokens/s%s",
             self.id,
@@ -603,14 +625,12 @@ class ServerState:
     request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     timer: HttpTimer = field(default_factory=HttpTimer)
-    # Each finished request's time from its arrival here to its first token from the engine,
-    # in ms to 2 significant digits: what the server adds to a client's time to first token.
-    first_tokens: Counter = field(default_factory=Counter)
+    latency: Latency = field(default_factory=Latency)
 
     async def stats(self) -> dict:
         """The engine's counters and time per phase, the HTTP side's (reading the engine's
         steps: `relay`; turning events into responses: `http`) and the time-to-first-token
-        histogram (`ttft_ms`: {ms: requests})."""
+        and queue-time histograms (`ttft_ms`, `queue_ms`: {ms: requests})."""
         st = await self.engine.stats()
         relay = round(self.engine.seconds, 3)
         st["seconds"] = {
@@ -618,7 +638,7 @@ class ServerState:
             "relay": relay,
             "http": round(self.timer.seconds, 3),
         }
-        st["ttft_ms"] = {f"{k:g}": v for k, v in sorted(self.first_tokens.items())}
+        st.update(self.latency.histograms())
         st["engine_pid"] = self.engine.proc.pid
         return st
 
@@ -669,7 +689,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 async def _respond(state: ServerState, work: Work, request: Request):
     """Submit a validated job and answer it: a stream of chunks or one JSON object."""
     prefix = "chatcmpl" if work.kind == "chat.completion" else "cmpl"
-    job = Job(work, prefix, state.first_tokens)
+    job = Job(work, prefix, state.latency)
     base = {"id": job.id, "object": work.kind, "created": int(time.time())}
     base["model"] = state.model_name
     # InvalidRequest: 400, QueueFull: 429, EngineDead: 503

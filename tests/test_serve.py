@@ -234,6 +234,10 @@ def test_bench_serve_clients_measure_the_server(server, backend):
     # (it starts later and ends earlier; its histogram keeps 2 significant digits)
     assert sum(sum(run.ttft_ms.values()) for run in runs) == r.requests
     assert 0 < r.server_ttft_p50_ms <= 1.05 * r.ttft_p50_ms
+    # and the part of it each request waited for its prefill to begin: one each, never longer
+    st = server.stats()
+    queue, ttft = ({float(k): v for k, v in st[h].items()} for h in ("queue_ms", "ttft_ms"))
+    assert sum(queue.values()) == sum(ttft.values()) and max(queue) <= max(ttft)
 
 
 # ---- log-probabilities, chat, backpressure -----------------------------------------------

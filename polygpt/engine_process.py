@@ -160,7 +160,7 @@ class EngineClient:
         precision,
         max_batch: int,
         max_queue: int,
-        interval: float = 0.004,
+        interval: float = 0.008,
     ):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -181,7 +181,8 @@ class EngineClient:
         self.seconds = 0.0  # the event loop's time reading steps
         # Events are handed out at most once per `interval` seconds: a step every millisecond
         # would otherwise cost every client a wake-up and a socket write per step, CPU taken
-        # from the engine on a small machine (a burst is one write, each token its own chunk).
+        # from the engine on a small machine (a burst is one write, each token its own chunk;
+        # the interval's effect on tokens/s: docs/BENCHMARKS.md, "The reference model").
         # A request's first token is not held: its job's events go out at once, alone.
         self.interval = interval
         self._pending: dict[Any, list] = {}

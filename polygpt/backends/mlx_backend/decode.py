@@ -60,13 +60,12 @@ def _ints(a: np.ndarray) -> mx.array:
 
 
 def prefill_rows(cache: slots.SlotCache, plan: slots.PrefillPlan) -> mx.array:
-    if plan.fresh:
-        step = _hot_prefill(cache, plan)
-        if step is not None:  # a small prefill of a shape seen before: the compiled graph
-            step, tokens = step
-            rows, last = _ints(plan.rows), _ints(plan.last)
-            logits, cache.keys, cache.values = step(tokens, rows, last, cache.keys, cache.values)
-            return logits
+    hot = _hot_prefill(cache, plan) if plan.fresh else None
+    if hot is not None:  # a small prefill of a shape seen before: the compiled graph
+        step, padded = hot
+        rows, last = _ints(plan.rows), _ints(plan.last)
+        logits, cache.keys, cache.values = step(padded, rows, last, cache.keys, cache.values)
+        return logits
     rows, tokens, last = _ints(plan.rows), _ints(plan.tokens), _ints(plan.last)
     T = plan.width
     if plan.fresh:  # new keys only, plain causal: right padding follows every real query

@@ -52,8 +52,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         hs = C // self.n_head
         scale = 1.0 / math.sqrt(hs)
-        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, T, hs)
+        if T == 1:  # one query per row: (B, 3, nh, 1, hs) is already the heads' layout (no copy)
+            qkv = self.c_attn(x).reshape(B, 3, self.n_head, 1, hs)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        else:
+            qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, nh, L, hs)
         if cache is None and self.training and self.dropout > 0:
@@ -62,7 +66,8 @@ class CausalSelfAttention(nn.Module):
             if mask is None:
                 mask = "causal" if T > 1 else None
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble heads: (B, T, C)
+        # re-assemble heads: (B, T, C); with T = 1, (B, nh, 1, hs) is already that layout
+        y = y.reshape(B, 1, C) if T == 1 else y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def _attention_with_dropout(self, q, k, v, scale):

@@ -308,7 +308,7 @@ class Latency:
 
     def record(self, ttft: float, queue: float) -> None:
         self.ttft[float(f"{ttft * 1e3:.2g}")] += 1
-        self.queue[float(f"{max(queue, 0.0) * 1e3:.2g}")] += 1
+        self.queue[float(f"{queue * 1e3:.2g}")] += 1
 
     def histograms(self) -> dict[str, dict[str, int]]:
         return {

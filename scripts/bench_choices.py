@@ -526,7 +526,7 @@ def m_mlx_prefill_compiled() -> dict:
     import numpy as np
 
     be, mx = _mlx()
-    cfg, spec, arr = reference()
+    _, spec, arr = reference()
     cache = be.slot_cache(be.init_model(spec, 1337), 16)
     shapes = {"1x1": 1, "4x1": 4}  # one-token prompts, as a server admits its arrivals
 

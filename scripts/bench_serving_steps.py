@@ -19,7 +19,12 @@ import os
 import time
 from pathlib import Path
 
-from polygpt.bench.serving import ServerProcess, _median, _since, run_clients
+from polygpt.bench.serving import (
+    ServerProcess,
+    histogram_median,
+    histogram_since,
+    run_clients,
+)
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -62,8 +67,8 @@ def measure(a) -> dict:
         "wall_ms_per_step": round(run.seconds / steps * 1e3, 3),
         "ms_per_step": per_step,
         "prefill_calls": after.get("prefill_calls", 0) - before.get("prefill_calls", 0),
-        "server_ttft_p50_ms": _median(_since(before, after, "ttft_ms")),
-        "server_queue_p50_ms": _median(_since(before, after, "queue_ms")),
+        "server_ttft_p50_ms": histogram_median(histogram_since(before, after, "ttft_ms")),
+        "server_queue_p50_ms": histogram_median(histogram_since(before, after, "queue_ms")),
         "cores": {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu0},
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "load_before": round(os.getloadavg()[0], 2),

@@ -270,17 +270,19 @@ def run_clients(
     if errors:
         raise PolygptError(f"{len(errors)} clients failed, e.g. {errors[0]}")
     after = server.stats()
-    steps, ttft = _since(before, after, "batch_sizes", int), _since(before, after, "ttft_ms")
+    steps = histogram_since(before, after, "batch_sizes", int)
+    ttft = histogram_since(before, after, "ttft_ms")
     return Run(results, max(r.done for r in results) - start, steps, ttft)
 
 
-def _since(before: dict, after: dict, key: str, kind=float) -> Counter:
+def histogram_since(before: dict, after: dict, key: str, kind=float) -> Counter:
     """What a /v1/stats histogram ({value: count}, JSON keys) counted between two reads."""
     was = before.get(key, {})
     return +Counter({kind(k): v - was.get(k, 0) for k, v in after.get(key, {}).items()})
 
 
-def _median(hist: Counter) -> float | None:
+def histogram_median(hist: Counter) -> float | None:
+    """The median of a histogram's values (None for an empty one)."""
     return float(np.median(np.repeat(list(hist), list(hist.values())))) if hist else None
 
 
@@ -292,7 +294,7 @@ def summarize(backend: str, clients: int, runs: list[Run]) -> Result:
     gaps = np.concatenate([np.diff(r.times) for r in reqs if len(r.times) > 1] or [[0.0]]) * 1e3
     steps = sum((run.steps for run in runs), Counter())
     sizes = np.repeat(list(steps), list(steps.values())) if steps else np.zeros(1)
-    server_ttft = _median(sum((run.ttft_ms for run in runs), Counter()))
+    server_ttft = histogram_median(sum((run.ttft_ms for run in runs), Counter()))
     return Result(
         backend=backend,
         clients=clients,

@@ -130,13 +130,13 @@ def _steps(model: GPT) -> dict[tuple, tuple[mx.array, object]]:
     return entry[1]
 
 
-def _compiled(model: GPT, key: tuple, graph):
+def _compiled(model: GPT, key: tuple, make_graph):
     steps = _steps(model)
     version = model.transformer.ln_f.weight  # a new array once the weights are updated (kept
     # by reference, not id: a freed array's id can be reused)
     got = steps.get(key)
     if got is None or got[0] is not version:
-        got = steps[key] = (version, mx.compile(graph()))
+        got = steps[key] = (version, mx.compile(make_graph()))
     return got[1]
 
 
